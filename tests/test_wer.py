@@ -1,0 +1,194 @@
+import json
+
+import jiwer
+import pytest
+
+from wer import main, score
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def generations(tmp_path, records):
+    return write_jsonl(tmp_path / "generations.jsonl", records)
+
+
+def run(capsys, *argv):
+    code = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# Three utterances with one substitution, one deletion and two insertions.
+REFS = ["a b c d", "e f g", "h i"]
+HYPS = ["a x c d", "e g", "h i j k"]
+
+
+def test_corpus_wer_is_total_edits_over_total_reference_words():
+    result = score(HYPS, REFS, "none", bootstrap=0)
+    assert (result["substitutions"], result["deletions"], result["insertions"]) == (1, 1, 2)
+    assert result["hits"] == 7
+    assert result["n_ref_words"] == 9
+    assert result["n_utterances"] == 3
+    assert result["wer"] == pytest.approx(4 / 9)
+    # not the mean of per-utterance rates (1/4, 1/3, 2/2)
+    assert result["wer"] != pytest.approx((1 / 4 + 1 / 3 + 1) / 3)
+
+
+@pytest.mark.parametrize("refs, hyps", [
+    (REFS, HYPS),
+    (["the quick brown fox", "jumps over the lazy dog"], ["the quick brown box", "jumped over a lazy dog today"]),
+    (["one two three four five"], [""]),
+    (["hello there"], ["hello there"]),
+])
+def test_wer_and_cer_equal_jiwer(refs, hyps):
+    result = score(hyps, refs, "none", bootstrap=0)
+    assert result["wer"] == pytest.approx(jiwer.wer(refs, hyps))
+    assert result["cer"] == pytest.approx(jiwer.cer(refs, hyps))
+
+
+@pytest.mark.parametrize("reference, hypothesis", [
+    ("Colour", "color"),
+    ("twenty-one", "21"),
+    ("don't", "do not"),
+    ("Hello, World!", "hello world"),
+    ("I analysed it", "I analyzed it"),
+    ("Mr. Smith", "mister smith"),
+    ("um the end", "the end"),  # hesitations are dropped
+])
+def test_whisper_normaliser_matches_spelling_variants_and_none_does_not(reference, hypothesis):
+    assert score([hypothesis], [reference], "whisper", bootstrap=0)["wer"] == 0
+    assert score([hypothesis], [reference], "none", bootstrap=0)["wer"] > 0
+
+
+def test_empty_normalised_reference_counts_hypothesis_words_as_insertions():
+    result = score(["oh well", "a b"], ["um", "a b"], "whisper", ids=["filler", "ok"], bootstrap=0)
+    assert result["insertions"] == 2
+    assert result["n_ref_words"] == 2
+    assert result["n_empty_references"] == 1
+    assert result["wer"] == 1.0
+    assert result["worst"] == [{"id": "filler", "reference": "", "hypothesis": "0 well", "errors": 2, "wer": None}]
+
+
+def test_all_references_empty_is_an_error(tmp_path, capsys):
+    with pytest.raises(ValueError, match="every reference is empty"):
+        score(["a"], [" "], "none")
+    path = generations(tmp_path, [{"id": "u1", "text": "hi", "reference": "hmm"}])
+    code, _, err = run(capsys, path)
+    assert code == 2
+    assert "every reference is empty" in err and str(path) in err
+    assert not (tmp_path / "wer.json").exists()
+
+
+def test_worst_lists_utterances_with_errors_most_first():
+    result = score(HYPS, REFS, "none", ids=["sub", "del", "ins"], worst=2, bootstrap=0)
+    assert [entry["id"] for entry in result["worst"]] == ["ins", "del"]  # 2 errors, then 1 error at WER 1/3 > 1/4
+    assert result["worst"][0] == {"id": "ins", "reference": "h i", "hypothesis": "h i j k", "errors": 2, "wer": 1.0}
+    assert score(REFS, REFS, "none", bootstrap=0)["worst"] == []
+
+
+def test_bootstrap_interval_contains_estimate_and_is_seeded():
+    refs = [f"w{i} x y z" for i in range(40)]
+    hyps = [ref if i % 3 else "w x" for i, ref in enumerate(refs)]
+    first = score(hyps, refs, "none", seed=7)
+    interval = first["wer_interval"]
+    assert interval["low"] < first["wer"] < interval["high"]
+    assert (interval["confidence"], interval["resamples"], interval["seed"]) == (0.95, 1000, 7)
+    assert score(hyps, refs, "none", seed=7)["wer_interval"] == interval
+    assert score(hyps, refs, "none", seed=8)["wer_interval"] != interval
+    assert score(hyps, refs, "none", bootstrap=0)["wer_interval"] is None
+
+
+def test_bootstrap_resamples_the_corpus_ratio():
+    # every utterance has the same error rate, so each resample's corpus WER is exactly it
+    result = score(["a x"] * 5 + ["b c y z"] * 5, ["a b"] * 5 + ["b c d e"] * 5, "none", bootstrap=200)
+    assert result["wer"] == 0.5
+    assert result["wer_interval"]["low"] == result["wer_interval"]["high"] == 0.5
+
+
+def test_cli_writes_report_beside_input(tmp_path, capsys):
+    path = generations(tmp_path, [
+        {"id": i, "text": h, "reference": r, "finish_reason": "stop", "token_ids": [1, 2]}
+        for i, h, r in zip("abc", HYPS, REFS)
+    ])
+    code, out, _ = run(capsys, path, "--normalizer", "none", "--seed", "3", "--bootstrap", "50")
+    assert code == 0
+    report = json.loads((tmp_path / "wer.json").read_text())
+    assert report["input"] == str(path)
+    assert report["references"] is None
+    assert report["normalizer"] == "none"
+    assert report["wer"] == pytest.approx(4 / 9)
+    assert report["cer"] == pytest.approx(jiwer.cer(REFS, HYPS))
+    assert {k: report[k] for k in ("substitutions", "deletions", "insertions", "hits", "n_ref_words", "n_utterances")} == {
+        "substitutions": 1, "deletions": 1, "insertions": 2, "hits": 7, "n_ref_words": 9, "n_utterances": 3}
+    assert report["wer_interval"]["seed"] == 3 and report["wer_interval"]["resamples"] == 50
+    assert report["worst"][0]["id"] == "c"
+    assert "44.44%" in out and "wer.json" in out
+
+
+def test_cli_refuses_to_overwrite(tmp_path, capsys):
+    path = generations(tmp_path, [{"id": "a", "text": "x", "reference": "y"}])
+    out = tmp_path / "scores.json"
+    out.write_text("keep me")
+    code, _, err = run(capsys, path, "--out", out)
+    assert code == 2
+    assert "already exists" in err and "--overwrite" in err
+    assert out.read_text() == "keep me"
+    assert run(capsys, path, "--out", out, "--overwrite")[0] == 0
+    assert json.loads(out.read_text())["wer"] == 1.0
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "no generations"),
+    ("\n\n", "no generations"),
+    ('{"id": "a", "text": "x", "reference": "x"}\n{"id": "b", "text": \n', ":2: not valid JSON"),
+    ('["a", "x", "x"]\n', ":1: expected a JSON object, got list"),
+    ('{"text": "x", "reference": "x"}\n', ":1: missing field 'id'"),
+    ('{"id": "a", "reference": "x"}\n', ":1: missing field 'text'"),
+    ('{"id": "a", "text": "x"}\n', ":1: missing field 'reference'"),
+    ('{"id": "a", "text": null, "reference": "x"}\n', ":1: field 'text' must be a string, got null"),
+    ('{"id": "a", "text": "x", "reference": "x"}\n\n{"id": "a", "text": "y", "reference": "y"}\n',
+     ":3: duplicate id 'a' (first on line 1)"),
+])
+def test_bad_generations_exit_2_naming_file_and_line(tmp_path, capsys, content, message):
+    path = tmp_path / "generations.jsonl"
+    path.write_text(content)
+    code, out, err = run(capsys, path)
+    assert code == 2
+    assert str(path) in err and message in err
+    assert not (tmp_path / "wer.json").exists()
+
+
+def test_references_joined_by_id_from_dataset(tmp_path, capsys):
+    path = generations(tmp_path, [{"id": i, "text": h} for i, h in zip("abc", HYPS)])
+    dataset = write_jsonl(tmp_path / "test.jsonl", [
+        {"id": i, "transcript": r, "speech_tokens": [1, 2]} for i, r in reversed(list(zip("abc", REFS)))
+    ])
+    code, _, _ = run(capsys, path, "--references", dataset, "--normalizer", "none")
+    assert code == 0
+    report = json.loads((tmp_path / "wer.json").read_text())
+    assert report["wer"] == pytest.approx(4 / 9)
+    assert report["references"] == str(dataset)
+
+
+def test_reference_ids_must_match_both_ways(tmp_path, capsys):
+    path = generations(tmp_path, [{"id": f"g{i}", "text": "x"} for i in range(12)] + [{"id": "shared", "text": "x"}])
+    dataset = write_jsonl(tmp_path / "test.jsonl", [{"id": "shared", "transcript": "x"}, {"id": "r0", "transcript": "y"}])
+    code, _, err = run(capsys, path, "--references", dataset)
+    assert code == 2
+    assert f"12 generation id(s) not in {dataset}" in err
+    assert "'g0'" in err and "'g9'" in err and "'g10'" not in err and "(2 more)" in err
+    assert f"1 reference id(s) with no generation in {path}: 'r0'" in err
+    assert not (tmp_path / "wer.json").exists()
+
+
+def test_bad_reference_dataset_exits_2(tmp_path, capsys):
+    path = generations(tmp_path, [{"id": "a", "text": "x"}])
+    dataset = tmp_path / "test.jsonl"
+    dataset.write_text('{"id": "a"}\n')
+    code, _, err = run(capsys, path, "--references", dataset)
+    assert code == 2
+    assert str(dataset) in err and "transcript" in err
+    assert not (tmp_path / "wer.json").exists()

@@ -1,0 +1,308 @@
+"""Score generations against reference transcripts: corpus WER and CER, a bootstrap interval, the worst utterances.
+
+    python wer.py run/.../generations.jsonl [--references DATASET] [--normalizer whisper|none]
+
+Input: one JSON object per line with `id`, `text` (the hypothesis) and `reference`, or, with
+`--references`, references joined by `id` from a dataset file (field `transcript`).
+
+Scoring: hypotheses and references go through the same normaliser (Whisper's English normaliser,
+as the reference implementation uses, or `none`), then whitespace is collapsed. WER and CER are
+corpus-level: total edits over total reference words (characters), not a mean of per-utterance
+rates. An utterance whose normalised reference is empty (e.g. a transcript of only "um") has
+no words to align against: each of its hypothesis words counts as an insertion, and it adds
+nothing to the reference word count.
+
+Output: a printed report and `wer.json` beside the input (`--out` to change; never overwritten
+without `--overwrite`). Bad input exits with status 2 and writes nothing.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import jiwer
+import numpy as np
+from whisper_normalizer.english import EnglishTextNormalizer
+
+from data.dataset import DataError, load_rows
+
+NORMALIZERS = ("whisper", "none")
+CONFIDENCE = 0.95
+BOOTSTRAP_CELLS = 4_000_000  # resampled indices held in memory at once
+
+
+class InputError(Exception):
+    """Bad input, reported to the user with exit status 2."""
+
+
+def collapse_whitespace(text: str) -> str:
+    return " ".join(text.split())
+
+
+def make_normalizer(name: str):
+    """The text normaliser called `name`, returning text with single spaces and no outer whitespace."""
+    if name == "none":
+        return collapse_whitespace
+    if name == "whisper":
+        whisper = EnglishTextNormalizer()
+        return lambda text: collapse_whitespace(whisper(text))
+    raise ValueError(f"unknown normaliser {name!r}; expected one of {', '.join(NORMALIZERS)}")
+
+
+def per_utterance_counts(refs: list[str], hyps: list[str]) -> dict[str, np.ndarray]:
+    """Substitutions, deletions, insertions and hits of each normalised (ref, hyp) pair, via jiwer."""
+    counts = {kind: np.zeros(len(refs), dtype=np.int64) for kind in ("substitutions", "deletions", "insertions", "hits")}
+    # jiwer before 4.0 refuses empty references, so they are scored here: all insertions (module docstring).
+    scored = [i for i, ref in enumerate(refs) if ref]
+    for i in set(range(len(refs))) - set(scored):
+        counts["insertions"][i] = len(hyps[i].split())
+    if scored:
+        words = jiwer.process_words([refs[i] for i in scored], [hyps[i] for i in scored])
+        for i, chunks in zip(scored, words.alignments):
+            for chunk in chunks:
+                ref_span = chunk.ref_end_idx - chunk.ref_start_idx
+                if chunk.type == "equal":
+                    counts["hits"][i] += ref_span
+                elif chunk.type == "substitute":
+                    counts["substitutions"][i] += ref_span
+                elif chunk.type == "delete":
+                    counts["deletions"][i] += ref_span
+                else:
+                    counts["insertions"][i] += chunk.hyp_end_idx - chunk.hyp_start_idx
+    return counts
+
+
+def character_errors(refs: list[str], hyps: list[str]) -> int:
+    """Total character edits over all pairs, empty references counting every hypothesis character."""
+    scored = [i for i, ref in enumerate(refs) if ref]
+    errors = sum(len(hyps[i]) for i in range(len(refs)) if not refs[i])
+    if scored:
+        chars = jiwer.process_characters([refs[i] for i in scored], [hyps[i] for i in scored])
+        errors += chars.substitutions + chars.deletions + chars.insertions
+    return errors
+
+
+def bootstrap_interval(errors: np.ndarray, ref_words: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
+    """Percentile interval of corpus WER over utterances resampled with replacement."""
+    rng = np.random.default_rng(seed)
+    n = len(errors)
+    rows_per_chunk = max(1, BOOTSTRAP_CELLS // n)
+    rates = []
+    for start in range(0, resamples, rows_per_chunk):
+        picks = rng.integers(0, n, size=(min(rows_per_chunk, resamples - start), n))
+        words = ref_words[picks].sum(axis=1)
+        edits = errors[picks].sum(axis=1)
+        # A resample of only empty references has no defined WER; it is left out of the percentiles.
+        rates.append(np.divide(edits, words, out=np.full(len(words), np.nan), where=words > 0))
+    tail = (1 - CONFIDENCE) / 2 * 100
+    low, high = np.nanpercentile(np.concatenate(rates), [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def score(hyps: list[str], refs: list[str], normalizer: str = "whisper", *, ids: list[str] | None = None,
+          bootstrap: int = 1000, seed: int = 0, worst: int = 10) -> dict:
+    """Corpus WER/CER of `hyps` against `refs` (same order), with a bootstrap interval and the worst utterances.
+
+    `worst` lists up to that many utterances with errors, most errors first (ties: higher
+    per-utterance WER first), with their normalised texts; `ids` names them (default: positions).
+    `bootstrap=0` skips the interval. Raises ValueError when there is no reference word at all.
+    """
+    if len(hyps) != len(refs):
+        raise ValueError(f"{len(hyps)} hypotheses but {len(refs)} references")
+    ids = [str(i) for i in range(len(refs))] if ids is None else ids
+    normalize = make_normalizer(normalizer)
+    hyps = [normalize(text) for text in hyps]
+    refs = [normalize(text) for text in refs]
+
+    counts = per_utterance_counts(refs, hyps)
+    errors = counts["substitutions"] + counts["deletions"] + counts["insertions"]
+    ref_words = counts["substitutions"] + counts["deletions"] + counts["hits"]
+    n_ref_words = int(ref_words.sum())
+    if n_ref_words == 0:
+        raise ValueError("every reference is empty after normalisation, so WER is undefined")
+    n_ref_chars = sum(len(ref) for ref in refs)
+    n_char_errors = character_errors(refs, hyps)
+
+    def utterance_wer(i):
+        return errors[i] / ref_words[i] if ref_words[i] else math.inf
+
+    ranked = sorted((i for i in range(len(refs)) if errors[i]), key=lambda i: (-errors[i], -utterance_wer(i)))
+    result = {
+        "normalizer": normalizer,
+        "wer": int(errors.sum()) / n_ref_words,
+        "cer": n_char_errors / n_ref_chars,
+        **{kind: int(values.sum()) for kind, values in counts.items()},
+        "n_ref_words": n_ref_words,
+        "n_utterances": len(refs),
+        "n_empty_references": sum(1 for ref in refs if not ref),
+        "n_char_errors": n_char_errors,
+        "n_ref_chars": n_ref_chars,
+        "wer_interval": None,
+        "worst": [
+            {"id": ids[i], "reference": refs[i], "hypothesis": hyps[i], "errors": int(errors[i]),
+             # per-utterance WER is undefined (null) for an empty reference
+             "wer": float(utterance_wer(i)) if ref_words[i] else None}
+            for i in ranked[:worst]
+        ],
+    }
+    if bootstrap > 0:
+        low, high = bootstrap_interval(errors, ref_words, bootstrap, seed)
+        result["wer_interval"] = {"low": low, "high": high, "confidence": CONFIDENCE, "resamples": bootstrap, "seed": seed}
+    return result
+
+
+def read_generations(path: Path, need_reference: bool) -> list[dict]:
+    """The generations file's records as {id, text[, reference], line}, checked field by field."""
+    required = ("id", "text", "reference") if need_reference else ("id", "text")
+    records, first_line_of = [], {}
+    try:
+        with open(path, encoding="utf-8") as file:
+            for line_number, line in enumerate(file, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{line_number}"
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise InputError(f"{where}: not valid JSON ({error.msg})") from None
+                if not isinstance(obj, dict):
+                    raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+                for field in required:
+                    if field not in obj:
+                        raise InputError(f"{where}: missing field '{field}'")
+                    if not isinstance(obj[field], str):
+                        raise InputError(f"{where}: field '{field}' must be a string, got {json.dumps(obj[field])}")
+                if obj["id"] in first_line_of:
+                    raise InputError(f"{where}: duplicate id {obj['id']!r} (first on line {first_line_of[obj['id']]})")
+                first_line_of[obj["id"]] = line_number
+                records.append({field: obj[field] for field in required})
+    except OSError as error:
+        raise InputError(f"{path}: cannot read ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path}: not UTF-8 text ({error.reason})") from None
+    if not records:
+        raise InputError(f"{path}: no generations (the file is empty)")
+    return records
+
+
+def id_list(ids: list[str], shown: int = 10) -> str:
+    more = f", ... ({len(ids) - shown} more)" if len(ids) > shown else ""
+    return ", ".join(repr(i) for i in ids[:shown]) + more
+
+
+def join_references(records: list[dict], generations_path: Path, references_path: Path) -> list[str]:
+    """The dataset's transcripts in the order of `records`; every id must be on both sides."""
+    try:
+        rows = load_rows(str(references_path), fields=("transcript",))  # checks ids are unique
+    except DataError as error:
+        raise InputError(str(error)) from None
+    transcripts = {row["id"]: row["transcript"] for row in rows}
+    generated = {record["id"] for record in records}
+    unknown = [record["id"] for record in records if record["id"] not in transcripts]
+    missing = [row["id"] for row in rows if row["id"] not in generated]
+    problems = []
+    if unknown:
+        problems.append(f"{len(unknown)} generation id(s) not in {references_path}: {id_list(unknown)}")
+    if missing:
+        problems.append(f"{len(missing)} reference id(s) with no generation in {generations_path}: {id_list(missing)}")
+    if problems:
+        raise InputError("ids do not match: " + "; ".join(problems))
+    return [transcripts[record["id"]] for record in records]
+
+
+def percent(fraction: float) -> str:
+    return f"{100 * fraction:.2f}%"
+
+
+def format_report(result: dict) -> str:
+    interval = result["wer_interval"]
+    ci = ""
+    if interval:
+        ci = (f"   {interval['confidence']:.0%} CI [{percent(interval['low'])}, {percent(interval['high'])}]"
+              f"  ({interval['resamples']} resamples, seed {interval['seed']})")
+    rows = [
+        ("input", result["input"]),
+        ("references", result["references"] or "from the generations file"),
+        ("normaliser", result["normalizer"]),
+        ("utterances", f"{result['n_utterances']}  ({result['n_empty_references']} with an empty reference)"),
+        ("reference words", result["n_ref_words"]),
+        ("WER", percent(result["wer"]) + ci),
+        ("CER", f"{percent(result['cer'])}   ({result['n_char_errors']} edits / {result['n_ref_chars']} characters)"),
+        ("substitutions", result["substitutions"]),
+        ("deletions", result["deletions"]),
+        ("insertions", result["insertions"]),
+        ("hits", result["hits"]),
+    ]
+    lines = [f"  {name:<16} {value}" for name, value in rows]
+    if result["worst"]:
+        lines.append(f"\n{len(result['worst'])} worst utterance(s) by errors (normalised text):")
+        id_width = max(len(entry["id"]) for entry in result["worst"])
+        for entry in result["worst"]:
+            rate = percent(entry["wer"]) if entry["wer"] is not None else "n/a (empty reference)"
+            lines.append(f"  {entry['id']:<{id_width}}   errors {entry['errors']:>4}   WER {rate}")
+            lines.append(f"    ref: {entry['reference']}")
+            lines.append(f"    hyp: {entry['hypothesis']}")
+    return "\n".join(lines)
+
+
+def write_json_atomically(path: Path, data: dict) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = args.out or args.generations.with_name("wer.json")
+    try:
+        if out.exists() and not args.overwrite:
+            raise InputError(f"{out} already exists; pass --overwrite to replace it")
+        records = read_generations(args.generations, need_reference=args.references is None)
+        if args.references is None:
+            refs = [record["reference"] for record in records]
+        else:
+            refs = join_references(records, args.generations, args.references)
+        try:
+            result = score([record["text"] for record in records], refs, args.normalizer,
+                           ids=[record["id"] for record in records],
+                           bootstrap=args.bootstrap, seed=args.seed, worst=args.worst)
+        except ValueError as error:
+            raise InputError(f"{args.references or args.generations}: {error}") from None
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    references = str(args.references) if args.references else None
+    result = {"input": str(args.generations), "references": references, **result}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(out, result)
+    print(format_report(result))
+    print(f"\nwrote {out}")
+    return 0
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("generations", type=Path, help="generations.jsonl: one {id, text, reference} object per line")
+    parser.add_argument("--references", type=Path, help="dataset file (JSONL or Parquet) whose `transcript` is joined by `id`")
+    parser.add_argument("--normalizer", choices=NORMALIZERS, default="whisper",
+                        help="text normaliser applied to hypotheses and references (default: whisper)")
+    parser.add_argument("--out", type=Path, help="report JSON path (default: wer.json beside the input)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    parser.add_argument("--bootstrap", type=non_negative_int, default=1000, help="bootstrap resamples, 0 to skip (default: 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    parser.add_argument("--worst", type=non_negative_int, default=10, help="worst utterances to list (default: 10)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
