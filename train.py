@@ -1,0 +1,613 @@
+"""Training: continued pre-training (CPT) and supervised fine-tuning (SFT) of an extended Llama 3.x.
+
+    python train.py configs/cpt_speechtokenizer.json [dotted.key=value ...]
+    torchrun --nproc 4 train.py configs/sft_speechtokenizer.json resume=auto
+
+One optimizer step consumes batch_size x grad_accum x world_size sequences, taken in order from a
+permutation of the training rows fixed by (seed, epoch); the loss is the sum of token losses over
+the whole step divided by its number of target tokens, across micro-batches and ranks. Every
+sequence is a pure function of (epoch, row), so the data position is just the step number and a
+resumed run continues with exactly the losses of an uninterrupted one.
+
+Checkpoints are Hugging Face LlamaForCausalLM directories (plus training_state.pt), written under a
+temporary name and renamed, in <run_dir>/checkpoints/step_NNNNNNN.
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from data.dataset import ASR_FIELDS, SCHEMA_FIELDS, DataError, load_rows
+from data.samples import IGNORE, Interleave, SampleBuilder
+from data.tokenizer import Tokenizer
+from model import DTYPES, Llama, ModelConfig
+
+# -- configuration -----------------------------------------------------------------------------
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You will act as an automatic speech recognition (ASR) system. Transcribe the speech tokens into English text. "
+)
+
+DEFAULTS = {
+    "run_dir": None,  # checkpoints, metrics and plots go here
+    "seed": 42831,
+    "model": {
+        "path": None,  # an extended model directory (extend.py's output) or a train.py checkpoint
+        "dtype": "bfloat16",  # parameters and compute: bfloat16 or float32
+        "activation_checkpointing": False,
+        "compile": False,
+        "fsdp": False,  # shard parameters, gradients and optimizer state (FSDP2) instead of replicating them
+    },
+    "data": {
+        "task": "cpt",  # cpt or sft
+        "train": None,  # JSONL / Parquet file, directory of shards, or glob
+        "dev": "",  # evaluated every train.eval_steps when given
+        "n_dsus": None,  # must match the model's extended vocabulary
+        "deduplicate": True,
+        "modality_tokens": True,
+        "max_seq_len": 768,
+        "shuffle": True,
+        "cpt": {
+            "sequence_type": "interleaved",  # interleaved, concatenated_txt_dsu or concatenated_dsu_txt
+            "sampling_rate": 16000,
+            "downsampling_ratio": 320,
+            "mean_seq_len_tokens": 39.43,
+            "binom_prob": 0.1,
+        },
+        "sft": {"system_prompt": DEFAULT_SYSTEM_PROMPT, "train_on_input": False},
+    },
+    "optim": {
+        "lr": 2e-4,
+        "betas": [0.9, 0.999],
+        "eps": 1e-8,
+        "weight_decay": 0.01,
+        "warmup_steps": 1000,
+        "num_cycles": 0.5,  # cosine cycles over the run after warm-up: 0.5 decays to zero
+        "max_grad_norm": 1.0,  # 0 turns clipping off
+    },
+    "train": {
+        "batch_size": 16,  # sequences per micro-batch per process
+        "grad_accum": 4,  # micro-batches per optimizer step
+        "max_steps": None,  # optimizer steps in the whole run
+        "eval_steps": 1000,
+        "save_steps": 10000,
+        "log_steps": 10,
+        "device": "auto",  # auto (cuda when present), cuda or cpu
+        "loss_chunk_size": 1024,  # tokens per logits chunk in the loss
+    },
+    "resume": "",  # "", "auto" (the run directory's latest checkpoint) or a checkpoint path
+    "resume_force": False,  # resume even if batch size, accumulation or world size changed
+    "wandb": {"project": "", "name": ""},  # logs to Weights & Biases when a project is given
+}
+
+REQUIRED = ["run_dir", "model.path", "data.train", "data.n_dsus", "train.max_steps"]
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _merge(base: dict, update: dict, source: str, prefix: str = "") -> None:
+    for key, value in update.items():
+        path = f"{prefix}{key}"
+        if key not in base:
+            raise ConfigError(f"{source}: unknown config key '{path}'")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: '{path}' must be an object")
+            _merge(base[key], value, source, path + ".")
+        else:
+            base[key] = value
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """`a.b=value`: the value is read as JSON when it parses (numbers, true, null, lists), else as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{text}' is not of the form dotted.key=value")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict:
+    config = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        try:
+            loaded = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a config is a JSON object")
+        loaded.pop("//", None)  # a comment
+        _merge(config, loaded, str(path))
+    for text in overrides:
+        keys, value = parse_override(text)
+        nested = value
+        for key in reversed(keys):
+            nested = {key: nested}
+        _merge(config, nested, f"override '{text}'")
+    missing = [key for key in REQUIRED if get(config, key) is None]
+    if missing:
+        raise ConfigError(
+            f"{path or 'config'}: these keys must be given (in the file or as key=value): {', '.join(missing)}"
+        )
+    _check_values(config, str(path))
+    return config
+
+
+def get(config: dict, dotted: str):
+    for key in dotted.split("."):
+        config = config[key]
+    return config
+
+
+def _check_values(config: dict, source: str) -> None:
+    checks = [
+        ("data.task", get(config, "data.task") in ("cpt", "sft"), "cpt or sft"),
+        (
+            "data.cpt.sequence_type",
+            get(config, "data.cpt.sequence_type") in ("interleaved", "concatenated_txt_dsu", "concatenated_dsu_txt"),
+            "interleaved, concatenated_txt_dsu or concatenated_dsu_txt",
+        ),
+        ("model.dtype", get(config, "model.dtype") in ("bfloat16", "float32"), "bfloat16 or float32"),
+        ("train.device", get(config, "train.device") in ("auto", "cuda", "cpu"), "auto, cuda or cpu"),
+    ]
+    for key in ["train.batch_size", "train.grad_accum", "train.max_steps", "train.eval_steps", "train.save_steps",
+                "train.log_steps", "data.max_seq_len", "data.n_dsus", "train.loss_chunk_size"]:
+        value = get(config, key)
+        checks.append((key, isinstance(value, int) and not isinstance(value, bool) and value > 0, "a positive integer"))
+    for key, ok, wanted in checks:
+        if not ok:
+            raise ConfigError(f"{source}: '{key}' must be {wanted}, got {get(config, key)!r}")
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+def setup_distributed(device_choice: str) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); torchrun's environment starts a process group (NCCL on GPU, gloo on CPU)."""
+    use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
+    if device_choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is 'cuda' but no GPU is visible")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world_size > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return rank, world_size, torch.device("cuda", local_rank)
+    return rank, world_size, torch.device("cpu")
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+# -- data --------------------------------------------------------------------------------------
+
+
+class Sequences:
+    """Training or dev sequences: row `i` of epoch `e` always becomes the same tokens and labels."""
+
+    def __init__(self, rows: list[dict], data_cfg: dict, tokenizer: Tokenizer):
+        self.rows = rows
+        self.task = data_cfg["task"]
+        self.cpt = data_cfg["cpt"]
+        self.sft = data_cfg["sft"]
+        self.interleave = Interleave(
+            self.cpt["sampling_rate"], self.cpt["downsampling_ratio"], self.cpt["mean_seq_len_tokens"], self.cpt["binom_prob"]
+        )
+        self.builder = SampleBuilder(
+            tokenizer,
+            deduplicate=data_cfg["deduplicate"],
+            modality_tokens=data_cfg["modality_tokens"],
+            max_seq_len=data_cfg["max_seq_len"],
+        )
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def build(self, index: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        row = self.rows[index]
+        if self.task == "sft":
+            return self.builder.sft_asr(row, self.sft["system_prompt"], self.sft["train_on_input"])
+        kind = self.cpt["sequence_type"]
+        if kind == "interleaved":
+            return self.builder.cpt_interleaved(row, index, epoch, self.interleave)
+        return self.builder.cpt_concatenated(row, text_first=kind == "concatenated_txt_dsu")
+
+
+def load_sequences(source: str, data_cfg: dict, tokenizer: Tokenizer) -> Sequences:
+    needs_words = data_cfg["task"] == "cpt" and data_cfg["cpt"]["sequence_type"] == "interleaved"
+    fields = SCHEMA_FIELDS if needs_words else ASR_FIELDS
+    rows = load_rows(source, n_dsus=data_cfg["n_dsus"], fields=fields)
+    if not rows:
+        raise DataError(f"{source}: no rows")
+    return Sequences(rows, data_cfg, tokenizer)
+
+
+def epoch_order(n_rows: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    return np.random.default_rng((seed, epoch)).permutation(n_rows) if shuffle else np.arange(n_rows)
+
+
+def collate(pairs: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded inputs and next-token targets (labels shifted left by one, IGNORE at the end)."""
+    length = max(len(tokens) for tokens, _ in pairs)
+    inputs = np.full((len(pairs), length), pad_id, dtype=np.int64)
+    targets = np.full((len(pairs), length), IGNORE, dtype=np.int64)
+    for i, (tokens, labels) in enumerate(pairs):
+        inputs[i, : len(tokens)] = tokens
+        targets[i, : len(labels) - 1] = labels[1:]
+    return torch.from_numpy(inputs), torch.from_numpy(targets)
+
+
+def step_micro_batches(seqs: Sequences, step: int, cfg: dict, rank: int, world: int):
+    """This rank's micro-batches for optimizer step `step` (0-based), as (inputs, targets) pairs.
+
+    The step takes the next batch_size*grad_accum*world rows of the epoch's order; micro-batch m
+    is the m-th slice of batch_size*world rows, of which this rank takes its batch_size, so a run
+    on 2 processes sees the same micro-batches as 1 process with twice the batch size.
+    """
+    batch, accum = cfg["train"]["batch_size"], cfg["train"]["grad_accum"]
+    per_step = batch * accum * world
+    steps_per_epoch = len(seqs) // per_step
+    if steps_per_epoch == 0:
+        raise DataError(f"{cfg['data']['train']}: {len(seqs)} rows are fewer than one optimizer step ({per_step})")
+    epoch, step_in_epoch = divmod(step, steps_per_epoch)
+    order = epoch_order(len(seqs), cfg["seed"], epoch, cfg["data"]["shuffle"])
+    chunk = order[step_in_epoch * per_step : (step_in_epoch + 1) * per_step]
+    pad_id = seqs.builder.tok.special_ids["<|finetune_right_pad_id|>"]
+    micro = []
+    for m in range(accum):
+        rows = chunk[m * batch * world : (m + 1) * batch * world][rank * batch : (rank + 1) * batch]
+        micro.append(collate([seqs.build(int(i), epoch) for i in rows], pad_id))
+    return epoch, micro
+
+
+def token_kinds(inputs: torch.Tensor, tok: Tokenizer, pad_id: int) -> dict[str, int]:
+    """How many real (non-pad) input tokens are text, DSU, or special (Llama specials and modality)."""
+    real = inputs[inputs != pad_id]
+    dsu = ((real >= tok.dsu_offset) & (real < tok.dsu_offset + tok.n_dsus)).sum().item()
+    modality = sum((real == i).sum().item() for i in (tok.speech_id, tok.text_id) if i is not None)
+    special = (real >= tok.n_file_tokens).sum().item() + modality
+    return {"text_tokens": real.numel() - dsu - special, "dsu_tokens": dsu, "special_tokens": special}
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "training_state.pt"
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a temporary directory is never complete)."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    done = [p for p in root.glob("step_*") if (p / STATE_FILE).exists()]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, cfg: dict, model_src: Path, state: dict):
+    """Writes <run_dir>/checkpoints/step_N atomically: a temporary directory renamed when complete."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)  # collective under FSDP: every rank calls it
+    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    final = run_dir / CHECKPOINTS / f"step_{step:07d}"
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "original").mkdir(parents=True)
+
+    inner = getattr(model, "module", model)  # DDP wraps the model
+    hf_config = inner.config.to_hf()
+    hf_config["torch_dtype"] = cfg["model"]["dtype"]  # what the weights are stored as
+    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    shutil.copy(model_src / "generation_config.json", tmp / "generation_config.json")
+    for name in ("tokenizer.model", "params.json"):
+        shutil.copy(model_src / "original" / name, tmp / "original" / name)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "training_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    torch.save(
+        {
+            **state,
+            "step": step,
+            "optimizer": optim_state,
+            "scheduler": scheduler.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+            },
+        },
+        tmp / STATE_FILE,
+    )
+    os.replace(tmp, final)  # atomic: a crash before this line leaves only the temporary directory
+
+
+def load_training_state(path: Path, model, optimizer, scheduler) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    return state
+
+
+def resolve_resume(cfg: dict, run_dir: Path) -> Path | None:
+    resume = cfg["resume"]
+    if not resume:
+        if checkpoint_dirs(run_dir):
+            raise ConfigError(
+                f"{run_dir} already holds checkpoints: pass resume=auto to continue that run, or choose another run_dir"
+            )
+        return None
+    if resume == "auto":
+        found = checkpoint_dirs(run_dir)
+        return found[-1] if found else None  # nothing saved yet: start from the beginning
+    path = Path(resume)
+    if not (path / STATE_FILE).exists():
+        raise ConfigError(f"resume: {path} is not a complete checkpoint (no {STATE_FILE})")
+    return path
+
+
+def check_resumable(saved: dict, cfg: dict, world: int) -> None:
+    now = {"batch_size": cfg["train"]["batch_size"], "grad_accum": cfg["train"]["grad_accum"], "world_size": world}
+    then = {key: saved[key] for key in now}
+    if then != now and not cfg["resume_force"]:
+        raise ConfigError(
+            f"resume: the checkpoint was made with {then}, this run has {now}; the data order and losses "
+            "would differ. Pass resume_force=true to continue anyway."
+        )
+
+
+# -- optimisation ------------------------------------------------------------------------------
+
+
+def cosine_with_warmup(warmup: int, total: int, cycles: float):
+    """LR multiplier: linear warm-up from 0, then a cosine over `cycles` periods (0.5: down to 0)."""
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * cycles * 2.0 * progress)))
+
+    return multiplier
+
+
+def build_model(cfg: dict, model_path: Path, device: torch.device, world: int):
+    dtype = DTYPES[cfg["model"]["dtype"]]
+    model = Llama.from_pretrained(model_path, dtype=dtype, device=device,
+                                  activation_checkpointing=cfg["model"]["activation_checkpointing"])
+    model.loss_chunk_size = cfg["train"]["loss_chunk_size"]
+    if cfg["model"]["fsdp"]:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    elif world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg["model"]["compile"]:
+        model = torch.compile(model)
+    return model
+
+
+def check_vocabulary(model_path: Path, tok: Tokenizer, cfg: dict) -> None:
+    n_dsus = cfg["data"]["n_dsus"]
+    vocab = ModelConfig.from_file(model_path / "config.json").vocab_size
+    problems = []
+    if vocab != tok.vocab_size:
+        problems.append(f"config.json vocab_size {vocab} != tokenizer's {tok.vocab_size}")
+    if tok.n_dsus != n_dsus:
+        problems.append(f"the tokenizer has {tok.n_dsus} DSUs but data.n_dsus is {n_dsus}")
+    if cfg["data"]["modality_tokens"] and not tok.has_modality_tokens:
+        problems.append("data.modality_tokens is true but the tokenizer has no modality tokens")
+    if problems:
+        raise ConfigError(f"{model_path}: " + "; ".join(problems) + " (extend the model with extend.py --n-dsus N)")
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+
+def forward_loss(model, inputs, targets, device):
+    return model(inputs.to(device, non_blocking=True), labels=targets.to(device, non_blocking=True))
+
+
+@torch.no_grad()
+def evaluate(model, seqs: Sequences, cfg: dict, rank: int, world: int, device) -> float:
+    """Mean token loss over the whole dev set (epoch 0's sequences), across ranks."""
+    model.eval()
+    batch = cfg["train"]["batch_size"]
+    pad_id = seqs.builder.tok.special_ids["<|finetune_right_pad_id|>"]
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    for start in range(rank * batch, len(seqs), batch * world):
+        inputs, targets = collate([seqs.build(i, 0) for i in range(start, min(start + batch, len(seqs)))], pad_id)
+        loss_sum, count = forward_loss(model, inputs, targets, device)
+        totals += torch.stack([loss_sum.double(), count.double()])
+    all_reduce_sum(totals)
+    model.train()
+    return (totals[0] / totals[1].clamp(min=1)).item()
+
+
+def train(cfg: dict) -> None:
+    rank, world, device = setup_distributed(cfg["train"]["device"])
+    run_dir = Path(cfg["run_dir"])
+    resume_from = resolve_resume(cfg, run_dir)
+    model_path = Path(cfg["model"]["path"])
+    if not (model_path / "config.json").exists():
+        raise ConfigError(f"model.path: {model_path} has no config.json")
+    tok = Tokenizer(model_path / "original" / "tokenizer.model")
+    check_vocabulary(model_path, tok, cfg)
+    train_seqs = load_sequences(cfg["data"]["train"], cfg["data"], tok)
+    dev_seqs = load_sequences(cfg["data"]["dev"], cfg["data"], tok) if cfg["data"]["dev"] else None
+
+    torch.manual_seed(cfg["seed"])
+    model = build_model(cfg, resume_from or model_path, device, world)
+    opt = cfg["optim"]
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["eps"],
+        weight_decay=opt["weight_decay"], fused=device.type == "cuda",
+    )
+    max_steps = cfg["train"]["max_steps"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_with_warmup(opt["warmup_steps"], max_steps, opt["num_cycles"])
+    )
+    start_step, totals = 0, {"tokens": 0, "text_tokens": 0, "dsu_tokens": 0, "special_tokens": 0, "target_tokens": 0}
+    if resume_from is not None:
+        saved = load_training_state(resume_from, model, optimizer, scheduler)
+        check_resumable(saved, cfg, world)
+        start_step, totals = saved["step"], saved["totals"]
+
+    metrics = MetricsLog(run_dir, start_step, cfg, enabled=rank == 0)
+    if rank == 0:
+        where = f"resuming from {resume_from}" if resume_from else f"from {model_path}"
+        print(f"train: {cfg['data']['task']} on {len(train_seqs)} rows, {max_steps} steps, {where}; "
+              f"world size {world}, device {device}, run dir {run_dir}", flush=True)
+
+    pad_id = tok.special_ids["<|finetune_right_pad_id|>"]
+    save_steps, eval_steps, log_steps = cfg["train"]["save_steps"], cfg["train"]["eval_steps"], cfg["train"]["log_steps"]
+    sync_off = getattr(model, "no_sync", None)
+    progress = tqdm(total=max_steps, initial=start_step, disable=rank != 0, desc="train", dynamic_ncols=True)
+    window_start, window_tokens = time.perf_counter(), 0
+    for step in range(start_step, max_steps):
+        epoch, micro = step_micro_batches(train_seqs, step, cfg, rank, world)
+        n_targets = all_reduce_sum(torch.tensor(sum((t != IGNORE).sum().item() for _, t in micro), device=device))
+        scale = world / n_targets.clamp(min=1).float()  # DDP and FSDP average gradients over ranks
+        step_loss = torch.zeros((), device=device)
+        for m, (inputs, targets) in enumerate(micro):
+            last = m == len(micro) - 1
+            with sync_off() if (sync_off and not last) else nullcontext():
+                loss_sum, _ = forward_loss(model, inputs, targets, device)
+                (loss_sum * scale).backward()
+            step_loss += loss_sum.detach()
+            for key, value in token_kinds(inputs, tok, pad_id).items():
+                totals[key] += value
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(model.parameters(), opt["max_grad_norm"]).item()
+            if opt["max_grad_norm"] > 0 else float("nan")
+        )
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        loss = (all_reduce_sum(step_loss) / n_targets.clamp(min=1)).item()
+        step_tokens = sum(int((i != pad_id).sum()) for i, _ in micro)
+        totals["tokens"] += step_tokens
+        totals["target_tokens"] += int(n_targets.item()) // world
+        window_tokens += step_tokens
+        done = step + 1
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        if done % log_steps == 0 or done == max_steps or done == start_step + 1:
+            elapsed = time.perf_counter() - window_start
+            metrics.write({"step": done, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                           "tokens_per_s": window_tokens * world / max(elapsed, 1e-9), **totals})
+            window_start, window_tokens = time.perf_counter(), 0
+        else:
+            metrics.write({"step": done, "loss": loss})
+        if dev_seqs is not None and (done % eval_steps == 0 or done == max_steps):
+            dev_loss = evaluate(model, dev_seqs, cfg, rank, world, device)
+            metrics.write({"step": done, "dev_loss": dev_loss})
+            progress.write(f"step {done}: dev loss {dev_loss:.4f}")
+        if done % save_steps == 0 or done == max_steps:
+            state = {"totals": totals, "batch_size": cfg["train"]["batch_size"],
+                     "grad_accum": cfg["train"]["grad_accum"], "world_size": world}
+            save_checkpoint(run_dir, done, model, optimizer, scheduler, cfg, model_path, state)
+            progress.write(f"step {done}: saved {run_dir / CHECKPOINTS / f'step_{done:07d}'}")
+    progress.close()
+    metrics.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class MetricsLog:
+    """metrics.jsonl in the run directory (rank 0); on resume, lines after the resumed step are dropped."""
+
+    def __init__(self, run_dir: Path, start_step: int, cfg: dict, enabled: bool):
+        self.enabled = enabled
+        self.wandb = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / "metrics.jsonl"
+        kept = []
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+        self.file = self.path.open("a")
+        if cfg["wandb"]["project"]:
+            import wandb  # optional: only when asked for
+
+            self.wandb = wandb.init(project=cfg["wandb"]["project"], name=cfg["wandb"]["name"] or None, config=cfg)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Every key and its default is in train.py's DEFAULTS; configs/ has one file per tokenizer and regime.",
+    )
+    parser.add_argument("config", help="JSON config file")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value (value parsed as JSON when it parses)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        train(cfg)
+    except (ConfigError, DataError) as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
