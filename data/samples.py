@@ -6,11 +6,12 @@ map straight to ids; the glue between pieces (the spaces the reference joins wit
 the tokens that string would have produced. `tests/test_samples.py` proves both paths equal on
 the golden vectors and on random rows, with modality tokens on and off.
 
-Every builder returns `(tokens, labels)` as int64 numpy arrays; labels are not shifted
-(position i labels token i) and are IGNORE where the loss is masked.
+A builder first describes a sample as `Pieces` (literal token runs and raw DSU runs, each with a
+loss mask, plus the truncation rule); `assemble` turns that into tokens and labels. The fused
+kernel in `kernels/` assembles (and packs) whole batches of `Pieces` the same way.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -30,6 +31,28 @@ class Interleave:
     binom_prob: float = 0.1
 
 
+@dataclass
+class Pieces:
+    """One sequence before assembly.
+
+    `values[k]` holds token ids, or DSU indices when `is_dsu[k]` (deduplicated if asked, then
+    offset into the vocabulary at assembly). Tokens of a piece with `masked[k]` get IGNORE labels.
+    At most `limit` tokens are kept; if that cuts the sequence and `force_last` is set, the last
+    kept token becomes `force_last`, masked.
+    """
+
+    values: list[np.ndarray] = field(default_factory=list)
+    is_dsu: list[bool] = field(default_factory=list)
+    masked: list[bool] = field(default_factory=list)
+    limit: int | None = None
+    force_last: int | None = None
+
+    def add(self, values, masked: bool = False, is_dsu: bool = False) -> None:
+        self.values.append(np.asarray(values, dtype=np.int64))
+        self.is_dsu.append(is_dsu)
+        self.masked.append(masked)
+
+
 def deduplicate_runs(units: np.ndarray) -> np.ndarray:
     """Drop consecutive repeats: [5, 5, 7, 5] -> [5, 7, 5]."""
     units = np.asarray(units)
@@ -41,13 +64,31 @@ def deduplicate_runs(units: np.ndarray) -> np.ndarray:
     return units[keep]
 
 
+def assemble(pieces: Pieces, dsu_offset: int, deduplicate: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens and labels (int64; labels unshifted, IGNORE where masked) of one `Pieces`."""
+    runs = [
+        (deduplicate_runs(v) if deduplicate else v) + dsu_offset if dsu else v
+        for v, dsu in zip(pieces.values, pieces.is_dsu)
+    ]
+    tokens = np.concatenate(runs) if runs else np.zeros(0, dtype=np.int64)
+    masked = np.repeat(pieces.masked, [len(r) for r in runs]).astype(bool)
+    if pieces.limit is not None and len(tokens) > pieces.limit:
+        tokens, masked = tokens[: pieces.limit].copy(), masked[: pieces.limit].copy()
+        if pieces.force_last is not None and len(tokens):
+            tokens[-1], masked[-1] = pieces.force_last, True
+    return tokens, np.where(masked, IGNORE, tokens)
+
+
 def dsu_frames(start: float, end: float, sampling_rate: int, downsampling_ratio: int) -> tuple[int, int]:
     """Frame range [lo, hi) covering the time span; same float expression as the reference."""
     return int(start * sampling_rate / downsampling_ratio), int(np.ceil(end * sampling_rate / downsampling_ratio))
 
 
 class SampleBuilder:
-    """Builds CPT and SFT sequences for one tokenizer and one set of options."""
+    """Builds CPT and SFT sequences for one tokenizer and one set of options.
+
+    `*_pieces` methods describe a sample; the methods without the suffix assemble it.
+    """
 
     def __init__(self, tokenizer: Tokenizer, *, deduplicate: bool, modality_tokens: bool, max_seq_len: int | None):
         if modality_tokens and not tokenizer.has_modality_tokens:
@@ -56,66 +97,65 @@ class SampleBuilder:
         self.deduplicate = deduplicate
         self.modality_tokens = modality_tokens
         self.max_seq_len = max_seq_len
-        self.space = self._ids(tokenizer.encode(" "))
+        self.space = tokenizer.encode(" ")
         # Fixed pieces of the chat format, tokenized once.
-        self._user_header = self._ids(tokenizer.header("user"))
-        self._assistant_header = self._ids(tokenizer.header("assistant"))
-        self._eot, self._eos = self._ids([tokenizer.eot_id]), self._ids([tokenizer.eos_id])
-        self._sft_prefixes: dict[str, np.ndarray] = {}
+        self._user_header = tokenizer.header("user")
+        self._assistant_header = tokenizer.header("assistant")
+        self._sft_prefixes: dict[str, list[int]] = {}
 
-    @staticmethod
-    def _ids(ids) -> np.ndarray:
-        return np.asarray(ids, dtype=np.int64)
+    def assemble(self, pieces: Pieces) -> tuple[np.ndarray, np.ndarray]:
+        return assemble(pieces, self.tok.dsu_offset or 0, self.deduplicate)
 
-    def _sft_prefix(self, system_prompt: str) -> np.ndarray:
+    def _sft_prefix(self, system_prompt: str) -> list[int]:
         """`<|begin_of_text|>` and the system message (masked in every mode)."""
         if system_prompt not in self._sft_prefixes:
-            self._sft_prefixes[system_prompt] = self._ids([self.tok.bos_id, *self.tok.message("system", system_prompt)])
+            self._sft_prefixes[system_prompt] = [self.tok.bos_id, *self.tok.message("system", system_prompt)]
         return self._sft_prefixes[system_prompt]
 
-    # -- pieces ------------------------------------------------------------------------------
+    # -- spans -------------------------------------------------------------------------------
 
-    def _text(self, text: str) -> np.ndarray:
-        return self._ids(self.tok.encode(text))
-
-    def _dsus(self, units) -> np.ndarray:
-        units = np.asarray(units, dtype=np.int64)
-        return self.tok.dsu_ids(deduplicate_runs(units) if self.deduplicate else units)
-
-    def _text_span(self, words: list[str], first: bool) -> list[np.ndarray]:
+    def _text_span(self, out: Pieces, words: list[str], first: bool) -> None:
         # Reference string: "\ue001 w1 w2" (modality) or "w1 w2", joined to the previous span by " ".
         # The join space before a modality character is a token of its own; before a word it
         # merges into the word's first token.
         text = " ".join(words)
         if self.modality_tokens:
-            return ([] if first else [self.space]) + [np.array([self.tok.text_id]), self._text(" " + text)]
-        return [self._text(text if first else " " + text)]
+            out.add(([] if first else self.space) + [self.tok.text_id] + self.tok.encode(" " + text))
+        else:
+            out.add(self.tok.encode(text if first else " " + text))
 
-    def _speech_span(self, units, first: bool) -> list[np.ndarray]:
+    def _speech_span(self, out: Pieces, units, first: bool) -> None:
         # Reference string: "\ue000 <dsus>" or "<dsus>": every DSU is a piece of its own, so a
         # space before one is always a lone space token.
-        head = [] if first else [self.space]
+        head = [] if first else self.space
         if self.modality_tokens:
-            head += [np.array([self.tok.speech_id]), self.space]
-        return head + [self._dsus(units)]
+            head = head + [self.tok.speech_id] + self.space
+        if head:
+            out.add(head)
+        out.add(units, is_dsu=True)
 
-    def _cpt(self, parts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        tokens = np.concatenate([[self.tok.bos_id], *parts, [self.tok.eos_id]]).astype(np.int64)
-        if self.max_seq_len is not None:
-            # The reference truncates CPT sequences to max_seq_len - 1, keeping no end token.
-            tokens = tokens[: self.max_seq_len - 1]
-        return tokens, tokens.copy()
+    def _cpt_pieces(self) -> Pieces:
+        # The reference truncates CPT sequences to max_seq_len - 1, keeping no end token.
+        out = Pieces(limit=None if self.max_seq_len is None else self.max_seq_len - 1)
+        out.add([self.tok.bos_id])
+        return out
 
     # -- sequences ---------------------------------------------------------------------------
 
-    def cpt_concatenated(self, row: dict, text_first: bool) -> tuple[np.ndarray, np.ndarray]:
-        text = self._text_span(row["tokenized"], first=text_first)
-        speech = self._speech_span(row["speech_tokens"], first=not text_first)
-        return self._cpt(text + speech if text_first else speech + text)
+    def cpt_concatenated_pieces(self, row: dict, text_first: bool) -> Pieces:
+        out = self._cpt_pieces()
+        if text_first:
+            self._text_span(out, row["tokenized"], first=True)
+            self._speech_span(out, row["speech_tokens"], first=False)
+        else:
+            self._speech_span(out, row["speech_tokens"], first=True)
+            self._text_span(out, row["tokenized"], first=False)
+        out.add([self.tok.eos_id])
+        return out
 
-    def cpt_interleaved(
+    def cpt_interleaved_pieces(
         self, row: dict, index: int, epoch: int, settings: Interleave = Interleave(), seed: int = SEED
-    ) -> tuple[np.ndarray, np.ndarray]:
+    ) -> Pieces:
         words = row["tokenized"]
         rng = np.random.default_rng((seed, epoch, index))
         start_with_text = bool(rng.choice([True, False], p=[0.5, 0.5]))
@@ -125,44 +165,47 @@ class SampleBuilder:
 
         starts, finishes = row["aligned_token_start_time"], row["aligned_token_end_time"]
         units = row["speech_tokens"]
-        parts: list[np.ndarray] = []
+        out = self._cpt_pieces()
         for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-            is_text = (k % 2 == 0) == start_with_text
-            if is_text:
-                parts += self._text_span(words[lo:hi], first=k == 0)
+            if (k % 2 == 0) == start_with_text:
+                self._text_span(out, words[lo:hi], first=k == 0)
             else:
                 f_lo, f_hi = dsu_frames(starts[lo], finishes[hi - 1], settings.sampling_rate, settings.downsampling_ratio)
-                parts += self._speech_span(units[f_lo:f_hi], first=k == 0)
-        return self._cpt(parts)
+                self._speech_span(out, units[f_lo:f_hi], first=k == 0)
+        out.add([self.tok.eos_id])
+        return out
 
-    def sft_asr(
-        self, row: dict, system_prompt: str, train_on_input: bool, inference: bool = False
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def sft_asr_pieces(self, row: dict, system_prompt: str, train_on_input: bool, inference: bool = False) -> Pieces:
         """Llama 3 chat: system prompt, user = the utterance's DSUs, assistant = its transcript.
 
         Masking follows the reference (torchtune): the begin token and the system message are
         always masked, the user message unless `train_on_input`, the assistant message never;
         the final end-of-text token is masked. `inference` stops after the assistant header.
+        Truncation (torchtune's rule) keeps max_seq_len tokens and, when the sequence carries
+        end tokens, makes the last one end-of-text.
         """
         tok = self.tok
-        user = self._dsus(row["speech_tokens"])
-        if self.modality_tokens:
-            user = np.concatenate([[tok.speech_id], user, [tok.text_id]])
-        segments = [
-            (self._sft_prefix(system_prompt), True),
-            (self._user_header, not train_on_input),
-            (user, not train_on_input),
-            (self._eot, not train_on_input),
-            (self._assistant_header, False),
-        ]
-        if not inference:
-            segments += [(self._text(row["transcript"].strip()), False), (self._eot, False), (self._eos, True)]
+        out = Pieces(limit=self.max_seq_len, force_last=None if inference else tok.eos_id)
+        out.add(self._sft_prefix(system_prompt), masked=True)
+        out.add(self._user_header + ([tok.speech_id] if self.modality_tokens else []), masked=not train_on_input)
+        out.add(row["speech_tokens"], masked=not train_on_input, is_dsu=True)
+        out.add(([tok.text_id] if self.modality_tokens else []) + [tok.eot_id], masked=not train_on_input)
+        if inference:
+            out.add(self._assistant_header)
+        else:
+            out.add(self._assistant_header + tok.encode(row["transcript"].strip()) + [tok.eot_id])
+            out.add([tok.eos_id], masked=True)
+        return out
 
-        tokens = np.concatenate([s for s, _ in segments])
-        masked = np.repeat([m for _, m in segments], [len(s) for s, _ in segments])
-        if self.max_seq_len is not None and len(tokens) > self.max_seq_len:
-            # torchtune's rule: cut, and when the sequence carries end tokens force the last to eos.
-            tokens, masked = tokens[: self.max_seq_len].copy(), masked[: self.max_seq_len].copy()
-            if not inference:
-                tokens[-1], masked[-1] = tok.eos_id, True
-        return tokens, np.where(masked, IGNORE, tokens)
+    def cpt_concatenated(self, row: dict, text_first: bool) -> tuple[np.ndarray, np.ndarray]:
+        return self.assemble(self.cpt_concatenated_pieces(row, text_first))
+
+    def cpt_interleaved(
+        self, row: dict, index: int, epoch: int, settings: Interleave = Interleave(), seed: int = SEED
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return self.assemble(self.cpt_interleaved_pieces(row, index, epoch, settings, seed))
+
+    def sft_asr(
+        self, row: dict, system_prompt: str, train_on_input: bool, inference: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return self.assemble(self.sft_asr_pieces(row, system_prompt, train_on_input, inference))
