@@ -1,0 +1,199 @@
+"""A small randomly initialised base model laid out like Meta's Llama-3.2-1B in Hugging Face layout.
+
+For tests and demos, where no real checkpoint is available. The directory holds `config.json`,
+`generation_config.json`, `model.safetensors` (tied embeddings, so no `lm_head.weight`),
+`original/tokenizer.model` (a tiktoken BPE file learnt from the given text; the 256 Llama 3
+special tokens follow its ranks, as in the real file) and `original/params.json` (Meta's format).
+
+    python -m data.tiny_model OUT_DIR --text FILE [--vocab-size 512] [--hidden 128] ...
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tiktoken._educational import bpe_train
+
+from data.tokenizer import LLAMA3_SPECIAL_TOKENS, PUA_AWARE_PATTERN, bpe_lines
+
+INIT_STD = 0.02
+NORM_EPS = 1e-5
+ROPE_THETA = 500000.0
+# Llama 3.2's context length and "llama3" RoPE scaling, copied as the real config has them.
+MAX_POSITIONS = 131072
+ROPE_SCALING = {
+    "factor": 32.0,
+    "high_freq_factor": 4.0,
+    "low_freq_factor": 1.0,
+    "original_max_position_embeddings": 8192,
+    "rope_type": "llama3",
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def learn_bpe(text: str, n_ranks: int) -> list[bytes]:
+    """Tokens of a BPE vocabulary of `n_ranks` ranks learnt from `text`, in rank order."""
+    try:
+        ranks = bpe_train(text, n_ranks, pat_str=PUA_AWARE_PATTERN, visualise=None)
+    except ValueError as e:  # the trainer's max() over no pairs: the text ran out of merges
+        raise ValueError(f"cannot learn {n_ranks} BPE ranks from {len(text)} characters of text ({e})") from None
+    return sorted(ranks, key=ranks.__getitem__)
+
+
+def meta_ffn_params(hidden: int, intermediate: int) -> tuple[float, int]:
+    """`ffn_dim_multiplier` and `multiple_of` for which Meta's FFN sizing rule gives `intermediate`."""
+    base = int(2 * (4 * hidden) / 3)
+    multiple_of = 256
+    while intermediate % multiple_of:
+        multiple_of //= 2
+    multiplier = round(intermediate / base, 6)
+    sized = int(multiplier * base)
+    sized = multiple_of * ((sized + multiple_of - 1) // multiple_of)
+    if sized != intermediate:
+        raise ValueError(f"intermediate size {intermediate} cannot be written in Meta's params.json for dim {hidden}")
+    return multiplier, multiple_of
+
+
+def random_weights(
+    vocab_size: int, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int,
+    seed: int, dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+
+    def normal(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=generator) * INIT_STD).to(dtype)
+
+    head_dim = hidden // heads
+    weights = {"model.embed_tokens.weight": normal(vocab_size, hidden)}
+    for i in range(layers):
+        prefix = f"model.layers.{i}."
+        weights[prefix + "self_attn.q_proj.weight"] = normal(heads * head_dim, hidden)
+        weights[prefix + "self_attn.k_proj.weight"] = normal(kv_heads * head_dim, hidden)
+        weights[prefix + "self_attn.v_proj.weight"] = normal(kv_heads * head_dim, hidden)
+        weights[prefix + "self_attn.o_proj.weight"] = normal(hidden, heads * head_dim)
+        weights[prefix + "mlp.gate_proj.weight"] = normal(intermediate, hidden)
+        weights[prefix + "mlp.up_proj.weight"] = normal(intermediate, hidden)
+        weights[prefix + "mlp.down_proj.weight"] = normal(hidden, intermediate)
+        weights[prefix + "input_layernorm.weight"] = torch.ones(hidden, dtype=dtype)
+        weights[prefix + "post_attention_layernorm.weight"] = torch.ones(hidden, dtype=dtype)
+    weights["model.norm.weight"] = torch.ones(hidden, dtype=dtype)
+    return weights
+
+
+def make_tiny_model(
+    out_dir,
+    text: str,
+    vocab_size: int = 512,
+    hidden: int = 128,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 384,
+    seed: int = 0,
+    dtype: str = "float32",
+) -> Path:
+    """Write a tiny Llama 3.2-layout model to `out_dir` (which must not exist); `vocab_size` is the
+    number of BPE ranks learnt from `text`, the model's vocabulary has 256 special tokens more."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir}: already exists; refusing to overwrite it")
+    if hidden % heads or heads % kv_heads:
+        raise ValueError(f"hidden ({hidden}) must divide by heads ({heads}), heads by kv_heads ({kv_heads})")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    ffn_dim_multiplier, multiple_of = meta_ffn_params(hidden, intermediate)
+    tokens = learn_bpe(text, vocab_size)
+    n_vocab = len(tokens) + len(LLAMA3_SPECIAL_TOKENS)
+    bos_id, eos_id = len(tokens), len(tokens) + 1  # <|begin_of_text|>, <|end_of_text|>
+
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "head_dim": hidden // heads,
+        "hidden_act": "silu",
+        "hidden_size": hidden,
+        "initializer_range": INIT_STD,
+        "intermediate_size": intermediate,
+        "max_position_embeddings": MAX_POSITIONS,
+        "mlp_bias": False,
+        "model_type": "llama",
+        "num_attention_heads": heads,
+        "num_hidden_layers": layers,
+        "num_key_value_heads": kv_heads,
+        "pretraining_tp": 1,
+        "rms_norm_eps": NORM_EPS,
+        "rope_scaling": ROPE_SCALING,
+        "rope_theta": ROPE_THETA,
+        "tie_word_embeddings": True,
+        "torch_dtype": dtype,
+        "use_cache": True,
+        "vocab_size": n_vocab,
+    }
+    generation_config = {
+        "bos_token_id": bos_id,
+        "do_sample": True,
+        "eos_token_id": eos_id,
+        "temperature": 0.6,
+        "top_p": 0.9,
+    }
+    params = {
+        "dim": hidden,
+        "ffn_dim_multiplier": ffn_dim_multiplier,
+        "multiple_of": multiple_of,
+        "n_heads": heads,
+        "n_kv_heads": kv_heads,
+        "n_layers": layers,
+        "norm_eps": NORM_EPS,
+        "rope_theta": ROPE_THETA,
+        "use_scaled_rope": True,
+        "vocab_size": n_vocab,
+    }
+    weights = random_weights(n_vocab, hidden, layers, heads, kv_heads, intermediate, seed, DTYPES[dtype])
+
+    (out_dir / "original").mkdir(parents=True)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out_dir / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
+    (out_dir / "original" / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+    (out_dir / "original" / "tokenizer.model").write_bytes(bpe_lines(tokens, 0))
+    save_file(weights, out_dir / "model.safetensors", metadata={"format": "pt"})
+    return out_dir
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m data.tiny_model",
+        description="Write a small random Llama 3.2-layout model (Hugging Face layout plus original/) "
+        "whose BPE tokenizer is learnt from a text file.",
+    )
+    parser.add_argument("out_dir", type=Path, help="directory to create (must not exist)")
+    parser.add_argument("--text", type=Path, required=True, help="UTF-8 text file to learn the BPE vocabulary from")
+    parser.add_argument("--vocab-size", type=int, default=512, help="BPE ranks to learn, >= 256 (default 512)")
+    parser.add_argument("--hidden", type=int, default=128, help="model width (default 128)")
+    parser.add_argument("--layers", type=int, default=4, help="transformer layers (default 4)")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
+    parser.add_argument("--kv-heads", type=int, default=2, help="key/value heads (default 2)")
+    parser.add_argument("--intermediate", type=int, default=384, help="MLP width (default 384)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (default float32)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    args = parser.parse_args(argv)
+    try:
+        text = args.text.read_text(encoding="utf-8")
+        out = make_tiny_model(
+            args.out_dir, text, args.vocab_size, args.hidden, args.layers, args.heads,
+            args.kv_heads, args.intermediate, args.seed, args.dtype,
+        )
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
