@@ -1,0 +1,242 @@
+"""Audio features and k-means for the synthetic corpus: the small DSP a speech tokenizer needs.
+
+Audio -> MFCC frames -> nearest k-means centroid per frame = discrete speech units (DSUs).
+
+Frames: 16 kHz audio, 400-sample (25 ms) Hann windows every 320 samples (20 ms, 50 frames/s),
+no padding, so `n_samples` samples give `1 + (n_samples - 400) // 320` frames (the same count as
+HuBERT's convolutional front end). Frame i covers samples [320 i, 320 i + 400).
+
+Per frame: 13 MFCCs (c0 included; pre-emphasis 0.97, 512-point FFT power spectrum, 40 HTK-mel
+triangles from 20 Hz to 8 kHz, natural log, orthonormal DCT-II), mean/variance-normalised over the
+utterance (which takes out loudness and much of the voice's spectral tilt), then first and second
+deltas of the normalised coefficients: 39 values. There are therefore no dataset-wide statistics
+to save; `kmeans.npz` stores the centroids and these settings, and `load_kmeans` refuses a file
+whose settings differ from the code's.
+"""
+
+import io
+import os
+import zipfile
+from functools import lru_cache
+from math import gcd
+
+import numpy as np
+
+SAMPLE_RATE = 16000
+WIN_LENGTH = 400
+HOP_LENGTH = 320
+N_FFT = 512
+N_MELS = 40
+N_MFCC = 13
+F_MIN = 20.0
+F_MAX = 8000.0
+PREEMPHASIS = 0.97
+DELTA_WIDTH = 2
+LOG_FLOOR = 1e-10
+
+FEATURE_SETTINGS = {
+    "sample_rate": SAMPLE_RATE,
+    "win_length": WIN_LENGTH,
+    "hop_length": HOP_LENGTH,
+    "n_fft": N_FFT,
+    "n_mels": N_MELS,
+    "n_mfcc": N_MFCC,
+    "f_min": F_MIN,
+    "f_max": F_MAX,
+    "preemphasis": PREEMPHASIS,
+    "delta_width": DELTA_WIDTH,
+    "normalisation": "utterance mean/variance of the MFCCs, before deltas",
+}
+FEATURE_DIM = 3 * N_MFCC
+
+ASSIGN_CHUNK = 32768  # frames per distance block: bounds memory at chunk x K doubles
+
+
+class FeatureError(ValueError):
+    pass
+
+
+def frame_count(n_samples: int) -> int:
+    """Frames (and DSUs) of `n_samples` samples at 16 kHz; 0 when shorter than one window."""
+    return 0 if n_samples < WIN_LENGTH else 1 + (n_samples - WIN_LENGTH) // HOP_LENGTH
+
+
+@lru_cache(maxsize=8)
+def _sinc_kernels(sr_in: int, sr_out: int, zeros: int, rolloff: float) -> tuple[np.ndarray, np.ndarray]:
+    """Tap offsets and one Kaiser-windowed sinc kernel per output phase (phases repeat every
+    sr_out / gcd(sr_in, sr_out) outputs), cutoff `rolloff` times the lower Nyquist frequency."""
+    cutoff = rolloff * min(1.0, sr_out / sr_in)  # in cycles per input sample, times 2
+    half = int(np.ceil(zeros / cutoff))
+    taps = np.arange(-half + 1, half + 1)
+    phases = np.arange(sr_out // gcd(sr_in, sr_out))
+    frac = (phases * sr_in % sr_out) / sr_out  # output position minus its input sample to the left
+    tau = frac[:, None] - taps[None, :]  # distance from each tap to the output position
+    beta = 8.6  # Kaiser shape: about 90 dB stop-band attenuation
+    window = np.i0(beta * np.sqrt(np.clip(1.0 - (tau / half) ** 2, 0.0, None))) / np.i0(beta)
+    return taps, cutoff * np.sinc(cutoff * tau) * window
+
+
+def resample(audio: np.ndarray, sr_in: int, sr_out: int, zeros: int = 16, rolloff: float = 0.95) -> np.ndarray:
+    """Band-limited (windowed-sinc, polyphase) resampling to len(audio) * sr_out // sr_in samples.
+
+    Output sample n sits at input position n * sr_in / sr_out; `zeros` sinc zero crossings each side.
+    """
+    audio = np.asarray(audio, dtype=np.float64)
+    if sr_in == sr_out:
+        return audio.copy()
+    taps, kernels = _sinc_kernels(sr_in, sr_out, zeros, rolloff)
+    n_out = len(audio) * sr_out // sr_in
+    padded = np.pad(audio, (len(taps), len(taps)))
+    out = np.empty(n_out)
+    chunk = max(1, 2_000_000 // len(taps))  # bound the (outputs x taps) work arrays
+    for first in range(0, n_out, chunk):
+        n = np.arange(first, min(n_out, first + chunk))
+        around = padded[(n * sr_in // sr_out)[:, None] + taps[None, :] + len(taps)]
+        out[first : first + len(n)] = np.einsum("ij,ij->i", around, kernels[n % len(kernels)])
+    return out
+
+
+def _hz_to_mel(hz):
+    return 2595.0 * np.log10(1.0 + np.asarray(hz) / 700.0)
+
+
+def _mel_to_hz(mel):
+    return 700.0 * (10.0 ** (np.asarray(mel) / 2595.0) - 1.0)
+
+
+def mel_filterbank() -> np.ndarray:
+    """(N_MELS, N_FFT // 2 + 1) triangular filters, equally spaced on the HTK mel scale."""
+    edges = _mel_to_hz(np.linspace(_hz_to_mel(F_MIN), _hz_to_mel(F_MAX), N_MELS + 2))
+    bins = np.arange(N_FFT // 2 + 1) * SAMPLE_RATE / N_FFT
+    lower, centre, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    rising = (bins - lower) / (centre - lower)
+    falling = (upper - bins) / (upper - centre)
+    return np.clip(np.minimum(rising, falling), 0.0, None)
+
+
+def dct_matrix() -> np.ndarray:
+    """(N_MFCC, N_MELS) orthonormal DCT-II rows."""
+    k = np.arange(N_MFCC)[:, None]
+    n = np.arange(N_MELS)[None, :]
+    basis = np.sqrt(2.0 / N_MELS) * np.cos(np.pi * k * (n + 0.5) / N_MELS)
+    basis[0] /= np.sqrt(2.0)
+    return basis
+
+
+_HANN = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(WIN_LENGTH) / WIN_LENGTH)  # periodic Hann
+_MEL = mel_filterbank()
+_DCT = dct_matrix()
+
+
+def deltas(x: np.ndarray) -> np.ndarray:
+    """Regression deltas over +-DELTA_WIDTH frames, edges repeated."""
+    padded = np.pad(x, ((DELTA_WIDTH, DELTA_WIDTH), (0, 0)), mode="edge")
+    n = len(x)
+
+    def ahead(d: int) -> np.ndarray:  # row t holds frame t + d
+        return padded[DELTA_WIDTH + d : DELTA_WIDTH + d + n]
+
+    total = sum(d * (ahead(d) - ahead(-d)) for d in range(1, DELTA_WIDTH + 1))
+    return total / (2 * sum(d * d for d in range(1, DELTA_WIDTH + 1)))
+
+
+def mfcc_features(audio: np.ndarray) -> np.ndarray:
+    """(frame_count(len(audio)), 39) features of 16 kHz audio with samples in [-1, 1]."""
+    audio = np.asarray(audio, dtype=np.float64)
+    if frame_count(len(audio)) == 0:
+        raise FeatureError(f"audio of {len(audio)} samples is shorter than one {WIN_LENGTH}-sample window")
+    emphasised = np.append(audio[:1], audio[1:] - PREEMPHASIS * audio[:-1])
+    frames = np.lib.stride_tricks.sliding_window_view(emphasised, WIN_LENGTH)[::HOP_LENGTH]
+    power = np.abs(np.fft.rfft(frames * _HANN, n=N_FFT)) ** 2
+    cepstra = np.log(np.maximum(power @ _MEL.T, LOG_FLOOR)) @ _DCT.T
+    cepstra = (cepstra - cepstra.mean(axis=0)) / np.maximum(cepstra.std(axis=0), 1e-8)
+    first = deltas(cepstra)
+    return np.concatenate([cepstra, first, deltas(first)], axis=1)
+
+
+def _squared_distances(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    return (x * x).sum(1)[:, None] - 2.0 * (x @ centroids.T) + (centroids * centroids).sum(1)[None, :]
+
+
+def assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Index of the nearest centroid for each row of `x` (ties: lowest index)."""
+    labels = np.empty(len(x), dtype=np.int64)
+    for first in range(0, len(x), ASSIGN_CHUNK):
+        labels[first : first + ASSIGN_CHUNK] = _squared_distances(x[first : first + ASSIGN_CHUNK], centroids).argmin(1)
+    return labels
+
+
+def _kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Initial centroids: each next one drawn with probability proportional to squared distance."""
+    chosen = [int(rng.integers(len(x)))]
+    nearest = ((x - x[chosen[0]]) ** 2).sum(1)
+    for _ in range(1, k):
+        total = nearest.sum()
+        pick = int(rng.choice(len(x), p=nearest / total)) if total > 0 else int(rng.integers(len(x)))
+        chosen.append(pick)
+        nearest = np.minimum(nearest, ((x - x[pick]) ** 2).sum(1))
+    return x[chosen].copy()
+
+
+def fit_kmeans(x: np.ndarray, k: int, seed: int, max_iter: int = 100, max_frames: int = 100_000) -> np.ndarray:
+    """(k, dim) centroids from k-means++ then Lloyd iterations until no assignment changes.
+
+    Deterministic given `seed`. At most `max_frames` rows (a seeded random subset) are used.
+    A cluster left empty is moved onto the point farthest from its centroid.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if len(x) < k:
+        raise FeatureError(f"k-means needs at least k={k} frames, got {len(x)}")
+    rng = np.random.default_rng(seed)
+    if len(x) > max_frames:
+        x = x[np.sort(rng.choice(len(x), size=max_frames, replace=False))]
+    centroids = _kmeans_plus_plus(x, k, rng)
+    labels = None
+    for _ in range(max_iter):
+        new_labels = assign(x, centroids)
+        if labels is not None and np.array_equal(new_labels, labels):
+            break
+        labels = new_labels
+        counts = np.bincount(labels, minlength=k)
+        sums = np.zeros_like(centroids)
+        np.add.at(sums, labels, x)
+        for empty in np.flatnonzero(counts == 0):
+            far = int(((x - centroids[labels]) ** 2).sum(1).argmax())
+            sums[empty], counts[empty] = x[far], 1
+            labels[far] = empty
+        centroids = sums / counts[:, None]
+    return centroids
+
+
+def save_kmeans(path: str | os.PathLike, centroids: np.ndarray) -> None:
+    """An .npz of the centroids and FEATURE_SETTINGS. Written entry by entry with a fixed
+    timestamp (np.savez stamps the current time), so that a rebuild gives the same bytes."""
+    arrays = {"centroids": centroids, **{name: np.asarray(value) for name, value in FEATURE_SETTINGS.items()}}
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, array in arrays.items():
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, array, allow_pickle=False)
+            archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buffer.getvalue())
+
+
+def load_kmeans(path: str | os.PathLike) -> np.ndarray:
+    """Centroids from a `kmeans.npz`, after checking its feature settings match this code's."""
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            stored = {name: saved[name] for name in saved.files}
+    except (OSError, ValueError) as e:
+        raise FeatureError(f"{path}: not a readable kmeans .npz file ({e})") from None
+    for name, value in {"centroids": None, **FEATURE_SETTINGS}.items():
+        if name not in stored:
+            raise FeatureError(f"{path}: field '{name}' is missing")
+        if value is not None and stored[name].item() != value:
+            raise FeatureError(f"{path}: field '{name}' is {stored[name].item()!r}, this code computes {value!r}")
+    centroids = stored["centroids"]
+    if centroids.ndim != 2 or centroids.shape[1] != FEATURE_DIM or len(centroids) == 0:
+        raise FeatureError(f"{path}: field 'centroids' has shape {centroids.shape}, expected (K, {FEATURE_DIM})")
+    return centroids.astype(np.float64)
+
+
+def speech_tokens(audio: np.ndarray, centroids: np.ndarray) -> list[int]:
+    """DSUs of 16 kHz audio in [-1, 1]: one per frame, the nearest centroid's index."""
+    return assign(mfcc_features(audio), centroids).tolist()
