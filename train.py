@@ -348,6 +348,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, cfg: 
         },
         tmp / STATE_FILE,
     )
+    if final.exists():  # incomplete (no training state), or from steps a resume from an earlier checkpoint redoes
+        shutil.rmtree(final)
     os.replace(tmp, final)  # atomic: a crash before this line leaves only the temporary directory
 
 
@@ -453,8 +455,11 @@ def evaluate(model, seqs: Sequences, cfg: dict, rank: int, world: int, device) -
     batch = cfg["train"]["batch_size"]
     pad_id = seqs.builder.tok.special_ids["<|finetune_right_pad_id|>"]
     totals = torch.zeros(2, dtype=torch.float64, device=device)
-    for start in range(rank * batch, len(seqs), batch * world):
-        inputs, targets = collate([seqs.build(i, 0) for i in range(start, min(start + batch, len(seqs)))], pad_id)
+    for first in range(0, len(seqs), batch * world):  # as many forward passes on every rank: FSDP's are collective
+        rows = range(first + rank * batch, min(first + (rank + 1) * batch, len(seqs)))
+        inputs, targets = collate([seqs.build(i, 0) for i in rows or [0]], pad_id)
+        if not rows:  # this rank is past the end: a pass that counts nothing
+            targets.fill_(IGNORE)
         loss_sum, count = forward_loss(model, inputs, targets, device)
         totals += torch.stack([loss_sum.double(), count.double()])
     all_reduce_sum(totals)
@@ -507,6 +512,7 @@ def train(cfg: dict) -> None:
         n_targets = all_reduce_sum(torch.tensor(sum((t != IGNORE).sum().item() for _, t in micro), device=device))
         scale = world / n_targets.clamp(min=1).float()  # DDP and FSDP average gradients over ranks
         step_loss = torch.zeros((), device=device)
+        step_kinds = {"text_tokens": 0, "dsu_tokens": 0, "special_tokens": 0}
         for m, (inputs, targets) in enumerate(micro):
             last = m == len(micro) - 1
             with sync_off() if (sync_off and not last) else nullcontext():
@@ -514,7 +520,7 @@ def train(cfg: dict) -> None:
                 (loss_sum * scale).backward()
             step_loss += loss_sum.detach()
             for key, value in token_kinds(inputs, tok, pad_id).items():
-                totals[key] += value
+                step_kinds[key] += value
         grad_norm = (
             torch.nn.utils.clip_grad_norm_(model.parameters(), opt["max_grad_norm"]).item()
             if opt["max_grad_norm"] > 0 else float("nan")
@@ -525,9 +531,12 @@ def train(cfg: dict) -> None:
         optimizer.zero_grad(set_to_none=True)
 
         loss = (all_reduce_sum(step_loss) / n_targets.clamp(min=1)).item()
-        step_tokens = sum(int((i != pad_id).sum()) for i, _ in micro)
+        counts = all_reduce_sum(torch.tensor(list(step_kinds.values()), device=device)).tolist()  # all ranks' tokens
+        for key, value in zip(step_kinds, counts):
+            totals[key] += value
+        step_tokens = sum(counts)
         totals["tokens"] += step_tokens
-        totals["target_tokens"] += int(n_targets.item()) // world
+        totals["target_tokens"] += int(n_targets.item())
         window_tokens += step_tokens
         done = step + 1
         progress.update(1)
@@ -535,7 +544,7 @@ def train(cfg: dict) -> None:
         if done % log_steps == 0 or done == max_steps or done == start_step + 1:
             elapsed = time.perf_counter() - window_start
             metrics.write({"step": done, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                           "tokens_per_s": window_tokens * world / max(elapsed, 1e-9), **totals})
+                           "tokens_per_s": window_tokens / max(elapsed, 1e-9), **totals})
             window_start, window_tokens = time.perf_counter(), 0
         else:
             metrics.write({"step": done, "loss": loss})

@@ -1,0 +1,133 @@
+"""Fused assembly and packing of sample batches: DSU deduplication, DSU -> token ids, loss masks,
+truncation, and greedy packing into fixed-length rows, in one op per batch.
+
+Contract
+--------
+Input: S samples, each a `data.samples.Pieces`, flattened by `flatten` into
+    values                int64 (N,)    every piece's values, concatenated
+    piece_offsets         int64 (P+1,)  piece k is values[piece_offsets[k]:piece_offsets[k+1]]
+    piece_is_dsu          bool  (P,)    the piece holds DSU indices: deduplicated if asked, then + dsu_offset
+    piece_masked          bool  (P,)    the piece's tokens get IGNORE (-100) labels
+    sample_piece_offsets  int64 (S+1,)  sample s is pieces sample_piece_offsets[s]:sample_piece_offsets[s+1]
+    sample_limit          int64 (S,)    keep at most this many tokens; -1: no limit
+    sample_force_last     int64 (S,)    when the limit cuts the sample, its last kept token becomes this
+                                        one, masked; negative: none
+and two scalars: dsu_offset, the token id of DSU 0, and deduplicate, which drops consecutive
+repeats inside each DSU piece (never across pieces).
+
+`assemble` -> Assembled(tokens, labels, sample_offsets): sample s is tokens[sample_offsets[s]:
+sample_offsets[s+1]], exactly what `data.samples.assemble` gives for it. Labels are NOT shifted
+(label i belongs to token i), IGNORE where masked.
+
+`pack(..., max_seq_len=L, pad_id)` -> Packed(tokens, targets, positions, document_ids), each int64 (R, L):
+- Samples go into rows greedily, in order (next fit): a sample joins the current row if it fits
+  in what is left, else it starts a new row.
+- A sample is first truncated by its own limit (the unpacked rule, force_last included). One
+  still longer than L keeps its first L tokens: a plain cut, no force_last. Builders with
+  max_seq_len <= L never reach it (CPT keeps L - 1 tokens, SFT L).
+- Empty samples take no room and no document number.
+- positions restart at 0 for every sample; document_ids number the samples of a row 0, 1, 2, ...
+- targets are ALREADY SHIFTED for next-token prediction: targets[r, j] is the label of the token
+  after j in the same sample, and IGNORE at every sample's last token. The trainer must not
+  shift packed batches again, and no token is ever trained to predict the next sample's first
+  token. (A sample's first label is never a target, as in the unpacked path's shift.)
+- Padding: tokens pad_id, targets IGNORE, positions 0, document_ids -1.
+A packed batch feeds `model(tokens, positions, document_ids, labels=targets)` as it is.
+The CUDA ops wait for the GPU twice per call: to validate the offsets and to size their outputs.
+
+Implementations: the C++ op (CPU) and the CUDA op, registered as torch.ops.speech_llama.assemble
+and .pack and built on first use (`kernels.build`; `python -m kernels build` ahead of time), and
+the NumPy reference (`kernels.reference`), used with one warning when the extension cannot be built.
+"""
+
+from itertools import chain
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from data.samples import Pieces
+from kernels import build, reference
+
+
+class FlatBatch(NamedTuple):
+    """A batch of samples in the ops' input layout (NumPy arrays)."""
+
+    values: np.ndarray
+    piece_offsets: np.ndarray
+    piece_is_dsu: np.ndarray
+    piece_masked: np.ndarray
+    sample_piece_offsets: np.ndarray
+    sample_limit: np.ndarray
+    sample_force_last: np.ndarray
+
+
+class Assembled(NamedTuple):
+    tokens: torch.Tensor  # (T,)
+    labels: torch.Tensor  # (T,), unshifted
+    sample_offsets: torch.Tensor  # (S + 1,)
+
+
+class Packed(NamedTuple):
+    tokens: torch.Tensor  # (R, L)
+    targets: torch.Tensor  # (R, L), shifted for next-token prediction
+    positions: torch.Tensor  # (R, L)
+    document_ids: torch.Tensor  # (R, L), -1 on padding
+
+
+def _offsets(lengths: np.ndarray) -> np.ndarray:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets
+
+
+def flatten(samples: Sequence[Pieces]) -> FlatBatch:
+    """The samples in the ops' input layout; the values are copied once (one concatenation)."""
+    runs = [values for sample in samples for values in sample.values]
+    n_pieces, n_samples = len(runs), len(samples)
+    return FlatBatch(
+        values=np.concatenate(runs) if runs else np.zeros(0, dtype=np.int64),
+        piece_offsets=_offsets(np.fromiter(map(len, runs), np.int64, n_pieces)),
+        piece_is_dsu=np.fromiter(chain.from_iterable([s.is_dsu for s in samples]), bool, n_pieces),
+        piece_masked=np.fromiter(chain.from_iterable([s.masked for s in samples]), bool, n_pieces),
+        sample_piece_offsets=_offsets(np.fromiter((len(s.values) for s in samples), np.int64, n_samples)),
+        sample_limit=np.fromiter((-1 if s.limit is None else s.limit for s in samples), np.int64, n_samples),
+        sample_force_last=np.fromiter(
+            (-1 if s.force_last is None else s.force_last for s in samples), np.int64, n_samples
+        ),
+    )
+
+
+def _run(op: str, batch: FlatBatch, scalars: tuple, device) -> tuple[torch.Tensor, ...]:
+    """Runs `op` where it can: the CUDA op for a CUDA device (when built with CUDA), else the
+    CPU op, else the reference; the results end up on `device`."""
+    device = torch.device(device if device is not None else "cpu")
+    ext = build.extension()
+    if ext is None:
+        outputs = getattr(reference, op)(*batch, *scalars)
+    else:
+        inputs = [torch.from_numpy(array) for array in batch]
+        if device.type == "cuda" and ext.with_cuda:
+            inputs = [t.to(device) for t in inputs]
+        outputs = getattr(torch.ops.speech_llama, op)(*inputs, *scalars)
+    return tuple(t.to(device) for t in outputs)
+
+
+def assemble(batch: FlatBatch, dsu_offset: int, deduplicate: bool, device=None) -> Assembled:
+    return Assembled(*_run("assemble", batch, (dsu_offset, deduplicate), device))
+
+
+def pack(batch: FlatBatch, dsu_offset: int, deduplicate: bool, max_seq_len: int, pad_id: int, device=None) -> Packed:
+    return Packed(*_run("pack", batch, (dsu_offset, deduplicate, max_seq_len, pad_id), device))
+
+
+def assemble_batch(samples: Sequence[Pieces], dsu_offset: int, deduplicate: bool, device=None) -> Assembled:
+    """Every sample's tokens and unshifted labels, flat, as `data.samples.assemble` gives them."""
+    return assemble(flatten(samples), dsu_offset, deduplicate, device)
+
+
+def pack_batch(
+    samples: Sequence[Pieces], dsu_offset: int, deduplicate: bool, max_seq_len: int, pad_id: int, device=None
+) -> Packed:
+    """The samples packed greedily into rows of max_seq_len, targets shifted (see the contract above)."""
+    return pack(flatten(samples), dsu_offset, deduplicate, max_seq_len, pad_id, device)

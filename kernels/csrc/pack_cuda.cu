@@ -1,0 +1,260 @@
+// CUDA kernels of speech_llama::assemble and speech_llama::pack (interface: pack_cuda.h).
+// Needs only the CUDA runtime and CUB, so nvcc compiles this file on its own.
+//
+// One thread per input value. A value is dropped when it repeats its predecessor inside a
+// deduplicated DSU piece; an exclusive scan of the keep flags gives every kept value its rank in
+// the deduplicated stream, from which each sample's length and each value's index inside its
+// sample follow directly. The greedy row placement of `pack` is sequential by nature: one thread
+// walks the samples (a few microseconds for batches of thousands).
+
+#include <cub/device/device_scan.cuh>
+
+#include "pack_cuda.h"
+
+#define RETURN_IF_ERROR(call)                 \
+  do {                                        \
+    const cudaError_t error_ = (call);        \
+    if (error_ != cudaSuccess) return error_; \
+  } while (0)
+
+namespace speech_llama {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = 1 << 16;  // grid-stride loops cover the rest
+constexpr int64_t kIgnore = -100;
+constexpr size_t kAlign = 256;
+
+size_t aligned(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
+
+// Workspace layout; the caller's allocation is at least 256-byte aligned (torch's always is).
+struct Workspace {
+  int64_t* rank;           // (n_values + 1,) kept values before each value; the last entry: all kept
+  int64_t* sample_start;   // (n_samples,) rank of the sample's first value
+  int64_t* sample_length;  // (n_samples,) after deduplication, before the limit
+  int64_t* sample_kept;    // (n_samples,) after the limit
+  int64_t* slot_row;       // (n_samples,) pack only: the sample's row, -1 when it is empty,
+  int64_t* slot_column;    //   its first column
+  int64_t* slot_document;  //   and its document number within the row
+  void* scan_storage;      // CUB's temporary storage
+  size_t scan_bytes;
+};
+
+size_t array_bytes(const DeviceBatch& b) {
+  return aligned((b.n_values + 1) * sizeof(int64_t)) + 6 * aligned(b.n_samples * sizeof(int64_t));
+}
+
+Workspace carve(const DeviceBatch& b, void* base, size_t total_bytes) {
+  char* next = static_cast<char*>(base);
+  auto take = [&next](int64_t count) {
+    int64_t* array = reinterpret_cast<int64_t*>(next);
+    next += aligned(count * sizeof(int64_t));
+    return array;
+  };
+  Workspace w;
+  w.rank = take(b.n_values + 1);
+  w.sample_start = take(b.n_samples);
+  w.sample_length = take(b.n_samples);
+  w.sample_kept = take(b.n_samples);
+  w.slot_row = take(b.n_samples);
+  w.slot_column = take(b.n_samples);
+  w.slot_document = take(b.n_samples);
+  w.scan_storage = next;
+  w.scan_bytes = total_bytes - array_bytes(b);
+  return w;
+}
+
+// At least one block, so that empty inputs need no special case.
+int blocks_for(int64_t n) {
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  return static_cast<int>(blocks < 1 ? 1 : blocks < kMaxBlocks ? blocks : kMaxBlocks);
+}
+
+__device__ int64_t first_index() { return blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; }
+__device__ int64_t grid_stride() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
+
+// The segment holding position i: the last k in [0, n) with offsets[k] <= i (offsets start at
+// 0, never decrease, and i < offsets[n]; empty segments are skipped over).
+__device__ int64_t segment_of(const int64_t* offsets, int64_t n, int64_t i) {
+  int64_t lo = 0, hi = n;
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (offsets[mid] <= i) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+__global__ void mark_kept(DeviceBatch b, int64_t* keep) {
+  for (int64_t i = first_index(); i < b.n_values; i += grid_stride()) {
+    const int64_t piece = segment_of(b.piece_offsets, b.n_pieces, i);
+    const bool repeat = b.deduplicate && b.piece_is_dsu[piece] && i > b.piece_offsets[piece] &&
+                        b.values[i] == b.values[i - 1];
+    keep[i] = repeat ? 0 : 1;
+  }
+}
+
+__global__ void measure_samples(DeviceBatch b, Workspace w) {
+  for (int64_t s = first_index(); s < b.n_samples; s += grid_stride()) {
+    const int64_t first = b.piece_offsets[b.sample_piece_offsets[s]];
+    const int64_t end = b.piece_offsets[b.sample_piece_offsets[s + 1]];
+    const int64_t length = w.rank[end] - w.rank[first];
+    const int64_t limit = b.sample_limit[s];
+    w.sample_start[s] = w.rank[first];
+    w.sample_length[s] = length;
+    w.sample_kept[s] = limit >= 0 && length > limit ? limit : length;
+  }
+}
+
+// A kept value: its sample, its index there, and its token and mask after the force_last rule.
+struct Placed {
+  int64_t sample, index, token;
+  bool masked;
+};
+
+// False when deduplication or the sample's limit drops value i.
+__device__ bool place_value(const DeviceBatch& b, const Workspace& w, int64_t i, Placed* out) {
+  if (w.rank[i + 1] == w.rank[i]) return false;
+  const int64_t piece = segment_of(b.piece_offsets, b.n_pieces, i);
+  const int64_t sample = segment_of(b.sample_piece_offsets, b.n_samples, piece);
+  const int64_t index = w.rank[i] - w.sample_start[sample];
+  const int64_t kept = w.sample_kept[sample];
+  if (index >= kept) return false;
+  int64_t token = b.values[i] + (b.piece_is_dsu[piece] ? b.dsu_offset : 0);
+  bool masked = b.piece_masked[piece];
+  const int64_t force_last = b.sample_force_last[sample];
+  if (index == kept - 1 && kept < w.sample_length[sample] && force_last >= 0) {
+    token = force_last;
+    masked = true;
+  }
+  *out = {sample, index, token, masked};
+  return true;
+}
+
+__global__ void write_flat(DeviceBatch b, Workspace w, const int64_t* sample_offsets, int64_t* tokens,
+                           int64_t* labels) {
+  for (int64_t i = first_index(); i < b.n_values; i += grid_stride()) {
+    Placed v;
+    if (!place_value(b, w, i, &v)) continue;
+    const int64_t at = sample_offsets[v.sample] + v.index;
+    tokens[at] = v.token;
+    labels[at] = v.masked ? kIgnore : v.token;
+  }
+}
+
+// Greedy: a sample joins the current row if it fits, else opens the next one; samples longer
+// than a row keep their first max_seq_len tokens; empty samples take no room and no document.
+__global__ void place_samples(int64_t n_samples, int64_t max_seq_len, Workspace w, int64_t* n_rows) {
+  if (first_index() != 0) return;
+  int64_t rows = 0, fill = max_seq_len, document = 0;
+  for (int64_t s = 0; s < n_samples; ++s) {
+    const int64_t count = w.sample_kept[s] < max_seq_len ? w.sample_kept[s] : max_seq_len;
+    if (count == 0) {
+      w.slot_row[s] = -1;
+      continue;
+    }
+    if (fill + count > max_seq_len) {
+      ++rows;
+      fill = 0;
+      document = 0;
+    }
+    w.slot_row[s] = rows - 1;
+    w.slot_column[s] = fill;
+    w.slot_document[s] = document++;
+    fill += count;
+  }
+  *n_rows = rows;
+}
+
+__global__ void fill_padding(int64_t n, int64_t pad_id, int64_t* tokens, int64_t* targets, int64_t* positions,
+                             int64_t* document_ids) {
+  for (int64_t i = first_index(); i < n; i += grid_stride()) {
+    tokens[i] = pad_id;
+    targets[i] = kIgnore;
+    positions[i] = 0;
+    document_ids[i] = -1;
+  }
+}
+
+// Targets are shifted for next-token prediction: the label of a sample's token k lands on its
+// token k - 1, and its last token keeps the IGNORE that fill_padding wrote.
+__global__ void write_packed(DeviceBatch b, Workspace w, int64_t max_seq_len, int64_t* tokens, int64_t* targets,
+                             int64_t* positions, int64_t* document_ids) {
+  for (int64_t i = first_index(); i < b.n_values; i += grid_stride()) {
+    Placed v;
+    if (!place_value(b, w, i, &v) || v.index >= max_seq_len) continue;
+    const int64_t at = w.slot_row[v.sample] * max_seq_len + w.slot_column[v.sample] + v.index;
+    tokens[at] = v.token;
+    positions[at] = v.index;
+    document_ids[at] = w.slot_document[v.sample];
+    if (v.index > 0) targets[at - 1] = v.masked ? kIgnore : v.token;
+  }
+}
+
+// Shared first step: keep flags, their scan into ranks, and every sample's lengths.
+cudaError_t measure(const DeviceBatch& b, const Workspace& w, cudaStream_t stream) {
+  mark_kept<<<blocks_for(b.n_values), kThreads, 0, stream>>>(b, w.rank);
+  RETURN_IF_ERROR(cudaGetLastError());
+  RETURN_IF_ERROR(cudaMemsetAsync(w.rank + b.n_values, 0, sizeof(int64_t), stream));
+  size_t scan_bytes = w.scan_bytes;
+  RETURN_IF_ERROR(
+      cub::DeviceScan::ExclusiveSum(w.scan_storage, scan_bytes, w.rank, w.rank, b.n_values + 1, stream));
+  measure_samples<<<blocks_for(b.n_samples), kThreads, 0, stream>>>(b, w);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t workspace_bytes(const DeviceBatch& batch, size_t* bytes) {
+  size_t value_scan = 0, sample_scan = 0;
+  int64_t* none = nullptr;
+  RETURN_IF_ERROR(cub::DeviceScan::ExclusiveSum(nullptr, value_scan, none, none, batch.n_values + 1));
+  RETURN_IF_ERROR(cub::DeviceScan::ExclusiveSum(nullptr, sample_scan, none, none, batch.n_samples + 1));
+  *bytes = array_bytes(batch) + aligned(value_scan > sample_scan ? value_scan : sample_scan);
+  return cudaSuccess;
+}
+
+cudaError_t assemble_measure(const DeviceBatch& batch, void* workspace, size_t workspace_bytes,
+                             int64_t* sample_offsets, cudaStream_t stream) {
+  const Workspace w = carve(batch, workspace, workspace_bytes);
+  RETURN_IF_ERROR(measure(batch, w, stream));
+  RETURN_IF_ERROR(cudaMemcpyAsync(sample_offsets, w.sample_kept, batch.n_samples * sizeof(int64_t),
+                                  cudaMemcpyDeviceToDevice, stream));
+  RETURN_IF_ERROR(cudaMemsetAsync(sample_offsets + batch.n_samples, 0, sizeof(int64_t), stream));
+  size_t scan_bytes = w.scan_bytes;
+  return cub::DeviceScan::ExclusiveSum(w.scan_storage, scan_bytes, sample_offsets, sample_offsets,
+                                       batch.n_samples + 1, stream);
+}
+
+cudaError_t assemble_write(const DeviceBatch& batch, void* workspace, size_t workspace_bytes,
+                           const int64_t* sample_offsets, int64_t* tokens, int64_t* labels, cudaStream_t stream) {
+  const Workspace w = carve(batch, workspace, workspace_bytes);
+  write_flat<<<blocks_for(batch.n_values), kThreads, 0, stream>>>(batch, w, sample_offsets, tokens, labels);
+  return cudaGetLastError();
+}
+
+cudaError_t pack_measure(const DeviceBatch& batch, int64_t max_seq_len, void* workspace, size_t workspace_bytes,
+                         int64_t* n_rows, cudaStream_t stream) {
+  const Workspace w = carve(batch, workspace, workspace_bytes);
+  RETURN_IF_ERROR(measure(batch, w, stream));
+  place_samples<<<1, 1, 0, stream>>>(batch.n_samples, max_seq_len, w, n_rows);
+  return cudaGetLastError();
+}
+
+cudaError_t pack_write(const DeviceBatch& batch, int64_t max_seq_len, int64_t pad_id, int64_t n_rows,
+                       void* workspace, size_t workspace_bytes, int64_t* tokens, int64_t* targets,
+                       int64_t* positions, int64_t* document_ids, cudaStream_t stream) {
+  const int64_t n_slots = n_rows * max_seq_len;
+  const Workspace w = carve(batch, workspace, workspace_bytes);
+  fill_padding<<<blocks_for(n_slots), kThreads, 0, stream>>>(n_slots, pad_id, tokens, targets, positions,
+                                                             document_ids);
+  RETURN_IF_ERROR(cudaGetLastError());
+  write_packed<<<blocks_for(batch.n_values), kThreads, 0, stream>>>(batch, w, max_seq_len, tokens, targets,
+                                                                    positions, document_ids);
+  return cudaGetLastError();
+}
+
+}  // namespace speech_llama

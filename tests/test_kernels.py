@@ -1,0 +1,259 @@
+"""The fused assemble/pack ops: C++ (CPU), CUDA and the NumPy reference against data.samples.assemble."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+import kernels
+from data.samples import IGNORE, Pieces, SampleBuilder, assemble
+from kernels import build, reference
+from tests.test_samples import interleave_settings
+
+MAX_DSU = 65533
+DSU_OFFSET = 128000
+
+
+@pytest.fixture(scope="module")
+def extension():
+    ext = build.extension()
+    assert ext is not None, "the C++ extension did not build (see the warning logged above)"
+    return ext
+
+
+def sample_pieces(rng, max_pieces: int = 6, max_len: int = 30) -> Pieces:
+    out = Pieces(
+        limit=None if rng.random() < 0.4 else int(rng.integers(0, 2 * max_len)),
+        force_last=None if rng.random() < 0.5 else int(rng.integers(0, 128256)),
+    )
+    for _ in range(int(rng.integers(0, max_pieces + 1))):
+        n = int(rng.integers(0, max_len + 1))
+        masked = bool(rng.random() < 0.3)
+        if rng.random() < 0.5:
+            runs = rng.integers(0, MAX_DSU + 1, size=n)
+            out.add(np.repeat(runs, rng.integers(1, 4, size=n))[:n], masked=masked, is_dsu=True)
+        else:
+            out.add(rng.integers(0, 128000, size=n), masked=masked)
+    return out
+
+
+def adversarial_pieces(max_seq_len: int) -> list[Pieces]:
+    """Edge cases: empty, all-duplicate, single-token, boundary-length and limit-cut samples."""
+
+    def make(*pieces, limit=None, force_last=None):
+        out = Pieces(limit=limit, force_last=force_last)
+        for values, is_dsu, masked in pieces:
+            out.add(values, masked=masked, is_dsu=is_dsu)
+        return out
+
+    dsu_run = np.repeat(np.arange(0, 40), 3)  # 120 values, 40 after deduplication
+    return [
+        make(),  # no pieces
+        make(([], False, False), ([], True, True)),  # only empty pieces
+        make(([MAX_DSU] * 9, True, False)),  # all duplicates, the largest DSU id
+        make(([7], False, False)),  # a single token
+        make(([1], False, False), ([5, 5], True, False), ([5, 5, 6], True, True)),  # no dedup across pieces
+        make((np.arange(max_seq_len), False, False)),  # exactly max_seq_len
+        make((np.arange(max_seq_len + 5), False, True)),  # longer than max_seq_len, no limit
+        make(([2, 3], False, True), (dsu_run, True, False), limit=20, force_last=99),  # cut inside a DSU run
+        make(([2, 3], False, True), (dsu_run, True, False), limit=20),  # the same cut, no force_last
+        make(([2, 3], False, False), ([9, 9, 8], True, False), limit=4, force_last=99),  # fits only deduplicated
+        make(([4, 5, 6], False, False), limit=0, force_last=99),  # limit 0 keeps nothing
+        make(([4, 5, 6], False, False), limit=1, force_last=99),  # only the forced token is left
+        make((np.arange(3 * max_seq_len), False, False), limit=max_seq_len + 2, force_last=99),  # cut, then cut again
+    ]
+
+
+def batches(max_seq_len: int = 32):
+    rng = np.random.default_rng(7)
+    yield adversarial_pieces(max_seq_len)
+    yield [sample_pieces(rng) for _ in range(200)]
+    yield [sample_pieces(rng, max_pieces=2, max_len=3) for _ in range(300)]  # many tiny samples
+    yield []
+
+
+def expected_samples(samples, deduplicate: bool, dsu_offset: int = DSU_OFFSET):
+    return [assemble(p, dsu_offset, deduplicate) for p in samples]
+
+
+def split(assembled: kernels.Assembled):
+    offsets = assembled.sample_offsets.tolist()
+    return [
+        (assembled.tokens[a:b].tolist(), assembled.labels[a:b].tolist()) for a, b in zip(offsets[:-1], offsets[1:])
+    ]
+
+
+def as_lists(expected):
+    return [(tokens.tolist(), labels.tolist()) for tokens, labels in expected]
+
+
+@pytest.mark.parametrize("deduplicate", [True, False])
+def test_reference_and_cpu_op_assemble_like_data_samples(extension, deduplicate):
+    for samples in batches():
+        expected = as_lists(expected_samples(samples, deduplicate))
+        flat = kernels.flatten(samples)
+        assert split(kernels.Assembled(*reference.assemble(*flat, DSU_OFFSET, deduplicate))) == expected
+        ours = kernels.assemble_batch(samples, DSU_OFFSET, deduplicate)
+        assert split(ours) == expected
+        assert ours.tokens.dtype == ours.labels.dtype == ours.sample_offsets.dtype == torch.int64
+
+
+def check_packed(
+    packed: kernels.Packed, samples, deduplicate: bool, max_seq_len: int, pad_id: int, dsu_offset: int = DSU_OFFSET
+) -> None:
+    """Rows hold the assembled samples in order (cut to max_seq_len), greedily, with shifted targets."""
+    expected = [
+        (tokens[:max_seq_len], labels[:max_seq_len])
+        for tokens, labels in expected_samples(samples, deduplicate, dsu_offset)
+        if len(tokens)
+    ]
+    tokens, targets, positions, documents = (t.numpy() for t in packed)
+    assert tokens.shape == targets.shape == positions.shape == documents.shape
+    assert tokens.shape[1:] == (max_seq_len,)
+    found, used = [], []
+    for row in range(tokens.shape[0]):
+        n_docs = int(documents[row].max()) + 1
+        assert n_docs >= 1, f"row {row} is empty"
+        fill = 0
+        for doc in range(n_docs):
+            (where,) = np.nonzero(documents[row] == doc)
+            assert where.tolist() == list(range(fill, fill + len(where))), f"row {row} document {doc} not contiguous"
+            fill += len(where)
+            assert positions[row, where].tolist() == list(range(len(where)))
+            found.append((tokens[row, where], targets[row, where]))
+        assert (documents[row, fill:] == -1).all() and (tokens[row, fill:] == pad_id).all()
+        assert (targets[row, fill:] == IGNORE).all() and (positions[row, fill:] == 0).all()
+        used.append(fill)
+    assert len(found) == len(expected)
+    for k, ((got_tokens, got_targets), (tokens_k, labels_k)) in enumerate(zip(found, expected)):
+        assert got_tokens.tolist() == tokens_k.tolist(), f"sample {k}: tokens"
+        # Shifted: token i predicts label i + 1 of its own sample; the last token predicts nothing.
+        assert got_targets.tolist() == [*labels_k[1:].tolist(), IGNORE], f"sample {k}: targets"
+    # Greedy: every row's first sample would not have fit in what the previous row left.
+    first_lengths, n = [], 0
+    for fill in used:
+        first_lengths.append(len(found[n][0]))
+        while n < len(found) and fill > 0:
+            fill -= len(found[n][0])
+            n += 1
+    for row in range(1, len(used)):
+        assert used[row - 1] + first_lengths[row] > max_seq_len, f"row {row} should have joined row {row - 1}"
+
+
+@pytest.mark.parametrize("max_seq_len", [1, 7, 32, 100])
+def test_pack_rows_hold_the_samples_with_shifted_targets(extension, max_seq_len):
+    pad_id = 128004
+    for deduplicate in (True, False):
+        for samples in batches(max_seq_len):
+            flat = kernels.flatten(samples)
+            ours = kernels.pack_batch(samples, DSU_OFFSET, deduplicate, max_seq_len, pad_id)
+            check_packed(ours, samples, deduplicate, max_seq_len, pad_id)
+            expected = reference.pack(*flat, DSU_OFFSET, deduplicate, max_seq_len, pad_id)
+            for name, got, want in zip(kernels.Packed._fields, ours, expected):
+                assert torch.equal(got, want), name
+
+
+def test_pack_fills_rows_exactly_and_never_predicts_across_samples(extension):
+    samples = []
+    for length in (3, 5, 8, 8, 1):
+        p = Pieces()
+        p.add(np.arange(length) + 10)
+        samples.append(p)
+    tokens, targets, positions, documents = kernels.pack_batch(samples, DSU_OFFSET, False, 8, 0)
+    assert tokens.shape == (4, 8)  # [3 5] [8] [8] [1 + padding]
+    assert documents[0].tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
+    assert positions[0].tolist() == [0, 1, 2, 0, 1, 2, 3, 4]
+    assert targets[0].tolist() == [11, 12, IGNORE, 11, 12, 13, 14, IGNORE]
+    assert tokens[3].tolist() == [10, 0, 0, 0, 0, 0, 0, 0] and targets[3].tolist() == [IGNORE] * 8
+
+
+@pytest.mark.parametrize("kind", ["cpt_interleaved", "cpt_concatenated_txt_dsu", "cpt_concatenated_dsu_txt", "sft"])
+def test_golden_cases_through_the_op(golden, extended_tokenizer, extension, kind):
+    tok = extended_tokenizer(golden["n_dsus"], golden["use_modality_tokens"])
+    settings = interleave_settings(golden)
+    for deduplicate in (True, False):
+        cases = [c for c in golden["cases"] if c["kind"] == kind and c["deduplicate"] == deduplicate]
+        assert cases
+        builder = SampleBuilder(tok, deduplicate=deduplicate, modality_tokens=True, max_seq_len=golden["max_seq_len"])
+        samples = []
+        for case in cases:
+            row = golden["samples"][case["sample"]]
+            if kind == "sft":
+                p = builder.sft_asr_pieces(row, golden["sft_system_prompt"], case["train_on_input"], case["inference"])
+            elif kind == "cpt_interleaved":
+                p = builder.cpt_interleaved_pieces(row, case["sample"], case["epoch"], settings)
+            else:
+                p = builder.cpt_concatenated_pieces(row, text_first=kind.endswith("txt_dsu"))
+            samples.append(p)
+        got = split(kernels.assemble_batch(samples, tok.dsu_offset, deduplicate))
+        for n, (case, (tokens, labels)) in enumerate(zip(cases, got)):
+            assert tokens == case["tokens"], f"{kind} case {n}: tokens"
+            assert labels == case.get("labels", case["tokens"]), f"{kind} case {n}: labels"
+        pad_id = tok.special_ids["<|finetune_right_pad_id|>"]
+        packed = kernels.pack_batch(samples, tok.dsu_offset, deduplicate, golden["max_seq_len"], pad_id)
+        check_packed(packed, samples, deduplicate, golden["max_seq_len"], pad_id, tok.dsu_offset)
+
+
+@pytest.fixture
+def no_extension(monkeypatch):
+    def cannot_build(with_cuda):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(build, "compile_extension", cannot_build)
+    build.extension.cache_clear()
+    yield
+    build.extension.cache_clear()  # the next caller builds (loads) the real extension again
+
+
+def test_reference_is_used_with_one_warning_when_the_extension_cannot_build(no_extension, caplog):
+    samples = adversarial_pieces(16)
+    expected = as_lists(expected_samples(samples, True))
+    with caplog.at_level(logging.WARNING, logger="kernels.build"):
+        assert split(kernels.assemble_batch(samples, DSU_OFFSET, True)) == expected
+        check_packed(kernels.pack_batch(samples, DSU_OFFSET, True, 16, 0), samples, True, 16, 0)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "NumPy reference" in warnings[0].getMessage()
+    assert "Ninja is required" in warnings[0].getMessage()
+
+
+def test_cpu_op_rejects_malformed_batches(extension):
+    flat = kernels.flatten(adversarial_pieces(8))
+    tensors = {name: torch.from_numpy(a) for name, a in flat._asdict().items()}
+    ops = torch.ops.speech_llama
+
+    def call(**changes):
+        return ops.assemble(*{**tensors, **changes}.values(), DSU_OFFSET, True)
+
+    broken = tensors["piece_offsets"].clone()
+    broken[3] = broken[4] + 1
+    with pytest.raises(RuntimeError, match="piece_offsets decreases at index"):
+        call(piece_offsets=broken)
+    short = tensors["sample_piece_offsets"].clone()
+    short[-1] -= 1
+    with pytest.raises(RuntimeError, match="sample_piece_offsets must end at the number of pieces"):
+        call(sample_piece_offsets=short)
+    with pytest.raises(RuntimeError, match=r"sample_limit\[0\] must be >= 0"):
+        call(sample_limit=torch.full_like(tensors["sample_limit"], -2))
+    with pytest.raises(RuntimeError, match="values must be Long"):
+        call(values=tensors["values"].int())
+    with pytest.raises(RuntimeError, match="max_seq_len must be positive"):
+        ops.pack(*tensors.values(), DSU_OFFSET, True, 0, 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_op_equals_cpu_op_on_large_batches(extension):
+    assert extension.with_cuda, "torch sees a GPU but the extension was built without CUDA (is nvcc installed?)"
+    rng = np.random.default_rng(11)
+    samples = adversarial_pieces(2048) + [sample_pieces(rng, max_pieces=12, max_len=400) for _ in range(3000)]
+    for deduplicate in (True, False):
+        cpu = kernels.assemble_batch(samples, DSU_OFFSET, deduplicate)
+        gpu = kernels.assemble_batch(samples, DSU_OFFSET, deduplicate, device="cuda")
+        assert gpu.tokens.is_cuda
+        for name, a, b in zip(kernels.Assembled._fields, cpu, gpu):
+            assert torch.equal(a, b.cpu()), name
+        for max_seq_len in (1, 768, 2048):
+            cpu = kernels.pack_batch(samples, DSU_OFFSET, deduplicate, max_seq_len, 128004)
+            gpu = kernels.pack_batch(samples, DSU_OFFSET, deduplicate, max_seq_len, 128004, device="cuda")
+            for name, a, b in zip(kernels.Packed._fields, cpu, gpu):
+                assert torch.equal(a, b.cpu()), (name, max_seq_len)

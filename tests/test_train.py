@@ -1,0 +1,330 @@
+"""train.py end to end on a tiny extended model: learning, checkpoints, exact resume (also after
+SIGKILL), two processes vs one, transformers compatibility, and refusals of bad input."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import train
+from model import Llama
+from tests import tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+# One thread everywhere: the runs compared with == must do their float sums in the same order.
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+HF_FILES = ["config.json", "generation_config.json", "model.safetensors", "original/tokenizer.model",
+            "original/params.json", "training_config.json", "training_state.pt"]
+
+# The reference CPT run: 8 steps per epoch (64 rows, 4 x 2 per step), so 12 steps cross an epoch.
+MAX_STEPS, SAVE_STEPS = 12, 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_assets")
+    return SimpleNamespace(
+        root=root,
+        model=tiny.extended_model(root),
+        train=tiny.write_jsonl(root / "train.jsonl", tiny.rows(64, seed=2, prefix="train")),
+        dev=tiny.write_jsonl(root / "dev.jsonl", tiny.rows(8, seed=3, prefix="dev")),
+    )
+
+
+def cpt_args(assets, run_dir: Path, *overrides: str, config: Path = CONFIGS / "tiny_cpt.json") -> list[str]:
+    return [str(config), f"run_dir={run_dir}", f"model.path={assets.model}", f"data.train={assets.train}",
+            f"data.dev={assets.dev}", f"data.n_dsus={tiny.N_DSUS}", "data.max_seq_len=128",
+            f"train.max_steps={MAX_STEPS}", f"train.save_steps={SAVE_STEPS}", "train.eval_steps=4", *overrides]
+
+
+@pytest.fixture(scope="module")
+def reference(assets, tmp_path_factory):
+    """An uninterrupted CPT run that the resumed and killed runs must reproduce exactly."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    assert train.main(cpt_args(assets, run_dir)) == 0
+    return run_dir
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
+    steps = [r["step"] for r in records(run_dir) if key in r]
+    assert len(steps) == len(set(steps)), f"{key} logged twice for a step: {steps}"
+    return {r["step"]: r[key] for r in records(run_dir) if key in r}
+
+
+def last_totals(run_dir: Path) -> dict[str, int]:
+    last = [r for r in records(run_dir) if "tokens" in r][-1]
+    return {k: last[k] for k in ("tokens", "text_tokens", "dsu_tokens", "special_tokens", "target_tokens")}
+
+
+def checkpoint(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{step:07d}"
+
+
+def step_dirs(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+
+
+def weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return load_file(ckpt / "model.safetensors")
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+# -- learning, metrics and checkpoint layout ------------------------------------------------------
+
+
+def check_run(run_dir: Path, max_steps: int, eval_steps: int, save_steps: int, min_drop: float) -> None:
+    by_step = losses(run_dir)
+    assert sorted(by_step) == list(range(1, max_steps + 1))
+    first, last = by_step[1], min(by_step[s] for s in range(max_steps - 2, max_steps + 1))
+    assert last < first - min_drop, f"loss did not fall: {by_step}"
+
+    totals = [r for r in records(run_dir) if "tokens" in r]
+    assert totals and all(r["text_tokens"] > 0 and r["dsu_tokens"] > 0 and r["special_tokens"] > 0 for r in totals)
+    assert all(r["tokens"] == r["text_tokens"] + r["dsu_tokens"] + r["special_tokens"] for r in totals)
+    assert all(0 < r["target_tokens"] <= r["tokens"] for r in totals)
+    assert [r["tokens"] for r in totals] == sorted(r["tokens"] for r in totals)  # running totals
+
+    eval_at = [s for s in range(1, max_steps + 1) if s % eval_steps == 0 or s == max_steps]
+    assert sorted(losses(run_dir, "dev_loss")) == eval_at
+    assert all(0 < v < 10 for v in losses(run_dir, "dev_loss").values())
+
+    saved_at = [s for s in range(1, max_steps + 1) if s % save_steps == 0 or s == max_steps]
+    assert step_dirs(run_dir) == [f"step_{s:07d}" for s in saved_at]
+    for step in saved_at:
+        ckpt = checkpoint(run_dir, step)
+        for name in HF_FILES:
+            assert (ckpt / name).is_file(), f"{ckpt} lacks {name}"
+        assert torch.load(ckpt / train.STATE_FILE, weights_only=False)["step"] == step
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+
+
+def test_cpt_run_learns_logs_and_checkpoints(reference):
+    check_run(reference, MAX_STEPS, eval_steps=4, save_steps=SAVE_STEPS, min_drop=0.5)
+
+
+def test_sft_run_learns_logs_and_checkpoints(assets, tmp_path):
+    run_dir = tmp_path / "sft"
+    args = cpt_args(assets, run_dir, "data.max_seq_len=512", "train.save_steps=5", "train.eval_steps=5",
+                    config=CONFIGS / "tiny_sft.json")
+    assert train.main(args) == 0
+    check_run(run_dir, MAX_STEPS, eval_steps=5, save_steps=5, min_drop=0.5)
+    assert json.loads((checkpoint(run_dir, 12) / "training_config.json").read_text())["data"]["task"] == "sft"
+
+
+def test_checkpoint_loads_in_transformers_with_the_same_logits(reference):
+    from transformers import LlamaForCausalLM
+
+    ckpt = checkpoint(reference, MAX_STEPS)
+    tokens = torch.tensor([[366, 5, 40, 300, 363, 364, 365, 120, 7, 367], [366, 301, 330, 331, 9, 9, 2, 0, 621, 1]])
+    ours = Llama.from_pretrained(ckpt, dtype=torch.float32).eval()
+    hf, info = LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched weights
+    with torch.no_grad():
+        expected = ours.logits(ours(tokens))
+        got = hf.eval()(tokens).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+# -- exact resume ------------------------------------------------------------------------------
+
+
+def test_resume_auto_continues_with_identical_losses(assets, reference, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    for step in (8, 12):
+        shutil.rmtree(checkpoint(run_dir, step))
+    assert train.main(cpt_args(assets, run_dir, "resume=auto")) == 0
+    assert f"resuming from {checkpoint(run_dir, 4)}" in capsys.readouterr().out
+    # metrics.jsonl lost the old lines after step 4 and got the resumed run's: the same values
+    assert losses(run_dir) == losses(reference)
+    assert losses(run_dir, "dev_loss") == losses(reference, "dev_loss")
+    assert last_totals(run_dir) == last_totals(reference)
+    assert step_dirs(run_dir) == step_dirs(reference)
+    assert_same_weights(checkpoint(run_dir, 12), checkpoint(reference, 12))
+
+
+def test_resume_from_a_checkpoint_path_into_a_new_run_dir(assets, reference, tmp_path):
+    run_dir = tmp_path / "branch"
+    assert train.main(cpt_args(assets, run_dir, f"resume={checkpoint(reference, 4)}")) == 0
+    assert losses(run_dir) == {s: v for s, v in losses(reference).items() if s > 4}
+    assert last_totals(run_dir) == last_totals(reference)
+    assert_same_weights(checkpoint(run_dir, 12), checkpoint(reference, 12))
+
+
+def test_resume_auto_skips_incomplete_checkpoints(assets, reference, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    (checkpoint(run_dir, 8) / train.STATE_FILE).unlink()  # a step_N without its training state
+    partial = checkpoint(run_dir, 12).with_name(".tmp-step_0000012")  # a save cut short
+    checkpoint(run_dir, 12).rename(partial)
+    (partial / train.STATE_FILE).unlink()
+    (partial / "model.safetensors").write_bytes(b"cut short")
+
+    assert train.main(cpt_args(assets, run_dir, "resume=auto")) == 0
+    assert f"resuming from {checkpoint(run_dir, 4)}" in capsys.readouterr().out
+    assert losses(run_dir) == losses(reference)
+    assert step_dirs(run_dir) == step_dirs(reference)
+    assert (checkpoint(run_dir, 8) / train.STATE_FILE).is_file()
+    assert not partial.exists()
+    assert_same_weights(checkpoint(run_dir, 12), checkpoint(reference, 12))
+
+
+def kill_during_checkpoints(args: list[str], run_dir: Path) -> int:
+    """Start a run saving every step; SIGKILL it after two checkpoints, preferably while it writes a third."""
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=SUBPROCESS_ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(run_dir.glob("checkpoints/step_*"))) < 2 and proc.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoints appeared"
+            time.sleep(0.002)
+        writing_deadline = time.monotonic() + 1
+        while not list(run_dir.glob("checkpoints/.tmp-*")) and time.monotonic() < writing_deadline:
+            time.sleep(0.0005)
+        proc.send_signal(signal.SIGKILL)
+        return proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_sigkill_leaves_loadable_checkpoints_and_resume_matches(assets, reference, tmp_path, capsys):
+    run_dir = tmp_path / "killed"
+    args = cpt_args(assets, run_dir, "train.save_steps=1")
+    assert kill_during_checkpoints(args, run_dir) == -signal.SIGKILL, "the run ended before it was killed"
+
+    saved = step_dirs(run_dir)
+    assert len(saved) >= 2 and int(saved[-1].split("_")[1]) < MAX_STEPS
+    for name in saved:  # every complete checkpoint is whole
+        ckpt = run_dir / "checkpoints" / name
+        with safe_open(ckpt / "model.safetensors", framework="pt") as f:
+            assert all(f.get_tensor(k).isfinite().all() for k in f.keys())
+        assert torch.load(ckpt / train.STATE_FILE, weights_only=False)["step"] == int(name.split("_")[1])
+
+    assert train.main(args + ["resume=auto"]) == 0
+    assert f"resuming from {run_dir / 'checkpoints' / saved[-1]}" in capsys.readouterr().out  # not a .tmp-
+    assert losses(run_dir) == losses(reference)
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+    assert_same_weights(checkpoint(run_dir, MAX_STEPS), checkpoint(reference, MAX_STEPS))
+
+
+# -- two processes -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_processes_match_one_with_twice_the_batch(assets, tmp_path, fsdp):
+    # 5 dev rows in batches of 2 over 2 ranks: the ranks have different numbers of dev batches
+    dev = tiny.write_jsonl(tmp_path / "dev5.jsonl", tiny.rows(5, seed=4, prefix="dev"))
+    common = ["train.max_steps=4", "train.eval_steps=2", f"data.dev={dev}"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+               *cpt_args(assets, two, *common, "train.batch_size=2", f"model.fsdp={json.dumps(fsdp)}")]
+    done = subprocess.run(command, cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert train.main(cpt_args(assets, one, *common, "train.batch_size=4")) == 0
+
+    for key in ("loss", "dev_loss"):
+        got, expected = losses(two, key), losses(one, key)
+        assert got.keys() == expected.keys()
+        assert all(got[s] == pytest.approx(expected[s], rel=1e-5) for s in got), (got, expected)
+    assert last_totals(two) == last_totals(one)
+    assert step_dirs(two) == step_dirs(one) == ["step_0000004"]
+    w2, w1 = weights(checkpoint(two, 4)), weights(checkpoint(one, 4))
+    assert w2.keys() == w1.keys()
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], atol=1e-5, rtol=1e-4)
+
+
+# -- refusals ----------------------------------------------------------------------------------
+
+
+def refused(args: list[str], capsys, *words: str) -> None:
+    assert train.main(args) == 2
+    message = capsys.readouterr().err
+    for word in words:
+        assert word in message, message
+
+
+def test_refuses_unknown_key_in_the_file(assets, tmp_path, capsys):
+    config = json.loads((CONFIGS / "tiny_cpt.json").read_text())
+    config["optim"]["learning_rate"] = 0.1
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(config))
+    refused(cpt_args(assets, tmp_path / "run", config=path), capsys, str(path), "optim.learning_rate")
+    assert not (tmp_path / "run").exists()
+
+
+def test_refuses_unknown_key_in_an_override(assets, tmp_path, capsys):
+    refused(cpt_args(assets, tmp_path / "run", "train.batchsize=2"), capsys, "train.batchsize")
+    assert not (tmp_path / "run").exists()
+
+
+def test_refuses_a_missing_required_key(assets, tmp_path, capsys):
+    args = [a for a in cpt_args(assets, tmp_path / "run") if not a.startswith("data.train=")]
+    refused(args, capsys, "data.train")
+    assert not (tmp_path / "run").exists()
+
+
+def test_refuses_a_missing_data_file(assets, tmp_path, capsys):
+    missing = tmp_path / "nowhere.jsonl"
+    refused(cpt_args(assets, tmp_path / "run", f"data.train={missing}"), capsys, str(missing))
+    assert not (tmp_path / "run").exists()
+
+
+def test_refuses_n_dsus_that_the_model_does_not_have(assets, tmp_path, capsys):
+    refused(cpt_args(assets, tmp_path / "run", "data.n_dsus=32"), capsys, "64 DSUs", "data.n_dsus is 32")
+    assert not (tmp_path / "run").exists()
+
+
+def test_refuses_a_dsu_outside_the_vocabulary(assets, tmp_path, capsys):
+    rows = tiny.rows(16, seed=5, prefix="bad")
+    rows[9]["speech_tokens"][3] = tiny.N_DSUS
+    data = tiny.write_jsonl(tmp_path / "bad.jsonl", rows)
+    refused(cpt_args(assets, tmp_path / "run", f"data.train={data}"), capsys, str(data), "speech_tokens", "DSU 64")
+    assert not (tmp_path / "run").exists()
+
+
+def test_refuses_a_resume_with_another_batch_size_unless_forced(assets, reference, tmp_path, capsys):
+    resume = f"resume={checkpoint(reference, 8)}"
+    refused(cpt_args(assets, tmp_path / "run", resume, "train.batch_size=2"), capsys, "batch_size", "resume_force")
+    assert not (tmp_path / "run").exists()
+    assert train.main(cpt_args(assets, tmp_path / "run", resume, "train.batch_size=2", "resume_force=true")) == 0
+    assert sorted(losses(tmp_path / "run")) == list(range(9, MAX_STEPS + 1))
+
+
+def test_refuses_a_run_dir_with_checkpoints_without_resume(assets, reference, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    refused(cpt_args(assets, run_dir), capsys, str(run_dir), "resume=auto")
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
