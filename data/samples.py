@@ -11,6 +11,7 @@ loss mask, plus the truncation rule); `assemble` turns that into tokens and labe
 kernel in `kernels/` assembles (and packs) whole batches of `Pieces` the same way.
 """
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +20,7 @@ from data.tokenizer import Tokenizer
 
 IGNORE = -100
 SEED = 42831  # the reference's seed: with the epoch and row index it fixes every interleaving
+_WHITESPACE = re.compile(r"\s")
 
 
 @dataclass(frozen=True)
@@ -35,20 +37,27 @@ class Interleave:
 class Pieces:
     """One sequence before assembly.
 
-    `values[k]` holds token ids, or DSU indices when `is_dsu[k]` (deduplicated if asked, then
-    offset into the vocabulary at assembly). Tokens of a piece with `masked[k]` get IGNORE labels.
+    `values[k]` holds token ids (a list), or DSU indices (an array) when `is_dsu[k]`
+    (deduplicated if asked, then offset into the vocabulary at assembly). Tokens of a piece with `masked[k]` get IGNORE labels.
     At most `limit` tokens are kept; if that cuts the sequence and `force_last` is set, the last
     kept token becomes `force_last`, masked.
     """
 
-    values: list[np.ndarray] = field(default_factory=list)
+    values: list = field(default_factory=list)
     is_dsu: list[bool] = field(default_factory=list)
     masked: list[bool] = field(default_factory=list)
     limit: int | None = None
     force_last: int | None = None
 
     def add(self, values, masked: bool = False, is_dsu: bool = False) -> None:
-        self.values.append(np.asarray(values, dtype=np.int64))
+        if is_dsu:
+            values = np.asarray(values, dtype=np.int64)
+        elif self.values and not self.is_dsu[-1] and self.masked[-1] == masked:
+            self.values[-1].extend(values)  # one literal run per stretch between DSU runs
+            return
+        else:
+            values = list(values)
+        self.values.append(values)
         self.is_dsu.append(is_dsu)
         self.masked.append(masked)
 
@@ -70,7 +79,7 @@ def assemble(pieces: Pieces, dsu_offset: int, deduplicate: bool) -> tuple[np.nda
         (deduplicate_runs(v) if deduplicate else v) + dsu_offset if dsu else v
         for v, dsu in zip(pieces.values, pieces.is_dsu)
     ]
-    tokens = np.concatenate(runs) if runs else np.zeros(0, dtype=np.int64)
+    tokens = np.concatenate(runs).astype(np.int64, copy=False) if runs else np.zeros(0, dtype=np.int64)
     masked = np.repeat(pieces.masked, [len(r) for r in runs]).astype(bool)
     if pieces.limit is not None and len(tokens) > pieces.limit:
         tokens, masked = tokens[: pieces.limit].copy(), masked[: pieces.limit].copy()
@@ -102,6 +111,26 @@ class SampleBuilder:
         self._user_header = tokenizer.header("user")
         self._assistant_header = tokenizer.header("assistant")
         self._sft_prefixes: dict[str, list[int]] = {}
+        self._word_ids: dict[str, list[int]] = {}
+
+    def _words(self, words: list[str], leading_space: bool) -> list[int]:
+        """Token ids of " ".join(words) (with a leading space if asked), one cached encoding per word.
+
+        Exact because the pre-tokenizer never joins a word's leading space to the previous word:
+        each " word" is tokenized alone. Words holding whitespace (never in real data) take the
+        slow path, since runs of spaces do cross word boundaries.
+        """
+        if not all(words) or _WHITESPACE.search("".join(words)):
+            return self.tok.encode((" " if leading_space else "") + " ".join(words))
+        ids = [] if leading_space else self.tok.encode(words[0]) if words else []
+        cache = self._word_ids
+        if len(cache) > 1_000_000:
+            cache.clear()
+        for word in words if leading_space else words[1:]:
+            if word not in cache:
+                cache[word] = self.tok.encode(" " + word)
+            ids += cache[word]
+        return ids
 
     def assemble(self, pieces: Pieces) -> tuple[np.ndarray, np.ndarray]:
         return assemble(pieces, self.tok.dsu_offset or 0, self.deduplicate)
@@ -118,11 +147,10 @@ class SampleBuilder:
         # Reference string: "\ue001 w1 w2" (modality) or "w1 w2", joined to the previous span by " ".
         # The join space before a modality character is a token of its own; before a word it
         # merges into the word's first token.
-        text = " ".join(words)
         if self.modality_tokens:
-            out.add(([] if first else self.space) + [self.tok.text_id] + self.tok.encode(" " + text))
+            out.add(([] if first else self.space) + [self.tok.text_id] + self._words(words, leading_space=True))
         else:
-            out.add(self.tok.encode(text if first else " " + text))
+            out.add(self._words(words, leading_space=not first))
 
     def _speech_span(self, out: Pieces, units, first: bool) -> None:
         # Reference string: "\ue000 <dsus>" or "<dsus>": every DSU is a piece of its own, so a
@@ -158,7 +186,9 @@ class SampleBuilder:
     ) -> Pieces:
         words = row["tokenized"]
         rng = np.random.default_rng((seed, epoch, index))
-        start_with_text = bool(rng.choice([True, False], p=[0.5, 0.5]))
+        # The reference draws rng.choice([True, False], p=[0.5, 0.5]): one uniform u, True when
+        # u < 0.5. Drawing u directly gives the same value and leaves the stream in the same state.
+        start_with_text = rng.random() < 0.5
         lengths = np.maximum(rng.binomial(int(settings.mean_seq_len_tokens), settings.binom_prob, size=len(words)), 1)
         ends = np.cumsum(lengths)
         bounds = [0, *ends[ends < len(words)].tolist(), len(words)]

@@ -86,7 +86,7 @@ def flatten(samples: Sequence[Pieces]) -> FlatBatch:
     runs = [values for sample in samples for values in sample.values]
     n_pieces, n_samples = len(runs), len(samples)
     return FlatBatch(
-        values=np.concatenate(runs) if runs else np.zeros(0, dtype=np.int64),
+        values=np.concatenate(runs, dtype=np.int64, casting="unsafe") if runs else np.zeros(0, dtype=np.int64),
         piece_offsets=_offsets(np.fromiter(map(len, runs), np.int64, n_pieces)),
         piece_is_dsu=np.fromiter(chain.from_iterable([s.is_dsu for s in samples]), bool, n_pieces),
         piece_masked=np.fromiter(chain.from_iterable([s.masked for s in samples]), bool, n_pieces),

@@ -81,6 +81,7 @@ def random_rows(golden, n_rows: int, n_dsus: int, seed: int) -> list[dict]:
         )
     rows[0]["speech_tokens"] = [n_dsus - 1] * 7  # the largest DSU id, all duplicates
     rows[1]["tokenized"] = rows[1]["tokenized"][:1]
+    rows[2]["tokenized"][:3] = ["two  spaces", "", " lead"]  # whitespace inside words: never cached
     for row in rows:
         row["transcript"] = " ".join(row["tokenized"])
     return rows
