@@ -245,14 +245,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, kv_dim, bias=False)
         self.o_proj = nn.Linear(q_dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask, store_kv=None) -> torch.Tensor:
         # Positions arrive as cos/sin rather than being implied by the sequence index, so a KV
-        # cache can later append rotated keys for new positions without changing this layout.
+        # cache can append rotated keys for new positions. `store_kv(k, v)`, given by a cache,
+        # stores this step's keys and values and returns all of them so far.
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        out = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask)
+        k = apply_rope(k, cos, sin)
+        if store_kv is not None:
+            k, v = store_kv(k, v)
+        out = attend(apply_rope(q, cos, sin), k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -310,9 +314,63 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask, store_kv=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, store_kv)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class KVCache:
+    """Every layer's keys and values for a batch being generated, preallocated to `max_len` slots.
+
+    Prompts of different lengths are left-padded to a common length, so every row writes its next
+    token to the same slot and a decode step is a single (B, 1) forward. Row b's first `pad[b]`
+    slots are padding: no real token attends to them, and positions count from the row's first
+    real token, so each row sees exactly the keys and RoPE positions it would see alone. (Right
+    padding would need per-row write slots instead.) A padding query attends to itself only, which
+    keeps its softmax finite: a NaN there would reach the cache and, times a zero weight, every row.
+    """
+
+    def __init__(self, config: ModelConfig, pad: torch.Tensor, max_len: int, dtype: torch.dtype, device=None):
+        shape = (len(pad), config.num_key_value_heads, max_len, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.pad = pad.to(device=device, dtype=torch.long)
+        self.length = 0  # slots filled, the same in every row
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
+
+    def positions(self, n: int) -> torch.Tensor:
+        """(B, n) RoPE positions of the next n slots (0 for padding)."""
+        slots = torch.arange(self.length, self.length + n, device=self.pad.device)
+        return (slots[None, :] - self.pad[:, None]).clamp(min=0)
+
+    def mask(self, n: int) -> torch.Tensor:
+        """(B, 1, n, length + n) boolean: which filled or new slots each of the next n slots attends to."""
+        keys = torch.arange(self.length + n, device=self.pad.device)
+        queries = keys[self.length :]
+        causal = keys[None, :] <= queries[:, None]
+        real = keys[None, :] >= self.pad[:, None]
+        itself = keys[None, :] == queries[:, None]
+        return ((causal[None] & real[:, None]) | itself[None]).unsqueeze(1)
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes layer `layer`'s keys and values (B, kv_heads, n, head_dim) for the next n slots;
+        returns the layer's keys and values for every slot filled so far, these included."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} slots needed, {self.max_len} allocated")
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keeps only the given batch rows (e.g. drops finished sequences), in that order."""
+        rows = rows.to(self.pad.device)
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+        self.pad = self.pad.index_select(0, rows)
 
 
 class Backbone(nn.Module):
@@ -350,25 +408,35 @@ class Llama(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, tokens, positions=None, document_ids=None, labels=None):
+    def forward(self, tokens, positions=None, document_ids=None, labels=None, cache: KVCache | None = None):
         """tokens, positions, document_ids, labels: (B, T).
 
         positions default to 0..T-1. With document_ids, a token attends only to earlier tokens of
         the same document (callers pass positions restarting at 0 per document).
+        With a `cache`, tokens fill its next T slots (a left-padded prompt batch, then one token
+        per step) and attend to every earlier slot; positions and mask come from the cache.
         Returns the final-normed hidden states (B, T, hidden_size), or, given labels (already
         shifted, IGNORE_INDEX where no loss), `chunked_cross_entropy`'s (loss sum, target count).
         """
         batch, length = tokens.shape
+        if cache is not None:
+            if positions is not None or document_ids is not None:
+                raise ValueError("with a KV cache, positions and the mask come from the cache")
+            positions, mask = cache.positions(length), cache.mask(length)
+        else:
+            mask = None if document_ids is None else self._document_mask(document_ids)
         if positions is None:
             positions = torch.arange(length, device=tokens.device).expand(batch, length)
         x = self.model.embed_tokens(tokens)
         cos, sin = self._rope_tables(positions, x.dtype)
-        mask = None if document_ids is None else self._document_mask(document_ids)
-        for layer in self.model.layers:
+        for index, layer in enumerate(self.model.layers):
+            store_kv = None if cache is None else functools.partial(cache.store, index)
             if self.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, store_kv, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask)
+                x = layer(x, cos, sin, mask, store_kv)
+        if cache is not None:
+            cache.length += length
         hidden = self.model.norm(x)
         if labels is None:
             return hidden

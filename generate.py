@@ -1,0 +1,504 @@
+"""Generation: transcribe a test split with a trained checkpoint, one JSON line per utterance.
+
+    python generate.py run/checkpoints/step_0010000 [--data test.jsonl] [--backend auto] [data.key=value ...]
+
+The prompt is the SFT (ASR) chat prompt up to the assistant header, built exactly as in training
+from the checkpoint's training_config.json (n_dsus, deduplication, modality tokens, system prompt,
+max_seq_len); `data.key=value` arguments override that data section. Generation is greedy unless
+--temperature > 0 and stops at <|eot_id|>, <|eom_id|>, <|end_of_text|> or --max-tokens.
+
+Backends: vLLM when it is installed and a GPU is visible (`--backend auto`), else a built-in
+PyTorch engine (model.py with a KV cache; fp32 on CPU, bf16 on GPU).
+
+Output: generations.jsonl ({id, reference, text, token_ids, finish_reason, prompt_len} per
+utterance, in data order; token_ids exclude the stop token) and generation_config.json, in
+<run_dir>/generations/<step>/<dataset>/<split>/ by default. Existing outputs are never
+overwritten without --overwrite. Bad input exits with status 2 and writes nothing.
+"""
+
+import argparse
+import copy
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from data.dataset import ASR_FIELDS, DataError, load_rows
+from data.samples import SampleBuilder
+from data.tokenizer import MAX_DSUS, Tokenizer
+from model import KVCache, Llama
+from train import DEFAULTS, ConfigError, check_vocabulary, parse_override
+
+STOP_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
+GENERATIONS, SETTINGS = "generations.jsonl", "generation_config.json"
+TRAINING_CONFIG = "training_config.json"
+BACKENDS = ("auto", "vllm", "torch")
+
+
+class GenerateError(Exception):
+    """Bad input, reported with exit status 2 before anything is written."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings shared by both backends; temperature 0 is greedy, top_k 0 keeps every token."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or the output
+    seed: int = 0
+
+    def __post_init__(self):
+        problems = [
+            (self.max_tokens >= 1, "max_tokens must be at least 1"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+        ]
+        for ok, message in problems:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]  # without the stop token
+    finish_reason: str  # "stop" (a stop token) or "length" (max_tokens)
+
+
+# -- settings ----------------------------------------------------------------------------------
+
+
+def _merge_known(base: dict, update: dict, source: str, prefix: str = "data.") -> None:
+    for key, value in update.items():
+        if key not in base:
+            raise GenerateError(f"{source}: unknown key '{prefix}{key}'")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise GenerateError(f"{source}: '{prefix}{key}' must be an object")
+            _merge_known(base[key], value, source, f"{prefix}{key}.")
+        else:
+            base[key] = value
+
+
+def data_settings(checkpoint: Path, overrides: list[str], n_dsus: int | None) -> dict:
+    """The data section that builds the prompts: the checkpoint's training config (or train.py's
+    defaults when it has none), then `overrides`, then --n-dsus."""
+    data = copy.deepcopy(DEFAULTS["data"])
+    config_path = checkpoint / TRAINING_CONFIG
+    if config_path.is_file():
+        try:
+            saved = json.loads(config_path.read_text())
+        except json.JSONDecodeError as error:
+            raise GenerateError(f"{config_path}:{error.lineno}: invalid JSON ({error.msg})") from None
+        if not isinstance(saved, dict) or not isinstance(saved.get("data"), dict):
+            raise GenerateError(f"{config_path}: expected a JSON object with a 'data' object")
+        _merge_known(data, saved["data"], str(config_path))
+    for text in overrides:
+        try:
+            keys, value = parse_override(text)
+        except ConfigError as error:
+            raise GenerateError(str(error)) from None
+        if keys[0] != "data" or len(keys) < 2:
+            raise GenerateError(f"override '{text}': only data.* keys apply to generation")
+        nested = value
+        for key in reversed(keys[1:]):
+            nested = {key: nested}
+        _merge_known(data, nested, f"override '{text}'")
+    if n_dsus is not None:
+        data["n_dsus"] = n_dsus
+    if data["n_dsus"] is None:
+        raise GenerateError(
+            f"{checkpoint}: no {TRAINING_CONFIG} to read n_dsus from; pass --n-dsus N (and data.deduplicate=..., "
+            "data.modality_tokens=..., data.sft.system_prompt=... if the model was trained with other settings)"
+        )
+    _check_data_values(data)
+    return data
+
+
+def _check_data_values(data: dict) -> None:
+    def is_int(value):
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    checks = [
+        ("n_dsus", is_int(data["n_dsus"]) and 1 <= data["n_dsus"] <= MAX_DSUS, f"an integer in 1..{MAX_DSUS}"),
+        ("max_seq_len", is_int(data["max_seq_len"]) and data["max_seq_len"] > 0, "a positive integer"),
+        ("deduplicate", isinstance(data["deduplicate"], bool), "true or false"),
+        ("modality_tokens", isinstance(data["modality_tokens"], bool), "true or false"),
+        ("sft.system_prompt", isinstance(data["sft"]["system_prompt"], str), "a string"),
+    ]
+    for key, ok, wanted in checks:
+        if not ok:
+            value = data["sft"]["system_prompt"] if key == "sft.system_prompt" else data[key]
+            raise GenerateError(f"'data.{key}' must be {wanted}, got {value!r}")
+
+
+def load_tokenizer(checkpoint: Path, data: dict) -> Tokenizer:
+    """The checkpoint's tokenizer, after checking the files generation needs and the vocabulary."""
+    for name in ("config.json", "original/tokenizer.model"):
+        if not (checkpoint / name).is_file():
+            raise GenerateError(f"{checkpoint}: missing {name}")
+    if not any((checkpoint / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        raise GenerateError(f"{checkpoint}: missing model.safetensors (or model.safetensors.index.json)")
+    try:
+        tok = Tokenizer(checkpoint / "original" / "tokenizer.model")
+        check_vocabulary(checkpoint, tok, {"data": data})
+    except ValueError as error:  # ConfigError, TokenizerFileError and ModelConfig's errors
+        raise GenerateError(str(error)) from None
+    return tok
+
+
+def resolve_data_path(data_arg: str | None, split: str, data: dict, checkpoint: Path) -> str:
+    """--data, or `<split>.jsonl` beside the training config's data.train."""
+    if data_arg:
+        return data_arg
+    if not (checkpoint / TRAINING_CONFIG).is_file():
+        raise GenerateError(f"{checkpoint}: no {TRAINING_CONFIG} to find the test data from; pass --data PATH")
+    if not data["train"]:
+        raise GenerateError(
+            f"{checkpoint / TRAINING_CONFIG}: no data.train to find {split}.jsonl beside; pass --data PATH"
+        )
+    path = Path(data["train"]).parent / f"{split}.jsonl"
+    if not path.is_file():
+        raise GenerateError(
+            f"{path}: no such file (the {split} split is looked for beside data.train {data['train']}); "
+            "pass --data PATH"
+        )
+    return str(path)
+
+
+def default_out_dir(checkpoint: Path, data_path: str, split: str) -> Path:
+    """`<run_dir>/generations/<step>/<dataset>/<split>` for `<run_dir>/checkpoints/step_N`, else
+    `<checkpoint>/generations/<dataset>/<split>`; the dataset is named by the data's directory."""
+    checkpoint = checkpoint.resolve()
+    dataset = Path(data_path).resolve().parent.name or "data"
+    step = re.fullmatch(r"step_(\d+)", checkpoint.name)
+    if step and checkpoint.parent.name == "checkpoints":
+        return checkpoint.parent.parent / "generations" / str(int(step.group(1))) / dataset / split
+    return checkpoint / "generations" / dataset / split
+
+
+# -- prompts -----------------------------------------------------------------------------------
+
+
+def build_prompts(rows: list[dict], tok: Tokenizer, data: dict) -> list[list[int]]:
+    """The SFT inference prompt (system, user = the DSUs, assistant header) of every row.
+
+    Training cuts sequences at data.max_seq_len; a prompt that long would be cut before the
+    answer even starts, so it is an error rather than a silently shortened prompt.
+    """
+    builder = SampleBuilder(tok, deduplicate=data["deduplicate"], modality_tokens=data["modality_tokens"],
+                            max_seq_len=None)
+    limit = data["max_seq_len"]
+    prompts = []
+    for row in rows:
+        tokens, _ = builder.sft_asr(row, data["sft"]["system_prompt"], train_on_input=False, inference=True)
+        if len(tokens) > limit:
+            raise GenerateError(
+                f"utterance {row['id']!r}: its prompt has {len(tokens)} tokens, more than data.max_seq_len={limit} "
+                "(pass data.max_seq_len=N to allow longer prompts)"
+            )
+        prompts.append(tokens.tolist())
+    return prompts
+
+
+# -- built-in engine ---------------------------------------------------------------------------
+
+
+def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator, seen: torch.Tensor | None):
+    """(B,) next ids from fp32 (B, V) logits: repetition penalty, then greedy, or temperature,
+    top-k and top-p (the smallest set of most likely tokens whose probability reaches top_p)."""
+    if seen is not None:
+        penalized = torch.where(logits > 0, logits / sampling.repetition_penalty, logits * sampling.repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / sampling.temperature
+    if sampling.top_k:
+        kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        probs = ordered.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs >= sampling.top_p  # the mass before it already reaches top_p
+        logits = logits.scatter(1, order, ordered.masked_fill(outside, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+
+@torch.no_grad()
+def generate_batch(model: Llama, prompts: list[list[int]], sampling: Sampling, stop_ids, generator) -> list[Generation]:
+    """One batch: left-padded prefill, then one cached decode step per new token; rows that stop
+    are dropped from the batch (and the cache) so the rest run at the smaller size."""
+    device = model.head_weight.device
+    lengths = torch.tensor([len(p) for p in prompts])
+    width = int(lengths.max())
+    tokens = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        tokens[row, width - len(prompt) :] = torch.tensor(prompt)
+    cache = KVCache(model.config, width - lengths, width + sampling.max_tokens, model.head_weight.dtype, device)
+    hidden = model(tokens.to(device), cache=cache)[:, -1]
+    seen = None
+    if sampling.repetition_penalty != 1:
+        seen = torch.zeros(len(prompts), model.config.vocab_size, dtype=torch.bool, device=device)
+        for row, prompt in enumerate(prompts):
+            seen[row, prompt] = True
+
+    outputs = [Generation([], "length") for _ in prompts]
+    live = list(range(len(prompts)))  # the prompt index of each row still in the batch
+    for step in range(sampling.max_tokens):
+        chosen = next_tokens(model.logits(hidden).float(), sampling, generator, seen)
+        keep = []
+        for row, (index, token) in enumerate(zip(live, chosen.tolist())):
+            if token in stop_ids:
+                outputs[index].finish_reason = "stop"
+            else:
+                outputs[index].token_ids.append(token)
+                keep.append(row)
+        if not keep or step == sampling.max_tokens - 1:
+            break
+        if len(keep) < len(live):
+            rows = torch.tensor(keep, device=device)
+            cache.keep(rows)
+            chosen = chosen[rows]
+            seen = None if seen is None else seen[rows]
+            live = [live[row] for row in keep]
+        if seen is not None:
+            seen[torch.arange(len(live), device=device), chosen] = True
+        hidden = model(chosen[:, None], cache=cache)[:, -1]
+    return outputs
+
+
+def generate(model: Llama, prompts: list[list[int]], sampling: Sampling, stop_ids, batch_size: int = 32,
+             progress: tqdm | None = None) -> list[Generation]:
+    """Generations for `prompts`, in their order, from batches of prompts of similar length."""
+    generator = torch.Generator(device=model.head_weight.device).manual_seed(sampling.seed)
+    stop_ids = set(stop_ids)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: memory errors come early
+    results: list[Generation | None] = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        outputs = generate_batch(model, [prompts[i] for i in batch], sampling, stop_ids, generator)
+        for index, result in zip(batch, outputs):
+            results[index] = result
+        if progress is not None:
+            progress.update(len(batch))
+    return results
+
+
+def load_model(checkpoint: Path, device: torch.device) -> Llama:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return Llama.from_pretrained(checkpoint, dtype=dtype, device=device).eval()
+    except (ValueError, FileNotFoundError) as error:
+        raise GenerateError(str(error)) from None
+
+
+# -- vLLM --------------------------------------------------------------------------------------
+
+
+def vllm_usable() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def generate_vllm(checkpoint: Path, prompts: list[list[int]], sampling: Sampling, stop_ids) -> list[Generation]:
+    """All prompts in one vLLM call, as token ids (no tokenizer: ours is not a Hugging Face one)."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(
+        model=str(checkpoint),
+        skip_tokenizer_init=True,
+        dtype="bfloat16",  # as the built-in engine on GPU
+        seed=sampling.seed,
+        max_model_len=max(map(len, prompts)) + sampling.max_tokens,
+    )
+    params = SamplingParams(
+        n=1,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k or -1,  # -1: every token, in every vLLM version
+        repetition_penalty=sampling.repetition_penalty,
+        seed=sampling.seed if sampling.temperature > 0 else None,
+        max_tokens=sampling.max_tokens,
+        stop_token_ids=sorted(stop_ids),
+        detokenize=False,
+    )
+    results = []
+    for output in llm.generate([{"prompt_token_ids": prompt} for prompt in prompts], params):
+        completion = output.outputs[0]
+        ids = list(completion.token_ids)
+        if ids and ids[-1] in stop_ids:
+            ids.pop()  # vLLM returns the stop token; the built-in engine does not
+        results.append(Generation(ids, "stop" if completion.finish_reason == "stop" else "length"))
+    return results
+
+
+# -- the stage ---------------------------------------------------------------------------------
+
+
+def choose_backend(name: str) -> str:
+    if name == "auto":
+        return "vllm" if vllm_usable() else "torch"
+    if name == "vllm" and not vllm_usable():
+        raise GenerateError("--backend vllm: vLLM is not installed or no GPU is visible; use --backend torch")
+    return name
+
+
+def choose_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise GenerateError("--device cuda: no GPU is visible")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def write_outputs(out_dir: Path, records: list[dict], settings: dict, overwrite: bool) -> None:
+    """Both files under temporary names first, then renamed: generations.jsonl, last, marks a complete output."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not overwrite and (out_dir / GENERATIONS).exists():
+        raise GenerateError(f"{out_dir / GENERATIONS}: appeared while generating; refusing to overwrite it")
+    contents = {
+        SETTINGS: json.dumps(settings, indent=2, ensure_ascii=False) + "\n",
+        GENERATIONS: "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records),
+    }
+    temporary = {name: out_dir / f".{name}.tmp-{os.getpid()}" for name in contents}
+    try:
+        for name, text in contents.items():
+            temporary[name].write_text(text, encoding="utf-8")
+        for name in contents:
+            os.replace(temporary[name], out_dir / name)
+    finally:
+        for path in temporary.values():
+            path.unlink(missing_ok=True)
+
+
+def run(args: argparse.Namespace) -> Path:
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_dir():
+        raise GenerateError(f"{checkpoint}: checkpoint directory does not exist")
+    data = data_settings(checkpoint, args.overrides, args.n_dsus)
+    tok = load_tokenizer(checkpoint, data)
+    data_path = resolve_data_path(args.data, args.split, data, checkpoint)
+    out_dir = Path(args.out) if args.out else default_out_dir(checkpoint, data_path, args.split)
+    if not args.overwrite and (out_dir / GENERATIONS).exists():
+        raise GenerateError(f"{out_dir / GENERATIONS}: already exists; pass --overwrite or choose another --out")
+    try:
+        sampling = Sampling(args.max_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty,
+                            args.seed)
+    except ValueError as error:
+        raise GenerateError(str(error)) from None
+    rows = load_rows(data_path, n_dsus=data["n_dsus"], fields=ASR_FIELDS)
+    if not rows:
+        raise DataError(f"{data_path}: no rows")
+    try:
+        prompts = build_prompts(rows, tok, data)
+    except GenerateError as error:
+        raise GenerateError(f"{data_path}: {error}") from None
+    if data["task"] != "sft":
+        print(f"generate.py: warning: the checkpoint was trained with data.task={data['task']!r}; "
+              "prompts use the SFT (ASR) chat format", file=sys.stderr)
+
+    backend = choose_backend(args.backend)
+    stop_ids = {tok.special_ids[name] for name in STOP_TOKENS}
+    started = time.perf_counter()
+    print(f"generate: {len(rows)} utterances from {data_path} with {backend}, {checkpoint}", file=sys.stderr)
+    if backend == "vllm":
+        device, generations = "cuda", generate_vllm(checkpoint, prompts, sampling, stop_ids)
+    else:
+        device = choose_device(args.device)
+        model = load_model(checkpoint, device)
+        with tqdm(total=len(prompts), desc="generate", unit="utt", dynamic_ncols=True) as progress:
+            generations = generate(model, prompts, sampling, stop_ids, args.batch_size, progress)
+    elapsed = time.perf_counter() - started
+
+    records = [
+        {
+            "id": row["id"],
+            "reference": row["transcript"],
+            "text": tok.decode(result.token_ids, keep_special=False).strip(),
+            "token_ids": result.token_ids,
+            "finish_reason": result.finish_reason,
+            "prompt_len": len(prompt),
+        }
+        for row, prompt, result in zip(rows, prompts, generations)
+    ]
+    settings = {
+        "checkpoint": str(checkpoint.resolve()),
+        "data_path": str(Path(data_path).resolve()),
+        "split": args.split,
+        "backend": backend,
+        "device": str(device),
+        "batch_size": args.batch_size if backend == "torch" else None,
+        **asdict(sampling),
+        "stop_token_ids": sorted(stop_ids),
+        "data": data,
+        "n_utterances": len(records),
+        "generated_tokens": sum(len(r.token_ids) for r in generations),
+        "elapsed_s": round(elapsed, 3),
+    }
+    write_outputs(out_dir, records, settings, args.overwrite)
+    print(f"generate: wrote {out_dir / GENERATIONS} ({settings['generated_tokens']} tokens in {elapsed:.1f} s)",
+          file=sys.stderr)
+    return out_dir
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Test data: --data PATH when given; otherwise <split>.jsonl in the directory of the training\n"
+        "config's data.train (so --split test reads test.jsonl beside the training file).\n"
+        "A checkpoint with no training_config.json (e.g. from extend.py or the reference implementation)\n"
+        "needs --data and --n-dsus; its other data settings default to train.py's DEFAULTS (deduplicate,\n"
+        "modality tokens, system prompt, max_seq_len) unless overridden with data.key=value.",
+    )
+    parser.add_argument("checkpoint",
+                        help="checkpoint directory (Hugging Face layout), e.g. run/checkpoints/step_0001000")
+    parser.add_argument("overrides", nargs="*", help="data.key=value overrides of the training config's data section")
+    parser.add_argument("--data",
+                        help="test data (JSONL or Parquet file, directory or glob); see below for the default")
+    parser.add_argument("--split", default="test",
+                        help="split name, for the default data file and output directory (default: test)")
+    parser.add_argument("--out", help="output directory (default: <run_dir>/generations/<step>/<dataset>/<split>)")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="auto: vLLM when installed with a GPU, else the built-in engine (default: auto)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="device of the built-in engine (default: auto)")
+    parser.add_argument("--batch-size", type=int, default=32, help="prompts per batch, built-in engine (default: 32)")
+    parser.add_argument("--max-tokens", type=int, default=256, help="most new tokens per utterance (default: 256)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1)")
+    parser.add_argument("--top-k", type=int, default=0,
+                        help="sample among the k most likely tokens; 0: all (default: 0)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 is none (default: 1)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    parser.add_argument("--n-dsus", type=int,
+                        help="number of DSUs, same as data.n_dsus=N (required without training_config.json)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing generations.jsonl")
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    if not re.fullmatch(r"[\w.-]+", args.split):
+        parser.error("--split must be a plain name (letters, digits, '_', '-', '.')")
+    try:
+        run(args)
+    except (GenerateError, DataError) as error:
+        print(f"generate.py: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
