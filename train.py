@@ -9,6 +9,10 @@ the whole step divided by its number of target tokens, across micro-batches and 
 sequence is a pure function of (epoch, row), so the data position is just the step number and a
 resumed run continues with exactly the losses of an uninterrupted one.
 
+With data.packed, the sequences are packed into rows of max_seq_len instead (see PackedStream) and
+a step consumes batch_size x grad_accum x world_size rows: fixed tokens per step, little padding.
+The data position is then the packer's state, saved with each checkpoint.
+
 Checkpoints are Hugging Face LlamaForCausalLM directories (plus training_state.pt), written under a
 temporary name and renamed, in <run_dir>/checkpoints/step_NNNNNNN.
 """
@@ -22,6 +26,7 @@ import random
 import shutil
 import sys
 import time
+from collections import deque
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -31,8 +36,9 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+import kernels
 from data.dataset import ASR_FIELDS, SCHEMA_FIELDS, DataError, load_rows
-from data.samples import IGNORE, Interleave, SampleBuilder
+from data.samples import IGNORE, Interleave, Pieces, SampleBuilder
 from data.tokenizer import Tokenizer
 from model import DTYPES, Llama, ModelConfig
 
@@ -61,6 +67,9 @@ DEFAULTS = {
         "modality_tokens": True,
         "max_seq_len": 768,
         "shuffle": True,
+        # Pack several sequences into each row of max_seq_len (attention stays within a sequence)
+        # instead of padding every sequence of a batch to the longest: batch_size counts rows.
+        "packed": False,
         "cpt": {
             "sequence_type": "interleaved",  # interleaved, concatenated_txt_dsu or concatenated_dsu_txt
             "sampling_rate": 16000,
@@ -80,7 +89,7 @@ DEFAULTS = {
         "max_grad_norm": 1.0,  # 0 turns clipping off
     },
     "train": {
-        "batch_size": 16,  # sequences per micro-batch per process
+        "batch_size": 16,  # sequences (rows of max_seq_len with data.packed) per micro-batch per process
         "grad_accum": 4,  # micro-batches per optimizer step
         "max_steps": None,  # optimizer steps in the whole run
         "eval_steps": 1000,
@@ -170,6 +179,7 @@ def _check_values(config: dict, source: str) -> None:
         ),
         ("model.dtype", get(config, "model.dtype") in ("bfloat16", "float32"), "bfloat16 or float32"),
         ("train.device", get(config, "train.device") in ("auto", "cuda", "cpu"), "auto, cuda or cpu"),
+        ("data.packed", isinstance(get(config, "data.packed"), bool), "true or false"),
     ]
     for key in ["train.batch_size", "train.grad_accum", "train.max_steps", "train.eval_steps", "train.save_steps",
                 "train.log_steps", "data.max_seq_len", "data.n_dsus", "train.loss_chunk_size"]:
@@ -229,19 +239,31 @@ class Sequences:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def build(self, index: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    def pieces(self, index: int, epoch: int) -> Pieces:
         row = self.rows[index]
         if self.task == "sft":
-            return self.builder.sft_asr(row, self.sft["system_prompt"], self.sft["train_on_input"])
+            return self.builder.sft_asr_pieces(row, self.sft["system_prompt"], self.sft["train_on_input"])
         kind = self.cpt["sequence_type"]
         if kind == "interleaved":
-            return self.builder.cpt_interleaved(row, index, epoch, self.interleave)
-        return self.builder.cpt_concatenated(row, text_first=kind == "concatenated_txt_dsu")
+            return self.builder.cpt_interleaved_pieces(row, index, epoch, self.interleave)
+        return self.builder.cpt_concatenated_pieces(row, text_first=kind == "concatenated_txt_dsu")
+
+    def build(self, index: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.builder.assemble(self.pieces(index, epoch))
+
+    def build_many(self, indices, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`build` for many rows in one call of the fused assembly op."""
+        pieces = [self.pieces(int(i), epoch) for i in indices]
+        return kernels.assemble_batch(pieces, self.builder.tok.dsu_offset, self.builder.deduplicate).samples()
 
 
 def load_sequences(source: str, data_cfg: dict, tokenizer: Tokenizer) -> Sequences:
-    needs_words = data_cfg["task"] == "cpt" and data_cfg["cpt"]["sequence_type"] == "interleaved"
-    fields = SCHEMA_FIELDS if needs_words else ASR_FIELDS
+    if data_cfg["task"] == "sft":
+        fields = ASR_FIELDS
+    elif data_cfg["cpt"]["sequence_type"] == "interleaved":
+        fields = SCHEMA_FIELDS  # word times pick the DSUs under each word span
+    else:
+        fields = ("tokenized", "speech_tokens")  # concatenation joins the words, as the reference does
     rows = load_rows(source, n_dsus=data_cfg["n_dsus"], fields=fields)
     if not rows:
         raise DataError(f"{source}: no rows")
@@ -284,6 +306,87 @@ def step_micro_batches(seqs: Sequences, step: int, cfg: dict, rank: int, world: 
         rows = chunk[m * batch * world : (m + 1) * batch * world][rank * batch : (rank + 1) * batch]
         micro.append(collate([seqs.build(int(i), epoch) for i in rows], pad_id))
     return epoch, micro
+
+
+PACK_OPEN_ROWS = 128  # rows a packed stream keeps open for later sequences to fill: more, less padding
+PACK_LOOKAHEAD = 64  # sequences assembled per call of the fused op
+
+
+class PackedStream:
+    """The training data of a packed run: one stream of rows, computed identically on every rank.
+
+    Sequences enter in each epoch's order (`epoch_order`) and a `kernels.FirstFitPacker` with
+    PACK_OPEN_ROWS open rows places them. When an epoch's sequences run out, its open rows are
+    repacked and flushed, so no row mixes epochs and every sequence is trained on once per epoch.
+    Sequences come out exactly as the unpacked path builds them (cut to max_seq_len by the
+    builders). The position in the stream is (epoch, sequences taken from its order, the indices
+    of the sequences in the open rows): `state_dict`, saved with each checkpoint. A sequence is a
+    pure function of (epoch, index), so a restored stream rebuilds the open rows and continues
+    with exactly the rows of an uninterrupted one. Memory: the open rows' sequences and the
+    look-ahead, not the data set.
+    """
+
+    def __init__(self, seqs: Sequences, cfg: dict):
+        self.seqs, self.seed, self.shuffle = seqs, cfg["seed"], cfg["data"]["shuffle"]
+        self.max_seq_len = cfg["data"]["max_seq_len"]
+        if seqs.task == "cpt" and self.max_seq_len < 2:  # CPT keeps max_seq_len - 1 tokens: no row would fill
+            raise ConfigError(f"data.max_seq_len must be at least 2 for packed CPT, got {self.max_seq_len}")
+        self.packer = kernels.FirstFitPacker(self.max_seq_len, PACK_OPEN_ROWS)
+        self.open_samples: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # index -> sequence, in open rows
+        self._start_epoch(0, 0)
+
+    def _start_epoch(self, epoch: int, position: int) -> None:
+        self.epoch, self.position = epoch, position
+        self.order = epoch_order(len(self.seqs), self.seed, epoch, self.shuffle)
+        self.ahead: deque[tuple[int, tuple[np.ndarray, np.ndarray]]] = deque()  # built, not yet placed
+
+    def next_row(self) -> tuple[int, list[tuple[np.ndarray, np.ndarray]]]:
+        """(epoch, the row's sequences as (tokens, unshifted labels)), for `kernels.pack_rows`."""
+        while True:
+            if self.position == len(self.order):
+                row = self.packer.pop()
+                if row is not None:
+                    return self.epoch, [self.open_samples.pop(i) for i in row]
+                self._start_epoch(self.epoch + 1, 0)
+            if not self.ahead:
+                indices = self.order[self.position : self.position + PACK_LOOKAHEAD].tolist()
+                self.ahead.extend(zip(indices, self.seqs.build_many(indices, self.epoch)))
+            index, sample = self.ahead.popleft()
+            self.position += 1
+            if len(sample[0]):  # the packer drops empty sequences: nothing to keep
+                self.open_samples[index] = sample
+            row = self.packer.add(index, len(sample[0]))
+            if self.position == len(self.order):
+                self.packer.finish()
+            if row is not None:
+                return self.epoch, [self.open_samples.pop(i) for i in row]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "open_rows": self.packer.open_rows,
+                "max_seq_len": self.max_seq_len}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["max_seq_len"] != self.max_seq_len:
+            raise ConfigError(f"resume: the checkpoint packed rows of {state['max_seq_len']} tokens, this run has "
+                              f"data.max_seq_len {self.max_seq_len}")
+        self._start_epoch(state["epoch"], state["position"])
+        indices = [i for row in state["open_rows"] for i in row]
+        self.open_samples = dict(zip(indices, self.seqs.build_many(indices, self.epoch)))
+        self.packer.reopen([[(i, len(self.open_samples[i][0])) for i in row] for row in state["open_rows"]])
+
+
+def packed_micro_batches(stream: PackedStream, cfg: dict, rank: int, world: int):
+    """This rank's micro-batches for the next optimizer step, as `kernels.Packed` rows: the step
+    takes the stream's next batch_size*grad_accum*world rows, sliced as `step_micro_batches`
+    slices sequences, so 2 processes see what 1 process with twice the batch size sees."""
+    batch, accum = cfg["train"]["batch_size"], cfg["train"]["grad_accum"]
+    rows = [stream.next_row() for _ in range(batch * accum * world)]
+    pad_id = stream.seqs.builder.tok.special_ids["<|finetune_right_pad_id|>"]
+    micro = []
+    for m in range(accum):
+        mine = rows[m * batch * world : (m + 1) * batch * world][rank * batch : (rank + 1) * batch]
+        micro.append(kernels.pack_rows([samples for _, samples in mine], stream.max_seq_len, pad_id))
+    return rows[-1][0], micro
 
 
 def token_kinds(inputs: torch.Tensor, tok: Tokenizer, pad_id: int) -> dict[str, int]:
@@ -385,6 +488,12 @@ def resolve_resume(cfg: dict, run_dir: Path) -> Path | None:
 
 
 def check_resumable(saved: dict, cfg: dict, world: int) -> None:
+    if ("packer" in saved) != cfg["data"]["packed"]:
+        raise ConfigError(
+            f"resume: the checkpoint was made with data.packed={json.dumps('packer' in saved)}, this run has "
+            f"{json.dumps(cfg['data']['packed'])}; its data position means nothing to this run. Start a new run "
+            "from it (model.path) instead."
+        )
     now = {"batch_size": cfg["train"]["batch_size"], "grad_accum": cfg["train"]["grad_accum"], "world_size": world}
     then = {key: saved[key] for key in now}
     if then != now and not cfg["resume_force"]:
@@ -444,8 +553,12 @@ def check_vocabulary(model_path: Path, tok: Tokenizer, cfg: dict) -> None:
 # -- the loop ----------------------------------------------------------------------------------
 
 
-def forward_loss(model, inputs, targets, device):
-    return model(inputs.to(device, non_blocking=True), labels=targets.to(device, non_blocking=True))
+def forward_loss(model, batch, device):
+    """(loss sum, target count) of a micro-batch: (inputs, targets) from `collate`, or `kernels.Packed`
+    rows (tokens, targets, positions, document_ids); targets are shifted in both."""
+    inputs, targets, *packing = (t.to(device, non_blocking=True) for t in batch)
+    positions, document_ids = packing or (None, None)
+    return model(inputs, positions=positions, document_ids=document_ids, labels=targets)
 
 
 @torch.no_grad()
@@ -460,7 +573,7 @@ def evaluate(model, seqs: Sequences, cfg: dict, rank: int, world: int, device) -
         inputs, targets = collate([seqs.build(i, 0) for i in rows or [0]], pad_id)
         if not rows:  # this rank is past the end: a pass that counts nothing
             targets.fill_(IGNORE)
-        loss_sum, count = forward_loss(model, inputs, targets, device)
+        loss_sum, count = forward_loss(model, (inputs, targets), device)
         totals += torch.stack([loss_sum.double(), count.double()])
     all_reduce_sum(totals)
     model.train()
@@ -478,6 +591,7 @@ def train(cfg: dict) -> None:
     check_vocabulary(model_path, tok, cfg)
     train_seqs = load_sequences(cfg["data"]["train"], cfg["data"], tok)
     dev_seqs = load_sequences(cfg["data"]["dev"], cfg["data"], tok) if cfg["data"]["dev"] else None
+    stream = PackedStream(train_seqs, cfg) if cfg["data"]["packed"] else None
 
     torch.manual_seed(cfg["seed"])
     model = build_model(cfg, resume_from or model_path, device, world)
@@ -495,11 +609,14 @@ def train(cfg: dict) -> None:
         saved = load_training_state(resume_from, model, optimizer, scheduler)
         check_resumable(saved, cfg, world)
         start_step, totals = saved["step"], saved["totals"]
+        if stream is not None:
+            stream.load_state_dict(saved["packer"])
 
     metrics = MetricsLog(run_dir, start_step, cfg, enabled=rank == 0)
     if rank == 0:
         where = f"resuming from {resume_from}" if resume_from else f"from {model_path}"
-        print(f"train: {cfg['data']['task']} on {len(train_seqs)} rows, {max_steps} steps, {where}; "
+        packing = f", packed into rows of {cfg['data']['max_seq_len']}" if stream is not None else ""
+        print(f"train: {cfg['data']['task']} on {len(train_seqs)} rows{packing}, {max_steps} steps, {where}; "
               f"world size {world}, device {device}, run dir {run_dir}", flush=True)
 
     pad_id = tok.special_ids["<|finetune_right_pad_id|>"]
@@ -508,18 +625,21 @@ def train(cfg: dict) -> None:
     progress = tqdm(total=max_steps, initial=start_step, disable=rank != 0, desc="train", dynamic_ncols=True)
     window_start, window_tokens = time.perf_counter(), 0
     for step in range(start_step, max_steps):
-        epoch, micro = step_micro_batches(train_seqs, step, cfg, rank, world)
-        n_targets = all_reduce_sum(torch.tensor(sum((t != IGNORE).sum().item() for _, t in micro), device=device))
+        if stream is not None:
+            epoch, micro = packed_micro_batches(stream, cfg, rank, world)
+        else:
+            epoch, micro = step_micro_batches(train_seqs, step, cfg, rank, world)
+        n_targets = all_reduce_sum(torch.tensor(sum((b[1] != IGNORE).sum().item() for b in micro), device=device))
         scale = world / n_targets.clamp(min=1).float()  # DDP and FSDP average gradients over ranks
         step_loss = torch.zeros((), device=device)
         step_kinds = {"text_tokens": 0, "dsu_tokens": 0, "special_tokens": 0}
-        for m, (inputs, targets) in enumerate(micro):
+        for m, batch in enumerate(micro):
             last = m == len(micro) - 1
             with sync_off() if (sync_off and not last) else nullcontext():
-                loss_sum, _ = forward_loss(model, inputs, targets, device)
+                loss_sum, _ = forward_loss(model, batch, device)
                 (loss_sum * scale).backward()
             step_loss += loss_sum.detach()
-            for key, value in token_kinds(inputs, tok, pad_id).items():
+            for key, value in token_kinds(batch[0], tok, pad_id).items():  # padding is not counted
                 step_kinds[key] += value
         grad_norm = (
             torch.nn.utils.clip_grad_norm_(model.parameters(), opt["max_grad_norm"]).item()
@@ -555,6 +675,8 @@ def train(cfg: dict) -> None:
         if done % save_steps == 0 or done == max_steps:
             state = {"totals": totals, "batch_size": cfg["train"]["batch_size"],
                      "grad_accum": cfg["train"]["grad_accum"], "world_size": world}
+            if stream is not None:
+                state["packer"] = stream.state_dict()
             save_checkpoint(run_dir, done, model, optimizer, scheduler, cfg, model_path, state)
             progress.write(f"step {done}: saved {run_dir / CHECKPOINTS / f'step_{done:07d}'}")
     progress.close()

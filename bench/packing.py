@@ -3,17 +3,22 @@
     python bench/packing.py [--seconds 3]
 
 Throughput, on the golden file's samples (CPT: interleaved and concatenated both ways; SFT: ASR;
-deduplication on and off), 16 samples per op call, max_seq_len 2048 (no golden sample reaches it):
+deduplication on and off), 16 samples per op call, rows of 2048 (no golden sample reaches it):
   string path   the reference's string + regex path (data/reference_strings.py): the baseline
   per sample    SampleBuilder's per-sample NumPy assembly (bench/construction.py's token-level path)
   op assemble   SampleBuilder *_pieces + kernels.assemble_batch (flat tokens and labels)
-  op pack       SampleBuilder *_pieces + kernels.pack_batch (rows of 2048, shifted targets)
+  op + packer   op assemble, then train.py's packing: kernels.FirstFitPacker over the samples as
+                they come (train.PACK_OPEN_ROWS open rows, finished at the end) and
+                kernels.pack_rows for the rows that leave (shifted targets, positions, documents)
 All paths must produce the same number of tokens (checked before timing). The baseline is
 measured in the same run; speed-ups are against it.
 
-Padding: the share of pad tokens when every batch of 16 samples is padded to its longest (as the
-reference trains) vs greedy packing of the same sample stream into rows of 768 and 2048; samples
-are built with max_seq_len equal to the row length and taken in a fixed shuffled order.
+Padding: the share of pad tokens over one epoch of samples in a fixed shuffled order, built with
+max_seq_len equal to the row length and deduplication on, when every batch of 16 samples is padded
+to its longest (as the reference trains), and when packed by a FirstFitPacker with 1 open row (next
+fit: a row is closed as soon as a sample does not fit it), 16, and train.PACK_OPEN_ROWS, as a packed
+training epoch is (open rows finished and flushed at its end). Workloads: the golden samples (CPT
+as above, SFT) and the bundled corpus data/mini (1500 rows, 128 DSUs; CPT interleaved, SFT).
 """
 
 import argparse
@@ -32,25 +37,28 @@ import torch  # noqa: E402
 import kernels  # noqa: E402
 from bench.construction import GOLDEN, best_tokens_per_second, extended_llama3_tokenizer  # noqa: E402
 from data import reference_strings as ref  # noqa: E402
+from data.dataset import SCHEMA_FIELDS, load_rows  # noqa: E402
 from data.samples import Interleave, SampleBuilder  # noqa: E402
+from train import DEFAULT_SYSTEM_PROMPT, PACK_OPEN_ROWS  # noqa: E402
 
 BATCH = 16
 THROUGHPUT_SEQ_LEN = 2048
-PACKED_SEQ_LENS = (768, 2048)
+MINI = ROOT / "data" / "mini" / "train.jsonl"
+PADDING_CASES = [("CPT", 768), ("SFT", 2048), ("SFT", 512)]
+OPEN_ROWS = (1, 16, PACK_OPEN_ROWS)
+
+
+def real_tokens(packed: kernels.Packed) -> int:
+    return int(np.count_nonzero(packed.document_ids.numpy() >= 0))
 
 
 class Workload:
-    """One sample kind over the golden rows: its Pieces, and the baseline's string-path tokens."""
+    """One sample kind over a set of rows: its Pieces, and (golden) the baseline's string-path tokens."""
 
-    def __init__(self, name: str, tok, golden: dict):
-        self.name, self.tok = name, tok
-        self.rows = golden["samples"]
-        self.loaded = [dict(row, speech_tokens=np.asarray(row["speech_tokens"], dtype=np.int64)) for row in self.rows]
-        self.prompt = golden["sft_system_prompt"]
-        c = golden["cpt_interleave"]
-        self.settings = Interleave(
-            c["sampling_rate"], c["downsampling_ratio"], c["mean_seq_len_tokens"], c["binom_prob"]
-        )
+    def __init__(self, name: str, tok, rows: list[dict], prompt: str, settings: Interleave, all_cpt_kinds: bool):
+        self.name, self.tok, self.rows, self.prompt, self.settings = name, tok, rows, prompt, settings
+        self.all_cpt_kinds = all_cpt_kinds  # interleaved and both concatenations, or interleaved only
+        self.loaded = [dict(row, speech_tokens=np.asarray(row["speech_tokens"], dtype=np.int64)) for row in rows]
         self.pad_id = tok.special_ids["<|finetune_right_pad_id|>"]
 
     def builder(self, deduplicate: bool, max_seq_len: int) -> SampleBuilder:
@@ -62,8 +70,9 @@ class Workload:
         out = []
         for i, row in enumerate(self.loaded):
             out.append(builder.cpt_interleaved_pieces(row, i, 0, self.settings))
-            out.append(builder.cpt_concatenated_pieces(row, True))
-            out.append(builder.cpt_concatenated_pieces(row, False))
+            if self.all_cpt_kinds:
+                out.append(builder.cpt_concatenated_pieces(row, True))
+                out.append(builder.cpt_concatenated_pieces(row, False))
         return out
 
     def string_path_lengths(self, deduplicate: bool) -> list[int]:
@@ -98,29 +107,52 @@ class Workload:
                 n += len(kernels.assemble_batch(samples[k : k + BATCH], self.tok.dsu_offset, d).tokens)
         return n
 
-    def op_pack(self) -> int:
+    def op_and_packer(self) -> int:
         n = 0
         for d in (True, False):
             b = self.builder(d, THROUGHPUT_SEQ_LEN)
-            samples = self.pieces(b)
-            for k in range(0, len(samples), BATCH):
-                batch = samples[k : k + BATCH]
-                packed = kernels.pack_batch(batch, self.tok.dsu_offset, d, THROUGHPUT_SEQ_LEN, self.pad_id)
-                n += int((packed.document_ids >= 0).sum())
+            pieces = self.pieces(b)
+            packer, kept, rows = kernels.FirstFitPacker(THROUGHPUT_SEQ_LEN, PACK_OPEN_ROWS), {}, []
+            for k in range(0, len(pieces), BATCH):
+                samples = kernels.assemble_batch(pieces[k : k + BATCH], self.tok.dsu_offset, d).samples()
+                for i, sample in enumerate(samples, start=k):
+                    kept[i] = sample
+                    if (row := packer.add(i, len(sample[0]))) is not None:
+                        rows.append([kept.pop(j) for j in row])
+                if len(rows) >= BATCH:
+                    n += real_tokens(kernels.pack_rows(rows, THROUGHPUT_SEQ_LEN, self.pad_id))
+                    rows = []
+            packer.finish()
+            while (row := packer.pop()) is not None:
+                rows.append([kept.pop(j) for j in row])
+            n += real_tokens(kernels.pack_rows(rows, THROUGHPUT_SEQ_LEN, self.pad_id))
         return n
 
-    def padding_shares(self, max_seq_len: int) -> tuple[float, float]:
-        """Pad tokens over all tokens, (padded batches, packed rows), both deduplication settings."""
-        order = np.random.default_rng(0).permutation
-        real = padded = packed_slots = 0
-        for d in (True, False):
-            samples = self.pieces(self.builder(d, max_seq_len))
-            samples = [samples[i] for i in order(len(samples))]
-            lengths = np.diff(kernels.assemble_batch(samples, self.tok.dsu_offset, d).sample_offsets.numpy())
-            real += lengths.sum()
-            padded += sum(len(b) * b.max() for b in np.array_split(lengths, range(BATCH, len(lengths), BATCH)))
-            packed_slots += kernels.pack_batch(samples, self.tok.dsu_offset, d, max_seq_len, self.pad_id).tokens.numel()
-        return 1 - real / padded, 1 - real / packed_slots
+    def padding_shares(self, max_seq_len: int) -> list[float]:
+        """Pad tokens over all tokens: padded batches, then packing with each of OPEN_ROWS."""
+        samples = self.pieces(self.builder(True, max_seq_len))
+        samples = [samples[i] for i in np.random.default_rng(0).permutation(len(samples))]
+        lengths = np.diff(kernels.assemble_batch(samples, self.tok.dsu_offset, True).sample_offsets.numpy())
+        real = lengths.sum()
+        padded = sum(len(b) * b.max() for b in np.array_split(lengths, range(BATCH, len(lengths), BATCH)))
+        shares = [1 - real / padded]
+        for open_rows in OPEN_ROWS:
+            shares.append(1 - real / (len(kernels.place(lengths, max_seq_len, open_rows)) * max_seq_len))
+        return shares
+
+
+def golden_workloads(golden: dict) -> list[Workload]:
+    tok = extended_llama3_tokenizer(golden["n_dsus"])
+    c = golden["cpt_interleave"]
+    settings = Interleave(c["sampling_rate"], c["downsampling_ratio"], c["mean_seq_len_tokens"], c["binom_prob"])
+    prompt = golden["sft_system_prompt"]
+    return [Workload(name, tok, golden["samples"], prompt, settings, True) for name in ("CPT", "SFT")]
+
+
+def mini_workloads() -> list[Workload]:
+    tok = extended_llama3_tokenizer(128)
+    rows = load_rows(str(MINI), n_dsus=128, fields=SCHEMA_FIELDS)
+    return [Workload(name, tok, rows, DEFAULT_SYSTEM_PROMPT, Interleave(), False) for name in ("CPT", "SFT")]
 
 
 def main() -> None:
@@ -133,27 +165,28 @@ def main() -> None:
     if kernels.build.extension() is None:
         sys.exit("the C++ extension did not build; this bench measures it")
 
-    golden = json.loads(GOLDEN.read_text())
-    tok = extended_llama3_tokenizer(golden["n_dsus"])
-    workloads = [Workload(name, tok, golden) for name in ("CPT", "SFT")]
+    golden = golden_workloads(json.loads(GOLDEN.read_text()))
     machine = platform.processor() or platform.machine()
     print(f"# {machine}, python {platform.python_version()}, torch {torch.__version__}, one core")
     print(f"# tokens/s (speed-up over the string path), {BATCH} samples per op call")
-    paths = ["string path", "per sample", "op assemble", "op pack"]
+    paths = ["string path", "per sample", "op assemble", "op + packer"]
     print(f"{'workload':8}" + "".join(f"{p:>22}" for p in paths))
-    for w in workloads:
-        fns = [w.string_path, w.per_sample, w.op_assemble, w.op_pack]
+    for w in golden:
+        fns = [w.string_path, w.per_sample, w.op_assemble, w.op_and_packer]
         counts = [fn() for fn in fns]
         assert len(set(counts)) == 1, f"{w.name}: token counts differ between paths: {counts}"
         rates = best_tokens_per_second(fns, args.seconds)
         print(f"{w.name:8}" + "".join(f"{r / 1e6:12.2f} M ({r / rates[0]:4.1f}x)" for r in rates))
 
-    print(f"\n# padding share: batches of {BATCH} padded to their longest vs greedy packing into rows")
-    print(f"{'workload':8} {'row length':>10} {'padded':>8} {'packed':>8}")
-    for w in workloads:
-        for n in PACKED_SEQ_LENS:
-            padded, packed = w.padding_shares(n)
-            print(f"{w.name:8} {n:10d} {padded:8.1%} {packed:8.1%}")
+    print(f"\n# padding share: batches of {BATCH} padded to their longest vs packing with N open rows")
+    columns = ["padded"] + [f"{n} open" for n in OPEN_ROWS]
+    print(f"{'data':7} {'workload':8} {'samples':>7} {'row length':>10}" + "".join(f"{c:>10}" for c in columns))
+    for data, workloads in (("golden", golden), ("mini", mini_workloads())):
+        for w in workloads:
+            n_samples = len(w.pieces(w.builder(True, None)))
+            for max_seq_len in [n for name, n in PADDING_CASES if name == w.name]:
+                shares = "".join(f"{s:10.1%}" for s in w.padding_shares(max_seq_len))
+                print(f"{data:7} {w.name:8} {n_samples:7d} {max_seq_len:10d}{shares}")
 
 
 if __name__ == "__main__":

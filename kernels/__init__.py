@@ -1,5 +1,5 @@
-"""Fused assembly and packing of sample batches: DSU deduplication, DSU -> token ids, loss masks,
-truncation, and greedy packing into fixed-length rows, in one op per batch.
+"""Assembly of sample batches in one fused op (DSU deduplication, DSU -> token ids, loss masks,
+truncation), and packing of the assembled samples into fixed-length rows.
 
 Contract
 --------
@@ -16,16 +16,18 @@ and two scalars: dsu_offset, the token id of DSU 0, and deduplicate, which drops
 repeats inside each DSU piece (never across pieces).
 
 `assemble` -> Assembled(tokens, labels, sample_offsets): sample s is tokens[sample_offsets[s]:
-sample_offsets[s+1]], exactly what `data.samples.assemble` gives for it. Labels are NOT shifted
-(label i belongs to token i), IGNORE where masked.
+sample_offsets[s+1]], exactly what `data.samples.assemble` gives for it (its limit and force_last
+applied). Labels are NOT shifted (label i belongs to token i), IGNORE where masked.
+`Assembled.samples()` splits it into per-sample NumPy (tokens, labels).
+The CUDA op waits for the GPU twice per call: to validate the offsets and to size its outputs.
 
-`pack(..., max_seq_len=L, pad_id)` -> Packed(tokens, targets, positions, document_ids), each int64 (R, L):
-- Samples go into rows greedily, in order (next fit): a sample joins the current row if it fits
-  in what is left, else it starts a new row.
-- A sample is first truncated by its own limit (the unpacked rule, force_last included). One
-  still longer than L keeps its first L tokens: a plain cut, no force_last. Builders with
-  max_seq_len <= L never reach it (CPT keeps L - 1 tokens, SFT L).
-- Empty samples take no room and no document number.
+Packing (kernels.packing, Python and NumPy): `FirstFitPacker` decides from lengths alone which
+samples share a row of max_seq_len (first-fit over a bounded window of open rows, streaming);
+`place` runs it over one epoch. `pack_rows(rows, max_seq_len, pad_id)` turns rows of assembled
+samples into Packed(tokens, targets, positions, document_ids), each int64 (R, L):
+- A row's samples sit side by side in their order from column 0; a row never holds more than L
+  tokens (a longer sample is an error: builders cut samples to their max_seq_len, CPT to L - 1,
+  SFT to L, which is the unpacked path's truncation).
 - positions restart at 0 for every sample; document_ids number the samples of a row 0, 1, 2, ...
 - targets are ALREADY SHIFTED for next-token prediction: targets[r, j] is the label of the token
   after j in the same sample, and IGNORE at every sample's last token. The trainer must not
@@ -33,11 +35,11 @@ sample_offsets[s+1]], exactly what `data.samples.assemble` gives for it. Labels 
   token. (A sample's first label is never a target, as in the unpacked path's shift.)
 - Padding: tokens pad_id, targets IGNORE, positions 0, document_ids -1.
 A packed batch feeds `model(tokens, positions, document_ids, labels=targets)` as it is.
-The CUDA ops wait for the GPU twice per call: to validate the offsets and to size their outputs.
 
-Implementations: the C++ op (CPU) and the CUDA op, registered as torch.ops.speech_llama.assemble
-and .pack and built on first use (`kernels.build`; `python -m kernels build` ahead of time), and
-the NumPy reference (`kernels.reference`), used with one warning when the extension cannot be built.
+Implementations of `assemble`: the C++ op (CPU) and the CUDA op, registered as
+torch.ops.speech_llama.assemble and built on first use (`kernels.build`; `python -m kernels build`
+ahead of time), and the NumPy reference (`kernels.reference`), used with one warning when the
+extension cannot be built.
 """
 
 from itertools import chain
@@ -48,6 +50,10 @@ import torch
 
 from data.samples import Pieces
 from kernels import build, reference
+from kernels.packing import FirstFitPacker, Packed, pack_rows, place
+
+__all__ = ["Assembled", "FirstFitPacker", "FlatBatch", "Packed", "assemble", "assemble_batch", "flatten", "pack_rows",
+           "place"]
 
 
 class FlatBatch(NamedTuple):
@@ -67,12 +73,11 @@ class Assembled(NamedTuple):
     labels: torch.Tensor  # (T,), unshifted
     sample_offsets: torch.Tensor  # (S + 1,)
 
-
-class Packed(NamedTuple):
-    tokens: torch.Tensor  # (R, L)
-    targets: torch.Tensor  # (R, L), shifted for next-token prediction
-    positions: torch.Tensor  # (R, L)
-    document_ids: torch.Tensor  # (R, L), -1 on padding
+    def samples(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each sample's (tokens, labels) as NumPy arrays of its own (copies: no sample keeps the batch alive)."""
+        tokens, labels = self.tokens.cpu().numpy(), self.labels.cpu().numpy()
+        offsets = self.sample_offsets.tolist()
+        return [(tokens[a:b].copy(), labels[a:b].copy()) for a, b in zip(offsets[:-1], offsets[1:])]
 
 
 def _offsets(lengths: np.ndarray) -> np.ndarray:
@@ -98,36 +103,22 @@ def flatten(samples: Sequence[Pieces]) -> FlatBatch:
     )
 
 
-def _run(op: str, batch: FlatBatch, scalars: tuple, device) -> tuple[torch.Tensor, ...]:
-    """Runs `op` where it can: the CUDA op for a CUDA device (when built with CUDA), else the
+def assemble(batch: FlatBatch, dsu_offset: int, deduplicate: bool, device=None) -> Assembled:
+    """Runs the op where it can: the CUDA op for a CUDA device (when built with CUDA), else the
     CPU op, else the reference; the results end up on `device`."""
     device = torch.device(device if device is not None else "cpu")
     ext = build.extension()
     if ext is None:
-        outputs = getattr(reference, op)(*batch, *scalars)
+        outputs = reference.assemble(*batch, dsu_offset, deduplicate)
     else:
         inputs = [torch.from_numpy(array) for array in batch]
         if device.type == "cuda" and ext.with_cuda:
             inputs = [t.to(device) for t in inputs]
-        outputs = getattr(torch.ops.speech_llama, op)(*inputs, *scalars)
-    return tuple(t.to(device) for t in outputs)
-
-
-def assemble(batch: FlatBatch, dsu_offset: int, deduplicate: bool, device=None) -> Assembled:
-    return Assembled(*_run("assemble", batch, (dsu_offset, deduplicate), device))
-
-
-def pack(batch: FlatBatch, dsu_offset: int, deduplicate: bool, max_seq_len: int, pad_id: int, device=None) -> Packed:
-    return Packed(*_run("pack", batch, (dsu_offset, deduplicate, max_seq_len, pad_id), device))
+        outputs = torch.ops.speech_llama.assemble(*inputs, dsu_offset, deduplicate)
+    return Assembled(*(t.to(device) for t in outputs))
 
 
 def assemble_batch(samples: Sequence[Pieces], dsu_offset: int, deduplicate: bool, device=None) -> Assembled:
     """Every sample's tokens and unshifted labels, flat, as `data.samples.assemble` gives them."""
     return assemble(flatten(samples), dsu_offset, deduplicate, device)
 
-
-def pack_batch(
-    samples: Sequence[Pieces], dsu_offset: int, deduplicate: bool, max_seq_len: int, pad_id: int, device=None
-) -> Packed:
-    """The samples packed greedily into rows of max_seq_len, targets shifted (see the contract above)."""
-    return pack(flatten(samples), dsu_offset, deduplicate, max_seq_len, pad_id, device)

@@ -1,4 +1,5 @@
-"""The fused assemble/pack ops: C++ (CPU), CUDA and the NumPy reference against data.samples.assemble."""
+"""The fused assemble op: C++ (CPU), CUDA and the NumPy reference against data.samples.assemble.
+(Packing: tests/test_packing.py.)"""
 
 import logging
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 import kernels
-from data.samples import IGNORE, Pieces, SampleBuilder, assemble
+from data.samples import Pieces, SampleBuilder, assemble
 from kernels import build, reference
 from tests.test_samples import interleave_settings
 
@@ -61,7 +62,7 @@ def adversarial_pieces(max_seq_len: int) -> list[Pieces]:
         make(([2, 3], False, False), ([9, 9, 8], True, False), limit=4, force_last=99),  # fits only deduplicated
         make(([4, 5, 6], False, False), limit=0, force_last=99),  # limit 0 keeps nothing
         make(([4, 5, 6], False, False), limit=1, force_last=99),  # only the forced token is left
-        make((np.arange(3 * max_seq_len), False, False), limit=max_seq_len + 2, force_last=99),  # cut, then cut again
+        make((np.arange(3 * max_seq_len), False, False), limit=max_seq_len + 2, force_last=99),  # a cut longer than max_seq_len
     ]
 
 
@@ -99,75 +100,6 @@ def test_reference_and_cpu_op_assemble_like_data_samples(extension, deduplicate)
         assert ours.tokens.dtype == ours.labels.dtype == ours.sample_offsets.dtype == torch.int64
 
 
-def check_packed(
-    packed: kernels.Packed, samples, deduplicate: bool, max_seq_len: int, pad_id: int, dsu_offset: int = DSU_OFFSET
-) -> None:
-    """Rows hold the assembled samples in order (cut to max_seq_len), greedily, with shifted targets."""
-    expected = [
-        (tokens[:max_seq_len], labels[:max_seq_len])
-        for tokens, labels in expected_samples(samples, deduplicate, dsu_offset)
-        if len(tokens)
-    ]
-    tokens, targets, positions, documents = (t.numpy() for t in packed)
-    assert tokens.shape == targets.shape == positions.shape == documents.shape
-    assert tokens.shape[1:] == (max_seq_len,)
-    found, used = [], []
-    for row in range(tokens.shape[0]):
-        n_docs = int(documents[row].max()) + 1
-        assert n_docs >= 1, f"row {row} is empty"
-        fill = 0
-        for doc in range(n_docs):
-            (where,) = np.nonzero(documents[row] == doc)
-            assert where.tolist() == list(range(fill, fill + len(where))), f"row {row} document {doc} not contiguous"
-            fill += len(where)
-            assert positions[row, where].tolist() == list(range(len(where)))
-            found.append((tokens[row, where], targets[row, where]))
-        assert (documents[row, fill:] == -1).all() and (tokens[row, fill:] == pad_id).all()
-        assert (targets[row, fill:] == IGNORE).all() and (positions[row, fill:] == 0).all()
-        used.append(fill)
-    assert len(found) == len(expected)
-    for k, ((got_tokens, got_targets), (tokens_k, labels_k)) in enumerate(zip(found, expected)):
-        assert got_tokens.tolist() == tokens_k.tolist(), f"sample {k}: tokens"
-        # Shifted: token i predicts label i + 1 of its own sample; the last token predicts nothing.
-        assert got_targets.tolist() == [*labels_k[1:].tolist(), IGNORE], f"sample {k}: targets"
-    # Greedy: every row's first sample would not have fit in what the previous row left.
-    first_lengths, n = [], 0
-    for fill in used:
-        first_lengths.append(len(found[n][0]))
-        while n < len(found) and fill > 0:
-            fill -= len(found[n][0])
-            n += 1
-    for row in range(1, len(used)):
-        assert used[row - 1] + first_lengths[row] > max_seq_len, f"row {row} should have joined row {row - 1}"
-
-
-@pytest.mark.parametrize("max_seq_len", [1, 7, 32, 100])
-def test_pack_rows_hold_the_samples_with_shifted_targets(extension, max_seq_len):
-    pad_id = 128004
-    for deduplicate in (True, False):
-        for samples in batches(max_seq_len):
-            flat = kernels.flatten(samples)
-            ours = kernels.pack_batch(samples, DSU_OFFSET, deduplicate, max_seq_len, pad_id)
-            check_packed(ours, samples, deduplicate, max_seq_len, pad_id)
-            expected = reference.pack(*flat, DSU_OFFSET, deduplicate, max_seq_len, pad_id)
-            for name, got, want in zip(kernels.Packed._fields, ours, expected):
-                assert torch.equal(got, want), name
-
-
-def test_pack_fills_rows_exactly_and_never_predicts_across_samples(extension):
-    samples = []
-    for length in (3, 5, 8, 8, 1):
-        p = Pieces()
-        p.add(np.arange(length) + 10)
-        samples.append(p)
-    tokens, targets, positions, documents = kernels.pack_batch(samples, DSU_OFFSET, False, 8, 0)
-    assert tokens.shape == (4, 8)  # [3 5] [8] [8] [1 + padding]
-    assert documents[0].tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
-    assert positions[0].tolist() == [0, 1, 2, 0, 1, 2, 3, 4]
-    assert targets[0].tolist() == [11, 12, IGNORE, 11, 12, 13, 14, IGNORE]
-    assert tokens[3].tolist() == [10, 0, 0, 0, 0, 0, 0, 0] and targets[3].tolist() == [IGNORE] * 8
-
-
 @pytest.mark.parametrize("kind", ["cpt_interleaved", "cpt_concatenated_txt_dsu", "cpt_concatenated_dsu_txt", "sft"])
 def test_golden_cases_through_the_op(golden, extended_tokenizer, extension, kind):
     tok = extended_tokenizer(golden["n_dsus"], golden["use_modality_tokens"])
@@ -190,9 +122,6 @@ def test_golden_cases_through_the_op(golden, extended_tokenizer, extension, kind
         for n, (case, (tokens, labels)) in enumerate(zip(cases, got)):
             assert tokens == case["tokens"], f"{kind} case {n}: tokens"
             assert labels == case.get("labels", case["tokens"]), f"{kind} case {n}: labels"
-        pad_id = tok.special_ids["<|finetune_right_pad_id|>"]
-        packed = kernels.pack_batch(samples, tok.dsu_offset, deduplicate, golden["max_seq_len"], pad_id)
-        check_packed(packed, samples, deduplicate, golden["max_seq_len"], pad_id, tok.dsu_offset)
 
 
 @pytest.fixture
@@ -211,7 +140,6 @@ def test_reference_is_used_with_one_warning_when_the_extension_cannot_build(no_e
     expected = as_lists(expected_samples(samples, True))
     with caplog.at_level(logging.WARNING, logger="kernels.build"):
         assert split(kernels.assemble_batch(samples, DSU_OFFSET, True)) == expected
-        check_packed(kernels.pack_batch(samples, DSU_OFFSET, True, 16, 0), samples, True, 16, 0)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "NumPy reference" in warnings[0].getMessage()
     assert "Ninja is required" in warnings[0].getMessage()
@@ -237,8 +165,6 @@ def test_cpu_op_rejects_malformed_batches(extension):
         call(sample_limit=torch.full_like(tensors["sample_limit"], -2))
     with pytest.raises(RuntimeError, match="values must be Long"):
         call(values=tensors["values"].int())
-    with pytest.raises(RuntimeError, match="max_seq_len must be positive"):
-        ops.pack(*tensors.values(), DSU_OFFSET, True, 0, 0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -252,8 +178,3 @@ def test_cuda_op_equals_cpu_op_on_large_batches(extension):
         assert gpu.tokens.is_cuda
         for name, a, b in zip(kernels.Assembled._fields, cpu, gpu):
             assert torch.equal(a, b.cpu()), name
-        for max_seq_len in (1, 768, 2048):
-            cpu = kernels.pack_batch(samples, DSU_OFFSET, deduplicate, max_seq_len, 128004)
-            gpu = kernels.pack_batch(samples, DSU_OFFSET, deduplicate, max_seq_len, 128004, device="cuda")
-            for name, a, b in zip(kernels.Packed._fields, cpu, gpu):
-                assert torch.equal(a, b.cpu()), (name, max_seq_len)

@@ -1,12 +1,11 @@
-// The speech_llama::assemble and speech_llama::pack ops (schemas and the CPU kernels).
-// Semantics and layout: kernels/__init__.py; the CUDA kernels are in pack_cuda.cu.
+// The speech_llama::assemble op (schema and CPU kernel).
+// Semantics and layout: kernels/__init__.py; the CUDA kernel is in pack_cuda.cu.
 //
-// Both ops run two passes over a batch: the first measures every sample (its length after
-// deduplication and its limit), the second writes tokens straight into the output tensors.
+// Two passes over a batch: the first measures every sample (its length after deduplication and
+// its limit), the second writes tokens straight into the output tensors.
 
 #include <torch/library.h>
 
-#include <algorithm>
 #include <tuple>
 #include <vector>
 
@@ -81,9 +80,9 @@ Extent measure(const Batch& b, int64_t sample) {
   return {length, false};
 }
 
-// Writes the first `count` tokens of a sample and their (unshifted) labels; `count` is at most
-// its kept length, and the force_last rule applies only when the whole kept length is written.
-void write_sample(const Batch& b, int64_t sample, Extent extent, int64_t count, int64_t* tokens, int64_t* labels) {
+// Writes a sample's kept tokens and their (unshifted) labels.
+void write_sample(const Batch& b, int64_t sample, Extent extent, int64_t* tokens, int64_t* labels) {
+  const int64_t count = extent.kept;
   int64_t n = 0;
   for (int64_t p = b.sample_piece_offsets[sample]; p < b.sample_piece_offsets[sample + 1] && n < count; ++p) {
     const int64_t lo = b.piece_offsets[p], hi = b.piece_offsets[p + 1];
@@ -97,7 +96,7 @@ void write_sample(const Batch& b, int64_t sample, Extent extent, int64_t count, 
     }
   }
   const int64_t force_last = b.sample_force_last[sample];
-  if (extent.cut && force_last >= 0 && count == extent.kept && count > 0) {
+  if (extent.cut && force_last >= 0 && count > 0) {
     tokens[count - 1] = force_last;
     labels[count - 1] = kIgnore;
   }
@@ -123,60 +122,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> assemble_cpu(
   int64_t* token = tokens.data_ptr<int64_t>();
   int64_t* label = labels.data_ptr<int64_t>();
   for (int64_t s = 0; s < b.n_samples; ++s) {
-    write_sample(b, s, extents[s], extents[s].kept, token + offset[s], label + offset[s]);
+    write_sample(b, s, extents[s], token + offset[s], label + offset[s]);
   }
   return {tokens, labels, offsets};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pack_cpu(
-    const at::Tensor& values, const at::Tensor& piece_offsets, const at::Tensor& piece_is_dsu,
-    const at::Tensor& piece_masked, const at::Tensor& sample_piece_offsets, const at::Tensor& sample_limit,
-    const at::Tensor& sample_force_last, int64_t dsu_offset, bool deduplicate, int64_t max_seq_len, int64_t pad_id) {
-  TORCH_CHECK(max_seq_len >= 1, "max_seq_len must be positive, got ", max_seq_len);
-  const Batch b = cpu_batch(values, piece_offsets, piece_is_dsu, piece_masked, sample_piece_offsets, sample_limit,
-                            sample_force_last, dsu_offset, deduplicate);
-  // Greedy placement: a sample joins the current row if it fits, else opens the next one.
-  // Empty samples take no room and no document number.
-  struct Slot {
-    int64_t row, column, document;
-  };
-  std::vector<Extent> extents(b.n_samples);
-  std::vector<Slot> slots(b.n_samples);
-  int64_t n_rows = 0, fill = max_seq_len, document = 0;
-  for (int64_t s = 0; s < b.n_samples; ++s) {
-    extents[s] = measure(b, s);
-    const int64_t count = std::min(extents[s].kept, max_seq_len);
-    if (count == 0) continue;
-    if (fill + count > max_seq_len) {
-      ++n_rows;
-      fill = 0;
-      document = 0;
-    }
-    slots[s] = {n_rows - 1, fill, document++};
-    fill += count;
-  }
-
-  const auto long_options = values.options();
-  at::Tensor tokens = at::full({n_rows, max_seq_len}, pad_id, long_options);
-  at::Tensor targets = at::full({n_rows, max_seq_len}, kIgnore, long_options);
-  at::Tensor positions = at::zeros({n_rows, max_seq_len}, long_options);
-  at::Tensor document_ids = at::full({n_rows, max_seq_len}, -1, long_options);
-  int64_t* token = tokens.data_ptr<int64_t>();
-  int64_t* target = targets.data_ptr<int64_t>();
-  int64_t* position = positions.data_ptr<int64_t>();
-  int64_t* document_id = document_ids.data_ptr<int64_t>();
-  for (int64_t s = 0; s < b.n_samples; ++s) {
-    const int64_t count = std::min(extents[s].kept, max_seq_len);
-    if (count == 0) continue;
-    const int64_t start = slots[s].row * max_seq_len + slots[s].column;
-    write_sample(b, s, extents[s], count, token + start, target + start);
-    // Next-token targets: token i predicts label i + 1 of the same sample, the last token nothing.
-    std::copy(target + start + 1, target + start + count, target + start);
-    target[start + count - 1] = kIgnore;
-    for (int64_t i = 0; i < count; ++i) position[start + i] = i;
-    std::fill(document_id + start, document_id + start + count, slots[s].document);
-  }
-  return {tokens, targets, positions, document_ids};
 }
 
 }  // namespace
@@ -187,14 +135,8 @@ TORCH_LIBRARY(speech_llama, m) {
       "assemble(Tensor values, Tensor piece_offsets, Tensor piece_is_dsu, Tensor piece_masked, "
       "Tensor sample_piece_offsets, Tensor sample_limit, Tensor sample_force_last, int dsu_offset, "
       "bool deduplicate) -> (Tensor tokens, Tensor labels, Tensor sample_offsets)");
-  m.def(
-      "pack(Tensor values, Tensor piece_offsets, Tensor piece_is_dsu, Tensor piece_masked, "
-      "Tensor sample_piece_offsets, Tensor sample_limit, Tensor sample_force_last, int dsu_offset, "
-      "bool deduplicate, int max_seq_len, int pad_id) "
-      "-> (Tensor tokens, Tensor targets, Tensor positions, Tensor document_ids)");
 }
 
 TORCH_LIBRARY_IMPL(speech_llama, CPU, m) {
   m.impl("assemble", &speech_llama::assemble_cpu);
-  m.impl("pack", &speech_llama::pack_cpu);
 }

@@ -1,4 +1,4 @@
-// Torch glue of the CUDA ops: checks the tensors, allocates the workspace and the outputs
+// Torch glue of the CUDA op: checks the tensors, allocates the workspace and the outputs
 // (through torch's caching allocator) and runs the two steps of pack_cuda.h on the current stream.
 
 #include <c10/cuda/CUDAGuard.h>
@@ -84,35 +84,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> assemble_cuda(
   return {tokens, labels, offsets};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pack_cuda(
-    const at::Tensor& values, const at::Tensor& piece_offsets, const at::Tensor& piece_is_dsu,
-    const at::Tensor& piece_masked, const at::Tensor& sample_piece_offsets, const at::Tensor& sample_limit,
-    const at::Tensor& sample_force_last, int64_t dsu_offset, bool deduplicate, int64_t max_seq_len, int64_t pad_id) {
-  TORCH_CHECK(max_seq_len >= 1, "max_seq_len must be positive, got ", max_seq_len);
-  const c10::cuda::CUDAGuard guard(values.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  Prepared p = prepare(values, piece_offsets, piece_is_dsu, piece_masked, sample_piece_offsets, sample_limit,
-                       sample_force_last, dsu_offset, deduplicate);
-  const size_t bytes = p.workspace.numel();
-  at::Tensor rows = at::empty({1}, values.options());
-  check_cuda(pack_measure(p.batch, max_seq_len, p.workspace.data_ptr(), bytes, rows.data_ptr<int64_t>(), stream),
-             "pack");
-  const int64_t n_rows = rows.item<int64_t>();
-  at::Tensor tokens = at::empty({n_rows, max_seq_len}, values.options());
-  at::Tensor targets = at::empty_like(tokens);
-  at::Tensor positions = at::empty_like(tokens);
-  at::Tensor document_ids = at::empty_like(tokens);
-  check_cuda(pack_write(p.batch, max_seq_len, pad_id, n_rows, p.workspace.data_ptr(), bytes,
-                        tokens.data_ptr<int64_t>(), targets.data_ptr<int64_t>(), positions.data_ptr<int64_t>(),
-                        document_ids.data_ptr<int64_t>(), stream),
-             "pack");
-  return {tokens, targets, positions, document_ids};
-}
-
 }  // namespace
 }  // namespace speech_llama
 
 TORCH_LIBRARY_IMPL(speech_llama, CUDA, m) {
   m.impl("assemble", &speech_llama::assemble_cuda);
-  m.impl("pack", &speech_llama::pack_cuda);
 }

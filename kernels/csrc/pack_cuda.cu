@@ -1,11 +1,10 @@
-// CUDA kernels of speech_llama::assemble and speech_llama::pack (interface: pack_cuda.h).
+// CUDA kernels of speech_llama::assemble (interface: pack_cuda.h).
 // Needs only the CUDA runtime and CUB, so nvcc compiles this file on its own.
 //
 // One thread per input value. A value is dropped when it repeats its predecessor inside a
 // deduplicated DSU piece; an exclusive scan of the keep flags gives every kept value its rank in
 // the deduplicated stream, from which each sample's length and each value's index inside its
-// sample follow directly. The greedy row placement of `pack` is sequential by nature: one thread
-// walks the samples (a few microseconds for batches of thousands).
+// sample follow directly.
 
 #include <cub/device/device_scan.cuh>
 
@@ -33,15 +32,12 @@ struct Workspace {
   int64_t* sample_start;   // (n_samples,) rank of the sample's first value
   int64_t* sample_length;  // (n_samples,) after deduplication, before the limit
   int64_t* sample_kept;    // (n_samples,) after the limit
-  int64_t* slot_row;       // (n_samples,) pack only: the sample's row, -1 when it is empty,
-  int64_t* slot_column;    //   its first column
-  int64_t* slot_document;  //   and its document number within the row
   void* scan_storage;      // CUB's temporary storage
   size_t scan_bytes;
 };
 
 size_t array_bytes(const DeviceBatch& b) {
-  return aligned((b.n_values + 1) * sizeof(int64_t)) + 6 * aligned(b.n_samples * sizeof(int64_t));
+  return aligned((b.n_values + 1) * sizeof(int64_t)) + 3 * aligned(b.n_samples * sizeof(int64_t));
 }
 
 Workspace carve(const DeviceBatch& b, void* base, size_t total_bytes) {
@@ -56,9 +52,6 @@ Workspace carve(const DeviceBatch& b, void* base, size_t total_bytes) {
   w.sample_start = take(b.n_samples);
   w.sample_length = take(b.n_samples);
   w.sample_kept = take(b.n_samples);
-  w.slot_row = take(b.n_samples);
-  w.slot_column = take(b.n_samples);
-  w.slot_document = take(b.n_samples);
   w.scan_storage = next;
   w.scan_bytes = total_bytes - array_bytes(b);
   return w;
@@ -145,56 +138,7 @@ __global__ void write_flat(DeviceBatch b, Workspace w, const int64_t* sample_off
   }
 }
 
-// Greedy: a sample joins the current row if it fits, else opens the next one; samples longer
-// than a row keep their first max_seq_len tokens; empty samples take no room and no document.
-__global__ void place_samples(int64_t n_samples, int64_t max_seq_len, Workspace w, int64_t* n_rows) {
-  if (first_index() != 0) return;
-  int64_t rows = 0, fill = max_seq_len, document = 0;
-  for (int64_t s = 0; s < n_samples; ++s) {
-    const int64_t count = w.sample_kept[s] < max_seq_len ? w.sample_kept[s] : max_seq_len;
-    if (count == 0) {
-      w.slot_row[s] = -1;
-      continue;
-    }
-    if (fill + count > max_seq_len) {
-      ++rows;
-      fill = 0;
-      document = 0;
-    }
-    w.slot_row[s] = rows - 1;
-    w.slot_column[s] = fill;
-    w.slot_document[s] = document++;
-    fill += count;
-  }
-  *n_rows = rows;
-}
-
-__global__ void fill_padding(int64_t n, int64_t pad_id, int64_t* tokens, int64_t* targets, int64_t* positions,
-                             int64_t* document_ids) {
-  for (int64_t i = first_index(); i < n; i += grid_stride()) {
-    tokens[i] = pad_id;
-    targets[i] = kIgnore;
-    positions[i] = 0;
-    document_ids[i] = -1;
-  }
-}
-
-// Targets are shifted for next-token prediction: the label of a sample's token k lands on its
-// token k - 1, and its last token keeps the IGNORE that fill_padding wrote.
-__global__ void write_packed(DeviceBatch b, Workspace w, int64_t max_seq_len, int64_t* tokens, int64_t* targets,
-                             int64_t* positions, int64_t* document_ids) {
-  for (int64_t i = first_index(); i < b.n_values; i += grid_stride()) {
-    Placed v;
-    if (!place_value(b, w, i, &v) || v.index >= max_seq_len) continue;
-    const int64_t at = w.slot_row[v.sample] * max_seq_len + w.slot_column[v.sample] + v.index;
-    tokens[at] = v.token;
-    positions[at] = v.index;
-    document_ids[at] = w.slot_document[v.sample];
-    if (v.index > 0) targets[at - 1] = v.masked ? kIgnore : v.token;
-  }
-}
-
-// Shared first step: keep flags, their scan into ranks, and every sample's lengths.
+// First step: keep flags, their scan into ranks, and every sample's lengths.
 cudaError_t measure(const DeviceBatch& b, const Workspace& w, cudaStream_t stream) {
   mark_kept<<<blocks_for(b.n_values), kThreads, 0, stream>>>(b, w.rank);
   RETURN_IF_ERROR(cudaGetLastError());
@@ -233,27 +177,6 @@ cudaError_t assemble_write(const DeviceBatch& batch, void* workspace, size_t wor
                            const int64_t* sample_offsets, int64_t* tokens, int64_t* labels, cudaStream_t stream) {
   const Workspace w = carve(batch, workspace, workspace_bytes);
   write_flat<<<blocks_for(batch.n_values), kThreads, 0, stream>>>(batch, w, sample_offsets, tokens, labels);
-  return cudaGetLastError();
-}
-
-cudaError_t pack_measure(const DeviceBatch& batch, int64_t max_seq_len, void* workspace, size_t workspace_bytes,
-                         int64_t* n_rows, cudaStream_t stream) {
-  const Workspace w = carve(batch, workspace, workspace_bytes);
-  RETURN_IF_ERROR(measure(batch, w, stream));
-  place_samples<<<1, 1, 0, stream>>>(batch.n_samples, max_seq_len, w, n_rows);
-  return cudaGetLastError();
-}
-
-cudaError_t pack_write(const DeviceBatch& batch, int64_t max_seq_len, int64_t pad_id, int64_t n_rows,
-                       void* workspace, size_t workspace_bytes, int64_t* tokens, int64_t* targets,
-                       int64_t* positions, int64_t* document_ids, cudaStream_t stream) {
-  const int64_t n_slots = n_rows * max_seq_len;
-  const Workspace w = carve(batch, workspace, workspace_bytes);
-  fill_padding<<<blocks_for(n_slots), kThreads, 0, stream>>>(n_slots, pad_id, tokens, targets, positions,
-                                                             document_ids);
-  RETURN_IF_ERROR(cudaGetLastError());
-  write_packed<<<blocks_for(batch.n_values), kThreads, 0, stream>>>(batch, w, max_seq_len, tokens, targets,
-                                                                    positions, document_ids);
   return cudaGetLastError();
 }
 

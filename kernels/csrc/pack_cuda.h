@@ -1,8 +1,8 @@
-// The CUDA kernels of speech_llama::assemble and speech_llama::pack, behind a plain interface
-// (device pointers and sizes, CUDA runtime types only) so that pack_cuda.cu compiles with nvcc
-// alone; pack_cuda.cpp is the torch glue. Semantics and layout: kernels/__init__.py.
+// The CUDA kernels of speech_llama::assemble, behind a plain interface (device pointers and
+// sizes, CUDA runtime types only) so that pack_cuda.cu compiles with nvcc alone; pack_cuda.cpp is
+// the torch glue. Semantics and layout: kernels/__init__.py.
 //
-// Each op runs in two steps on one stream. The first measures the batch into a workspace and
+// The op runs in two steps on one stream. The first measures the batch into a workspace and
 // ends with the output size in device memory; the caller reads it, allocates the outputs and
 // runs the second step, which writes them. The same workspace serves both steps.
 #pragma once
@@ -37,13 +37,5 @@ cudaError_t assemble_measure(const DeviceBatch& batch, void* workspace, size_t w
 // assemble, step 2: tokens and labels, each (sample_offsets[n_samples],).
 cudaError_t assemble_write(const DeviceBatch& batch, void* workspace, size_t workspace_bytes,
                            const int64_t* sample_offsets, int64_t* tokens, int64_t* labels, cudaStream_t stream);
-
-// pack, step 1: places every sample and writes the row count to *n_rows (device).
-cudaError_t pack_measure(const DeviceBatch& batch, int64_t max_seq_len, void* workspace, size_t workspace_bytes,
-                         int64_t* n_rows, cudaStream_t stream);
-// pack, step 2: tokens, targets, positions, document_ids, each (n_rows, max_seq_len).
-cudaError_t pack_write(const DeviceBatch& batch, int64_t max_seq_len, int64_t pad_id, int64_t n_rows,
-                       void* workspace, size_t workspace_bytes, int64_t* tokens, int64_t* targets,
-                       int64_t* positions, int64_t* document_ids, cudaStream_t stream);
 
 }  // namespace speech_llama
