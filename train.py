@@ -681,8 +681,32 @@ def train(cfg: dict) -> None:
             progress.write(f"step {done}: saved {run_dir / CHECKPOINTS / f'step_{done:07d}'}")
     progress.close()
     metrics.close()
+    if rank == 0:
+        print(f"train: loss curves in {plot_losses(run_dir / 'metrics.jsonl', run_dir / 'losses.png')}", flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def plot_losses(metrics_path: Path, png_path: Path) -> Path:
+    """Train and dev loss against step, from metrics.jsonl, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, style in (("loss", "-"), ("dev_loss", "o-")):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            ax.plot(*zip(*points), style, label=key.replace("_", " "), markersize=3)
+    ax.set(xlabel="optimizer step", ylabel="loss (nats per target token)", title=metrics_path.parent.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path
 
 
 class MetricsLog:

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 from tiktoken._educational import bpe_train
 
+from data.dataset import load_rows
 from data.tokenizer import LLAMA3_SPECIAL_TOKENS, PUA_AWARE_PATTERN, bpe_lines
 
 INIT_STD = 0.02
@@ -172,7 +173,9 @@ def main(argv=None) -> int:
         "whose BPE tokenizer is learnt from a text file.",
     )
     parser.add_argument("out_dir", type=Path, help="directory to create (must not exist)")
-    parser.add_argument("--text", type=Path, required=True, help="UTF-8 text file to learn the BPE vocabulary from")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", type=Path, help="UTF-8 text file to learn the BPE vocabulary from")
+    source.add_argument("--transcripts", help="or a dataset (JSONL/Parquet, reference schema) whose transcripts to learn it from")
     parser.add_argument("--vocab-size", type=int, default=512, help="BPE ranks to learn, >= 256 (default 512)")
     parser.add_argument("--hidden", type=int, default=128, help="model width (default 128)")
     parser.add_argument("--layers", type=int, default=4, help="transformer layers (default 4)")
@@ -183,12 +186,15 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     args = parser.parse_args(argv)
     try:
-        text = args.text.read_text(encoding="utf-8")
+        if args.text is not None:
+            text = args.text.read_text(encoding="utf-8")
+        else:
+            text = "\n".join(row["transcript"] for row in load_rows(args.transcripts, fields=("transcript",)))
         out = make_tiny_model(
             args.out_dir, text, args.vocab_size, args.hidden, args.layers, args.heads,
             args.kv_heads, args.intermediate, args.seed, args.dtype,
         )
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError) as e:  # DataError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
