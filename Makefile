@@ -1,19 +1,47 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+DEMO ?= runs/demo
+MINI := data/mini
+STEPS ?= 2000
 
-.PHONY: test demo clean-venv
+.PHONY: test demo
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.test-deps: requirements.txt requirements-test.txt | $(BIN)/python
+$(VENV)/.deps: requirements.txt | $(BIN)/python
+	$(BIN)/pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.test-deps: $(VENV)/.deps requirements-test.txt
 	$(BIN)/pip install -q -r requirements-test.txt
 	touch $@
 
 test: $(VENV)/.test-deps
 	$(BIN)/python -m pytest -q tests
 
-clean-venv:
-	rm -rf $(VENV)
+# The whole pipeline on the bundled mini corpus: a small base model, extended by the corpus's 128 DSUs,
+# fine-tuned for ASR, then the test split transcribed and scored before and after training.
+demo: $(VENV)/.deps
+	@if [ -e $(DEMO) ]; then echo "$(DEMO) already exists: remove it, or run 'make demo DEMO=another/dir'"; exit 2; fi
+	@echo "== 1/5 a small Llama 3-layout base model, BPE learnt from the training transcripts"
+	$(BIN)/python -m data.tiny_model $(DEMO)/base --transcripts $(MINI)/train.jsonl \
+		--vocab-size 384 --hidden 192 --layers 4 --heads 6 --kv-heads 2 --intermediate 512
+	@echo "== 2/5 extend its vocabulary by the corpus's 128 DSUs"
+	$(BIN)/python extend.py --base $(DEMO)/base --n-dsus 128 --out $(DEMO)/extended
+	@echo "== 3/5 the untrained model transcribes the test split"
+	$(BIN)/python generate.py $(DEMO)/extended --data $(MINI)/test.jsonl --n-dsus 128 --max-tokens 24 \
+		--out $(DEMO)/untrained data.sft.system_prompt="Transcribe the speech."
+	$(BIN)/python wer.py $(DEMO)/untrained/generations.jsonl --worst 0
+	@echo "== 4/5 ASR fine-tuning ($(STEPS) steps)"
+	$(BIN)/python train.py configs/demo_sft.json run_dir=$(DEMO)/sft model.path=$(DEMO)/extended \
+		data.train=$(MINI)/train.jsonl data.dev=$(MINI)/dev.jsonl train.max_steps=$(STEPS)
+	@echo "== 5/5 the trained model transcribes the test split"
+	$(BIN)/python generate.py $(DEMO)/sft/checkpoints/step_$$(printf %07d $(STEPS)) --data $(MINI)/test.jsonl \
+		--max-tokens 24 --out $(DEMO)/trained
+	$(BIN)/python wer.py $(DEMO)/trained/generations.jsonl --worst 5
+	@$(BIN)/python -c 'import json; u, t = (json.load(open(f"$(DEMO)/{d}/wer.json")) for d in ("untrained", "trained")); \
+		print(f"\ntest WER: untrained {u[\"wer\"]:.1%}, trained {t[\"wer\"]:.1%}   (CER {u[\"cer\"]:.1%} -> {t[\"cer\"]:.1%})"); \
+		print("loss curves: $(DEMO)/sft/losses.png, metrics: $(DEMO)/sft/metrics.jsonl")'

@@ -630,6 +630,9 @@ def train(cfg: dict) -> None:
         else:
             epoch, micro = step_micro_batches(train_seqs, step, cfg, rank, world)
         n_targets = all_reduce_sum(torch.tensor(sum((b[1] != IGNORE).sum().item() for b in micro), device=device))
+        if n_targets.item() == 0 and rank == 0:
+            progress.write(f"warning: step {step + 1} has no target tokens (is data.max_seq_len too short "
+                           "for the prompt? SFT truncation cuts the transcript first)")
         scale = world / n_targets.clamp(min=1).float()  # DDP and FSDP average gradients over ranks
         step_loss = torch.zeros((), device=device)
         step_kinds = {"text_tokens": 0, "dsu_tokens": 0, "special_tokens": 0}
