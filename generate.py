@@ -404,7 +404,7 @@ def run(args: argparse.Namespace) -> Path:
         prompts = build_prompts(rows, tok, data)
     except GenerateError as error:
         raise GenerateError(f"{data_path}: {error}") from None
-    if data["task"] != "sft":
+    if data["task"] != "sft" and (checkpoint / TRAINING_CONFIG).is_file():
         print(f"generate.py: warning: the checkpoint was trained with data.task={data['task']!r}; "
               "prompts use the SFT (ASR) chat format", file=sys.stderr)
 
