@@ -32,7 +32,7 @@ demo: $(VENV)/.deps
 	@echo "== 2/5 extend its vocabulary by the corpus's 128 DSUs"
 	$(BIN)/python extend.py --base $(DEMO)/base --n-dsus 128 --out $(DEMO)/extended
 	@echo "== 3/5 the untrained model transcribes the test split"
-	$(BIN)/python generate.py $(DEMO)/extended --data $(MINI)/test.jsonl --n-dsus 128 --max-tokens 24 \
+	$(BIN)/python generate.py $(DEMO)/extended --data $(MINI)/test.jsonl --n-dsus 128 --max-tokens 32 \
 		--out $(DEMO)/untrained data.sft.system_prompt="Transcribe the speech."
 	$(BIN)/python wer.py $(DEMO)/untrained/generations.jsonl --worst 0
 	@echo "== 4/5 ASR fine-tuning ($(STEPS) steps)"
@@ -40,8 +40,8 @@ demo: $(VENV)/.deps
 		data.train=$(MINI)/train.jsonl data.dev=$(MINI)/dev.jsonl train.max_steps=$(STEPS)
 	@echo "== 5/5 the trained model transcribes the test split"
 	$(BIN)/python generate.py $(DEMO)/sft/checkpoints/step_$$(printf %07d $(STEPS)) --data $(MINI)/test.jsonl \
-		--max-tokens 24 --out $(DEMO)/trained
+		--max-tokens 32 --out $(DEMO)/trained
 	$(BIN)/python wer.py $(DEMO)/trained/generations.jsonl --worst 5
-	@$(BIN)/python -c 'import json; u, t = (json.load(open(f"$(DEMO)/{d}/wer.json")) for d in ("untrained", "trained")); \
-		print(f"\ntest WER: untrained {u[\"wer\"]:.1%}, trained {t[\"wer\"]:.1%}   (CER {u[\"cer\"]:.1%} -> {t[\"cer\"]:.1%})"); \
+	@$(BIN)/python -c 'import json; u, t = (json.load(open("$(DEMO)/" + d + "/wer.json")) for d in ("untrained", "trained")); \
+		print("\ntest WER: untrained %.1f%%, trained %.1f%%  (CER %.1f%% -> %.1f%%)" % (100 * u["wer"], 100 * t["wer"], 100 * u["cer"], 100 * t["cer"])); \
 		print("loss curves: $(DEMO)/sft/losses.png, metrics: $(DEMO)/sft/metrics.jsonl")'
