@@ -29,7 +29,7 @@ SHAPES = {
                rope_scaling=LLAMA3_ROPE, max_position_embeddings=131072, tie_word_embeddings=True, rms_norm_eps=1e-5),
     "small": dict(vocab_size=2000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                   num_attention_heads=8, num_key_value_heads=4, head_dim=32, rope_theta=500000.0,
-                  rope_scaling=LLAMA3_ROPE, max_position_embeddings=4096, tie_word_embeddings=True, rms_norm_eps=1e-5),
+                  rope_scaling=LLAMA3_ROPE, max_position_embeddings=8192, tie_word_embeddings=True, rms_norm_eps=1e-5),
 }
 
 
