@@ -37,8 +37,9 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import kernels
-from data.dataset import ASR_FIELDS, SCHEMA_FIELDS, DataError, load_rows
+from data.dataset import ASR_FIELDS, SCHEMA_FIELDS, DataError
 from data.samples import IGNORE, Interleave, Pieces, SampleBuilder
+from data.store import RowStore, open_store
 from data.tokenizer import Tokenizer
 from model import DTYPES, Llama, ModelConfig
 
@@ -62,6 +63,9 @@ DEFAULTS = {
         "task": "cpt",  # cpt or sft
         "train": None,  # JSONL / Parquet file, directory of shards, or glob
         "dev": "",  # evaluated every train.eval_steps when given
+        # Where train and dev are converted (once, validated) into memory-mapped arrays that later
+        # runs reuse; "" means <run_dir>/data_cache. Share one directory between runs on the same data.
+        "cache_dir": "",
         "n_dsus": None,  # must match the model's extended vocabulary
         "deduplicate": True,
         "modality_tokens": True,
@@ -221,7 +225,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 class Sequences:
     """Training or dev sequences: row `i` of epoch `e` always becomes the same tokens and labels."""
 
-    def __init__(self, rows: list[dict], data_cfg: dict, tokenizer: Tokenizer):
+    def __init__(self, rows: RowStore | list[dict], data_cfg: dict, tokenizer: Tokenizer):
         self.rows = rows
         self.task = data_cfg["task"]
         self.cpt = data_cfg["cpt"]
@@ -251,21 +255,26 @@ class Sequences:
     def build(self, index: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         return self.builder.assemble(self.pieces(index, epoch))
 
-    def build_many(self, indices, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """`build` for many rows in one call of the fused assembly op."""
-        pieces = [self.pieces(int(i), epoch) for i in indices]
-        return kernels.assemble_batch(pieces, self.builder.tok.dsu_offset, self.builder.deduplicate).samples()
+    def lengths(self, pieces: list[Pieces]) -> list[int]:
+        """How many tokens these sequences have once built, in one call of the measure op."""
+        return kernels.measure(kernels.flatten(pieces), self.builder.deduplicate).tolist()
 
 
-def load_sequences(source: str, data_cfg: dict, tokenizer: Tokenizer) -> Sequences:
+def load_sequences(source: str, cfg: dict, tokenizer: Tokenizer) -> Sequences:
+    """The sequences of `source`, read through its store (`data.store`): converted by the first
+    process of each machine, memory-mapped by all."""
+    data_cfg = cfg["data"]
     if data_cfg["task"] == "sft":
         fields = ASR_FIELDS
     elif data_cfg["cpt"]["sequence_type"] == "interleaved":
         fields = SCHEMA_FIELDS  # word times pick the DSUs under each word span
     else:
         fields = ("tokenized", "speech_tokens")  # concatenation joins the words, as the reference does
-    rows = load_rows(source, n_dsus=data_cfg["n_dsus"], fields=fields)
-    if not rows:
+    cache_dir = data_cfg["cache_dir"] or Path(cfg["run_dir"]) / "data_cache"
+    first_here = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    rows = open_store(source, cache_dir, n_dsus=data_cfg["n_dsus"], fields=fields, build=first_here,
+                      progress=first_here)
+    if not len(rows):
         raise DataError(f"{source}: no rows")
     return Sequences(rows, data_cfg, tokenizer)
 
@@ -309,21 +318,21 @@ def step_micro_batches(seqs: Sequences, step: int, cfg: dict, rank: int, world: 
 
 
 PACK_OPEN_ROWS = 128  # rows a packed stream keeps open for later sequences to fill: more, less padding
-PACK_LOOKAHEAD = 64  # sequences assembled per call of the fused op
+PACK_LOOKAHEAD = 64  # sequences measured per call of the measure op
 
 
 class PackedStream:
     """The training data of a packed run: one stream of rows, computed identically on every rank.
 
-    Sequences enter in each epoch's order (`epoch_order`) and a `kernels.FirstFitPacker` with
-    PACK_OPEN_ROWS open rows places them. When an epoch's sequences run out, its open rows are
-    repacked and flushed, so no row mixes epochs and every sequence is trained on once per epoch.
-    Sequences come out exactly as the unpacked path builds them (cut to max_seq_len by the
-    builders). The position in the stream is (epoch, sequences taken from its order, the indices
-    of the sequences in the open rows): `state_dict`, saved with each checkpoint. A sequence is a
-    pure function of (epoch, index), so a restored stream rebuilds the open rows and continues
-    with exactly the rows of an uninterrupted one. Memory: the open rows' sequences and the
-    look-ahead, not the data set.
+    Sequences enter in each epoch's order (`epoch_order`) as `Pieces`, are measured, and a
+    `kernels.FirstFitPacker` with PACK_OPEN_ROWS open rows places them by length. When an epoch's
+    sequences run out, its open rows are repacked and flushed, so no row mixes epochs and every
+    sequence is trained on once per epoch. The `pack` op later writes each rank's rows, exactly as
+    the unpacked path builds the sequences (cut to max_seq_len by the builders). The position in
+    the stream is (epoch, sequences taken from its order, the indices of the sequences in the open
+    rows): `state_dict`, saved with each checkpoint. A sequence is a pure function of (epoch,
+    index), so a restored stream rebuilds the open rows and continues with exactly the rows of an
+    uninterrupted one. Memory: the open rows' sequences and the look-ahead, not the data set.
     """
 
     def __init__(self, seqs: Sequences, cfg: dict):
@@ -332,16 +341,16 @@ class PackedStream:
         if seqs.task == "cpt" and self.max_seq_len < 2:  # CPT keeps max_seq_len - 1 tokens: no row would fill
             raise ConfigError(f"data.max_seq_len must be at least 2 for packed CPT, got {self.max_seq_len}")
         self.packer = kernels.FirstFitPacker(self.max_seq_len, PACK_OPEN_ROWS)
-        self.open_samples: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # index -> sequence, in open rows
+        self.open_samples: dict[int, Pieces] = {}  # index -> sequence, in open rows
         self._start_epoch(0, 0)
 
     def _start_epoch(self, epoch: int, position: int) -> None:
         self.epoch, self.position = epoch, position
         self.order = epoch_order(len(self.seqs), self.seed, epoch, self.shuffle)
-        self.ahead: deque[tuple[int, tuple[np.ndarray, np.ndarray]]] = deque()  # built, not yet placed
+        self.ahead: deque[tuple[int, Pieces, int]] = deque()  # (index, sequence, length): measured, not yet placed
 
-    def next_row(self) -> tuple[int, list[tuple[np.ndarray, np.ndarray]]]:
-        """(epoch, the row's sequences as (tokens, unshifted labels)), for `kernels.pack_rows`."""
+    def next_row(self) -> tuple[int, list[Pieces]]:
+        """(epoch, the row's sequences), for `kernels.pack`."""
         while True:
             if self.position == len(self.order):
                 row = self.packer.pop()
@@ -350,12 +359,13 @@ class PackedStream:
                 self._start_epoch(self.epoch + 1, 0)
             if not self.ahead:
                 indices = self.order[self.position : self.position + PACK_LOOKAHEAD].tolist()
-                self.ahead.extend(zip(indices, self.seqs.build_many(indices, self.epoch)))
-            index, sample = self.ahead.popleft()
+                pieces = [self.seqs.pieces(i, self.epoch) for i in indices]
+                self.ahead.extend(zip(indices, pieces, self.seqs.lengths(pieces)))
+            index, sample, length = self.ahead.popleft()
             self.position += 1
-            if len(sample[0]):  # the packer drops empty sequences: nothing to keep
+            if length:  # the packer drops empty sequences: nothing to keep
                 self.open_samples[index] = sample
-            row = self.packer.add(index, len(sample[0]))
+            row = self.packer.add(index, length)
             if self.position == len(self.order):
                 self.packer.finish()
             if row is not None:
@@ -366,26 +376,28 @@ class PackedStream:
                 "max_seq_len": self.max_seq_len}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["max_seq_len"] != self.max_seq_len:
-            raise ConfigError(f"resume: the checkpoint packed rows of {state['max_seq_len']} tokens, this run has "
-                              f"data.max_seq_len {self.max_seq_len}")
+        assert state["max_seq_len"] == self.max_seq_len, "check_resumable compares them first"
         self._start_epoch(state["epoch"], state["position"])
         indices = [i for row in state["open_rows"] for i in row]
-        self.open_samples = dict(zip(indices, self.seqs.build_many(indices, self.epoch)))
-        self.packer.reopen([[(i, len(self.open_samples[i][0])) for i in row] for row in state["open_rows"]])
+        self.open_samples = {i: self.seqs.pieces(i, self.epoch) for i in indices}
+        length = dict(zip(indices, self.seqs.lengths([self.open_samples[i] for i in indices])))
+        self.packer.reopen([[(i, length[i]) for i in row] for row in state["open_rows"]])
 
 
-def packed_micro_batches(stream: PackedStream, cfg: dict, rank: int, world: int):
-    """This rank's micro-batches for the next optimizer step, as `kernels.Packed` rows: the step
-    takes the stream's next batch_size*grad_accum*world rows, sliced as `step_micro_batches`
-    slices sequences, so 2 processes see what 1 process with twice the batch size sees."""
+def packed_micro_batches(stream: PackedStream, cfg: dict, rank: int, world: int, device=None):
+    """This rank's micro-batches for the next optimizer step, as `kernels.Packed` rows on `device`:
+    the step takes the stream's next batch_size*grad_accum*world rows, sliced as
+    `step_micro_batches` slices sequences, so 2 processes see what 1 process with twice the batch
+    size sees. Only this rank's rows are written (by the `pack` op; on the GPU when it is one)."""
     batch, accum = cfg["train"]["batch_size"], cfg["train"]["grad_accum"]
     rows = [stream.next_row() for _ in range(batch * accum * world)]
-    pad_id = stream.seqs.builder.tok.special_ids["<|finetune_right_pad_id|>"]
+    builder = stream.seqs.builder
+    pad_id = builder.tok.special_ids["<|finetune_right_pad_id|>"]
     micro = []
     for m in range(accum):
         mine = rows[m * batch * world : (m + 1) * batch * world][rank * batch : (rank + 1) * batch]
-        micro.append(kernels.pack_rows([samples for _, samples in mine], stream.max_seq_len, pad_id))
+        micro.append(kernels.pack([samples for _, samples in mine], builder.tok.dsu_offset, builder.deduplicate,
+                                  stream.max_seq_len, pad_id, device))
     return rows[-1][0], micro
 
 
@@ -456,10 +468,13 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, cfg: 
     os.replace(tmp, final)  # atomic: a crash before this line leaves only the temporary directory
 
 
-def load_training_state(path: Path, model, optimizer, scheduler) -> dict:
+def read_training_state(path: Path) -> dict:
+    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def restore_training_state(state: dict, model, optimizer, scheduler) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
@@ -467,7 +482,6 @@ def load_training_state(path: Path, model, optimizer, scheduler) -> dict:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     np.random.set_state(state["rng"]["numpy"])
     random.setstate(state["rng"]["python"])
-    return state
 
 
 def resolve_resume(cfg: dict, run_dir: Path) -> Path | None:
@@ -494,6 +508,9 @@ def check_resumable(saved: dict, cfg: dict, world: int) -> None:
             f"{json.dumps(cfg['data']['packed'])}; its data position means nothing to this run. Start a new run "
             "from it (model.path) instead."
         )
+    if "packer" in saved and saved["packer"]["max_seq_len"] != cfg["data"]["max_seq_len"]:
+        raise ConfigError(f"resume: the checkpoint packed rows of {saved['packer']['max_seq_len']} tokens, this run "
+                          f"has data.max_seq_len {cfg['data']['max_seq_len']}")
     now = {"batch_size": cfg["train"]["batch_size"], "grad_accum": cfg["train"]["grad_accum"], "world_size": world}
     then = {key: saved[key] for key in now}
     if then != now and not cfg["resume_force"]:
@@ -589,8 +606,11 @@ def train(cfg: dict) -> None:
         raise ConfigError(f"model.path: {model_path} has no config.json")
     tok = Tokenizer(model_path / "original" / "tokenizer.model")
     check_vocabulary(model_path, tok, cfg)
-    train_seqs = load_sequences(cfg["data"]["train"], cfg["data"], tok)
-    dev_seqs = load_sequences(cfg["data"]["dev"], cfg["data"], tok) if cfg["data"]["dev"] else None
+    saved = read_training_state(resume_from) if resume_from is not None else None
+    if saved is not None:
+        check_resumable(saved, cfg, world)  # before the data is converted: a refused run writes nothing
+    train_seqs = load_sequences(cfg["data"]["train"], cfg, tok)
+    dev_seqs = load_sequences(cfg["data"]["dev"], cfg, tok) if cfg["data"]["dev"] else None
     stream = PackedStream(train_seqs, cfg) if cfg["data"]["packed"] else None
 
     torch.manual_seed(cfg["seed"])
@@ -605,9 +625,8 @@ def train(cfg: dict) -> None:
         optimizer, cosine_with_warmup(opt["warmup_steps"], max_steps, opt["num_cycles"])
     )
     start_step, totals = 0, {"tokens": 0, "text_tokens": 0, "dsu_tokens": 0, "special_tokens": 0, "target_tokens": 0}
-    if resume_from is not None:
-        saved = load_training_state(resume_from, model, optimizer, scheduler)
-        check_resumable(saved, cfg, world)
+    if saved is not None:
+        restore_training_state(saved, model, optimizer, scheduler)
         start_step, totals = saved["step"], saved["totals"]
         if stream is not None:
             stream.load_state_dict(saved["packer"])
@@ -626,7 +645,7 @@ def train(cfg: dict) -> None:
     window_start, window_tokens = time.perf_counter(), 0
     for step in range(start_step, max_steps):
         if stream is not None:
-            epoch, micro = packed_micro_batches(stream, cfg, rank, world)
+            epoch, micro = packed_micro_batches(stream, cfg, rank, world, device)
         else:
             epoch, micro = step_micro_batches(train_seqs, step, cfg, rank, world)
         n_targets = all_reduce_sum(torch.tensor(sum((b[1] != IGNORE).sum().item() for b in micro), device=device))

@@ -7,9 +7,10 @@ deduplication on and off), 16 samples per op call, rows of 2048 (no golden sampl
   string path   the reference's string + regex path (data/reference_strings.py): the baseline
   per sample    SampleBuilder's per-sample NumPy assembly (bench/construction.py's token-level path)
   op assemble   SampleBuilder *_pieces + kernels.assemble_batch (flat tokens and labels)
-  op + packer   op assemble, then train.py's packing: kernels.FirstFitPacker over the samples as
-                they come (train.PACK_OPEN_ROWS open rows, finished at the end) and
-                kernels.pack_rows for the rows that leave (shifted targets, positions, documents)
+  op + packer   train.py's packed path: SampleBuilder *_pieces, kernels.measure per 64 samples
+                (train.PACK_LOOKAHEAD), a kernels.FirstFitPacker placing them as they come
+                (train.PACK_OPEN_ROWS open rows, finished at the end), and the pack op writing
+                every 16 rows that leave (tokens, shifted targets, positions, document ids)
 All paths must produce the same number of tokens (checked before timing). The baseline is
 measured in the same run; speed-ups are against it.
 
@@ -39,7 +40,7 @@ from bench.construction import GOLDEN, best_tokens_per_second, extended_llama3_t
 from data import reference_strings as ref  # noqa: E402
 from data.dataset import SCHEMA_FIELDS, load_rows  # noqa: E402
 from data.samples import Interleave, SampleBuilder  # noqa: E402
-from train import DEFAULT_SYSTEM_PROMPT, PACK_OPEN_ROWS  # noqa: E402
+from train import DEFAULT_SYSTEM_PROMPT, PACK_LOOKAHEAD, PACK_OPEN_ROWS  # noqa: E402
 
 BATCH = 16
 THROUGHPUT_SEQ_LEN = 2048
@@ -112,20 +113,20 @@ class Workload:
         for d in (True, False):
             b = self.builder(d, THROUGHPUT_SEQ_LEN)
             pieces = self.pieces(b)
-            packer, kept, rows = kernels.FirstFitPacker(THROUGHPUT_SEQ_LEN, PACK_OPEN_ROWS), {}, []
-            for k in range(0, len(pieces), BATCH):
-                samples = kernels.assemble_batch(pieces[k : k + BATCH], self.tok.dsu_offset, d).samples()
-                for i, sample in enumerate(samples, start=k):
-                    kept[i] = sample
-                    if (row := packer.add(i, len(sample[0]))) is not None:
-                        rows.append([kept.pop(j) for j in row])
-                if len(rows) >= BATCH:
-                    n += real_tokens(kernels.pack_rows(rows, THROUGHPUT_SEQ_LEN, self.pad_id))
-                    rows = []
+            packer, open_samples, rows = kernels.FirstFitPacker(THROUGHPUT_SEQ_LEN, PACK_OPEN_ROWS), {}, []
+            for k in range(0, len(pieces), PACK_LOOKAHEAD):
+                ahead = pieces[k : k + PACK_LOOKAHEAD]
+                for i, (sample, length) in enumerate(zip(ahead, kernels.measure(kernels.flatten(ahead), d)), start=k):
+                    open_samples[i] = sample
+                    if (row := packer.add(i, int(length))) is not None:
+                        rows.append([open_samples.pop(j) for j in row])
+                    if len(rows) == BATCH:
+                        n += real_tokens(kernels.pack(rows, self.tok.dsu_offset, d, THROUGHPUT_SEQ_LEN, self.pad_id))
+                        rows = []
             packer.finish()
             while (row := packer.pop()) is not None:
-                rows.append([kept.pop(j) for j in row])
-            n += real_tokens(kernels.pack_rows(rows, THROUGHPUT_SEQ_LEN, self.pad_id))
+                rows.append([open_samples.pop(j) for j in row])
+            n += real_tokens(kernels.pack(rows, self.tok.dsu_offset, d, THROUGHPUT_SEQ_LEN, self.pad_id))
         return n
 
     def padding_shares(self, max_seq_len: int) -> list[float]:

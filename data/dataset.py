@@ -72,13 +72,15 @@ def iter_rows(
     *,
     n_dsus: int | None = None,
     fields: Sequence[str] = SCHEMA_FIELDS,
+    unique_ids: bool = True,
 ) -> Iterator[dict]:
     """Yield the validated rows of `source`, lazily, in file order then row order.
 
     Each row holds `id` (given, or derived as "<file stem>:<row index>"), the requested `fields`
     (`speech_tokens` as a numpy int64 array) and any non-schema fields of the source unchanged.
     DSU ids must lie in [0, n_dsus), or in [0, MAX_DSUS) when `n_dsus` is None.
-    Ids must be unique across the whole source; every id is kept in memory to check that.
+    Ids must be unique across the whole source; every id is kept in memory to check that, unless
+    `unique_ids` is False (`data.store` checks them itself, in less memory).
     """
     unknown = [f for f in fields if f not in SCHEMA_FIELDS]
     if unknown:
@@ -96,10 +98,11 @@ def iter_rows(
                 row["id"] = f"{path.stem}:{index}"
             elif not isinstance(row["id"], str):
                 raise _field_error(where, "id", f"expected a string, got {type(row['id']).__name__}")
-            if row["id"] in first_seen:
-                problem = f"duplicate id {row['id']!r}, first at {first_seen[row['id']]}"
-                raise _field_error(where, "id", problem)
-            first_seen[row["id"]] = where
+            if unique_ids:
+                if row["id"] in first_seen:
+                    problem = f"duplicate id {row['id']!r}, first at {first_seen[row['id']]}"
+                    raise _field_error(where, "id", problem)
+                first_seen[row["id"]] = where
             yield row
 
 

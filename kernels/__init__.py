@@ -1,5 +1,5 @@
-"""Assembly of sample batches in one fused op (DSU deduplication, DSU -> token ids, loss masks,
-truncation), and packing of the assembled samples into fixed-length rows.
+"""The fused data ops: a batch of samples, described as pieces, is deduplicated (DSU runs), mapped
+to token ids, masked, truncated, and either assembled flat or packed into rows, in one pass.
 
 Contract
 --------
@@ -10,36 +10,36 @@ Input: S samples, each a `data.samples.Pieces`, flattened by `flatten` into
     piece_masked          bool  (P,)    the piece's tokens get IGNORE (-100) labels
     sample_piece_offsets  int64 (S+1,)  sample s is pieces sample_piece_offsets[s]:sample_piece_offsets[s+1]
     sample_limit          int64 (S,)    keep at most this many tokens; -1: no limit
-    sample_force_last     int64 (S,)    when the limit cuts the sample, its last kept token becomes this
+    sample_force_last     int64 (S,)    when the limit cut the sample, its last kept token becomes this
                                         one, masked; negative: none
 and two scalars: dsu_offset, the token id of DSU 0, and deduplicate, which drops consecutive
 repeats inside each DSU piece (never across pieces).
 
-`assemble` -> Assembled(tokens, labels, sample_offsets): sample s is tokens[sample_offsets[s]:
-sample_offsets[s+1]], exactly what `data.samples.assemble` gives for it (its limit and force_last
-applied). Labels are NOT shifted (label i belongs to token i), IGNORE where masked.
-`Assembled.samples()` splits it into per-sample NumPy (tokens, labels).
-The CUDA op waits for the GPU twice per call: to validate the offsets and to size its outputs.
+Ops (torch.ops.speech_llama, each exactly what `data.samples.assemble` gives per sample):
+- `measure` -> each sample's length (S,), after deduplication and its limit: what a packer places.
+- `assemble` -> Assembled(tokens, labels, sample_offsets): sample s is tokens[sample_offsets[s]:
+  sample_offsets[s+1]], labels NOT shifted (label i belongs to token i), IGNORE where masked.
+- `pack`, given row_sample_offsets int64 (R+1,) (row r holds samples row_sample_offsets[r]:
+  row_sample_offsets[r+1], which the batch lists in row order), max_seq_len L and pad_id ->
+  Packed(tokens, targets, positions, document_ids), each int64 (R, L):
+  - a row's samples sit side by side in their order from column 0; a row holding more than L
+    tokens is an error (builders cut samples to their max_seq_len, CPT to L - 1, SFT to L, which
+    is the unpacked path's truncation);
+  - positions restart at 0 for every sample; document_ids number the samples of a row 0, 1, 2, ...;
+  - targets are ALREADY SHIFTED for next-token prediction: targets[r, j] is the label of the token
+    after j in the same sample, and IGNORE at every sample's last token. The trainer must not
+    shift packed batches again, and no token is ever trained to predict the next sample's first
+    token (a sample's first label is never a target, as in the unpacked path's shift);
+  - padding: tokens pad_id, targets IGNORE, positions 0, document_ids -1.
+  A packed batch feeds `model(tokens, positions, document_ids, labels=targets)` as it is.
 
-Packing (kernels.packing, Python and NumPy): `FirstFitPacker` decides from lengths alone which
-samples share a row of max_seq_len (first-fit over a bounded window of open rows, streaming);
-`place` runs it over one epoch. `pack_rows(rows, max_seq_len, pad_id)` turns rows of assembled
-samples into Packed(tokens, targets, positions, document_ids), each int64 (R, L):
-- A row's samples sit side by side in their order from column 0; a row never holds more than L
-  tokens (a longer sample is an error: builders cut samples to their max_seq_len, CPT to L - 1,
-  SFT to L, which is the unpacked path's truncation).
-- positions restart at 0 for every sample; document_ids number the samples of a row 0, 1, 2, ...
-- targets are ALREADY SHIFTED for next-token prediction: targets[r, j] is the label of the token
-  after j in the same sample, and IGNORE at every sample's last token. The trainer must not
-  shift packed batches again, and no token is ever trained to predict the next sample's first
-  token. (A sample's first label is never a target, as in the unpacked path's shift.)
-- Padding: tokens pad_id, targets IGNORE, positions 0, document_ids -1.
-A packed batch feeds `model(tokens, positions, document_ids, labels=targets)` as it is.
+Where each sample goes is decided from `measure`'s lengths alone by `FirstFitPacker` (first fit
+over a bounded window of open rows, streaming; kernels.packing); `place` runs it over one epoch.
 
-Implementations of `assemble`: the C++ op (CPU) and the CUDA op, registered as
-torch.ops.speech_llama.assemble and built on first use (`kernels.build`; `python -m kernels build`
-ahead of time), and the NumPy reference (`kernels.reference`), used with one warning when the
-extension cannot be built.
+Implementations: C++ (CPU) and CUDA, registered as torch.ops.speech_llama and built on first use
+(`kernels.build`; `python -m kernels build` ahead of time), and the NumPy reference
+(`kernels.reference`), used with one warning when the extension cannot be built. The CUDA ops
+wait for the GPU to validate the offsets and to size or check their outputs.
 """
 
 from itertools import chain
@@ -50,10 +50,10 @@ import torch
 
 from data.samples import Pieces
 from kernels import build, reference
-from kernels.packing import FirstFitPacker, Packed, pack_rows, place
+from kernels.packing import FirstFitPacker, Packed, place
 
-__all__ = ["Assembled", "FirstFitPacker", "FlatBatch", "Packed", "assemble", "assemble_batch", "flatten", "pack_rows",
-           "place"]
+__all__ = ["Assembled", "FirstFitPacker", "FlatBatch", "Packed", "assemble", "assemble_batch", "flatten", "measure",
+           "pack", "place"]
 
 
 class FlatBatch(NamedTuple):
@@ -103,18 +103,27 @@ def flatten(samples: Sequence[Pieces]) -> FlatBatch:
     )
 
 
-def assemble(batch: FlatBatch, dsu_offset: int, deduplicate: bool, device=None) -> Assembled:
-    """Runs the op where it can: the CUDA op for a CUDA device (when built with CUDA), else the
-    CPU op, else the reference; the results end up on `device`."""
-    device = torch.device(device if device is not None else "cpu")
+def _run(op: str, batch: FlatBatch, extra_tensors: tuple, args: tuple, device) -> tuple:
+    """Runs an op where it can: the CUDA op for a CUDA device (when built with CUDA), else the
+    CPU op, else the reference."""
     ext = build.extension()
     if ext is None:
-        outputs = reference.assemble(*batch, dsu_offset, deduplicate)
-    else:
-        inputs = [torch.from_numpy(array) for array in batch]
-        if device.type == "cuda" and ext.with_cuda:
-            inputs = [t.to(device) for t in inputs]
-        outputs = torch.ops.speech_llama.assemble(*inputs, dsu_offset, deduplicate)
+        return getattr(reference, op)(*batch, *extra_tensors, *args)
+    inputs = [torch.from_numpy(array) for array in (*batch, *extra_tensors)]
+    if device.type == "cuda" and ext.with_cuda:
+        inputs = [t.to(device, non_blocking=True) for t in inputs]
+    return getattr(torch.ops.speech_llama, op)(*inputs, *args)
+
+
+def measure(batch: FlatBatch, deduplicate: bool) -> np.ndarray:
+    """Every sample's length after deduplication and its limit (on the CPU)."""
+    return np.asarray(_run("measure", batch, (), (deduplicate,), torch.device("cpu")))
+
+
+def assemble(batch: FlatBatch, dsu_offset: int, deduplicate: bool, device=None) -> Assembled:
+    """The op's flat tokens and labels, on `device`."""
+    device = torch.device(device if device is not None else "cpu")
+    outputs = _run("assemble", batch, (), (dsu_offset, deduplicate), device)
     return Assembled(*(t.to(device) for t in outputs))
 
 
@@ -122,3 +131,12 @@ def assemble_batch(samples: Sequence[Pieces], dsu_offset: int, deduplicate: bool
     """Every sample's tokens and unshifted labels, flat, as `data.samples.assemble` gives them."""
     return assemble(flatten(samples), dsu_offset, deduplicate, device)
 
+
+def pack(rows: Sequence[Sequence[Pieces]], dsu_offset: int, deduplicate: bool, max_seq_len: int, pad_id: int,
+         device=None) -> Packed:
+    """One row of max_seq_len per entry of `rows`, holding its samples side by side (see the contract)."""
+    device = torch.device(device if device is not None else "cpu")
+    batch = flatten([sample for row in rows for sample in row])
+    row_offsets = _offsets(np.fromiter(map(len, rows), np.int64, len(rows)))
+    outputs = _run("pack", batch, (row_offsets,), (dsu_offset, deduplicate, max_seq_len, pad_id), device)
+    return Packed(*(t.to(device) for t in outputs))

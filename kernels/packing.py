@@ -1,16 +1,11 @@
-"""Packing samples into rows of max_seq_len: where each sample goes (first-fit over a bounded window
-of open rows, from lengths alone) and the row tensors (from the assembled samples).
-
-Placement is sequential and needs nothing but lengths, so it is plain Python; the row tensors are
-built with a few vectorized NumPy operations per batch of rows.
+"""Where each sample goes when samples are packed into rows of max_seq_len: first fit over a bounded
+window of open rows, from lengths alone. Placement is sequential and cheap, so it is plain Python;
+the `pack` op then writes the rows (kernels/__init__.py).
 """
 
 from typing import Hashable, NamedTuple, Sequence
 
-import numpy as np
 import torch
-
-from data.samples import IGNORE
 
 
 class Packed(NamedTuple):
@@ -109,41 +104,3 @@ def place(lengths: Sequence[int], max_seq_len: int, capacity: int) -> list[list[
     while (row := packer.pop()) is not None:
         rows.append(row)
     return rows
-
-
-def pack_rows(rows: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], max_seq_len: int, pad_id: int) -> Packed:
-    """Rows of max_seq_len, one per entry of `rows`, each holding its samples'
-    (tokens, unshifted labels) side by side in order, with targets shifted, positions restarting
-    per sample and document ids numbering the samples of a row (see the contract in kernels)."""
-    samples = [sample for row in rows for sample in row]
-    lengths = np.fromiter((len(tokens) for tokens, _ in samples), np.int64, len(samples))
-    per_row = np.fromiter(map(len, rows), np.int64, len(rows))
-    row_of = np.repeat(np.arange(len(rows)), per_row)
-    fills = np.bincount(row_of, weights=lengths, minlength=len(rows)).astype(np.int64)
-    if (fills > max_seq_len).any():
-        row = int(np.argmax(fills))
-        raise ValueError(f"row {row} holds {fills[row]} tokens, more than max_seq_len {max_seq_len}")
-
-    # Samples fill each row from column 0, so in row-major order the filled slots hold the
-    # samples' concatenation: one boolean mask places everything.
-    filled = np.arange(max_seq_len) < fills[:, None]
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
-    sample_of = np.repeat(np.arange(len(samples)), lengths)
-    document = np.arange(len(samples)) - (np.cumsum(per_row) - per_row)[row_of]
-
-    def joined(k: int) -> np.ndarray:
-        return np.concatenate([s[k] for s in samples]) if samples else np.zeros(0, np.int64)
-
-    labels = joined(1)
-    next_labels = np.full_like(labels, IGNORE)
-    next_labels[:-1] = labels[1:]
-    next_labels[ends[lengths > 0] - 1] = IGNORE  # a sample's last token predicts nothing
-    shape = (len(rows), max_seq_len)
-    tokens, targets = np.full(shape, pad_id, dtype=np.int64), np.full(shape, IGNORE, dtype=np.int64)
-    positions, document_ids = np.zeros(shape, dtype=np.int64), np.full(shape, -1, dtype=np.int64)
-    tokens[filled] = joined(0)
-    targets[filled] = next_labels
-    positions[filled] = np.arange(len(sample_of)) - starts[sample_of]
-    document_ids[filled] = document[sample_of]
-    return Packed(*(torch.from_numpy(a) for a in (tokens, targets, positions, document_ids)))

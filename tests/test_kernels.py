@@ -1,5 +1,5 @@
-"""The fused assemble op: C++ (CPU), CUDA and the NumPy reference against data.samples.assemble.
-(Packing: tests/test_packing.py.)"""
+"""The fused ops (measure, assemble; pack in tests/test_packing.py): C++ (CPU), CUDA and the NumPy
+reference against data.samples.assemble."""
 
 import logging
 
@@ -140,6 +140,10 @@ def test_reference_is_used_with_one_warning_when_the_extension_cannot_build(no_e
     expected = as_lists(expected_samples(samples, True))
     with caplog.at_level(logging.WARNING, logger="kernels.build"):
         assert split(kernels.assemble_batch(samples, DSU_OFFSET, True)) == expected
+        assert kernels.measure(kernels.flatten(samples), True).tolist() == [len(t) for t, _ in expected]
+        packed = kernels.pack([samples[2:5]], DSU_OFFSET, True, 16, 0)
+        assert packed.tokens[0, :4].tolist() == expected[2][0] + expected[3][0] + expected[4][0][:2]
+        assert packed.document_ids[0, :5].tolist() == [0, 1, 2, 2, 2]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "NumPy reference" in warnings[0].getMessage()
     assert "Ninja is required" in warnings[0].getMessage()
@@ -165,16 +169,46 @@ def test_cpu_op_rejects_malformed_batches(extension):
         call(sample_limit=torch.full_like(tensors["sample_limit"], -2))
     with pytest.raises(RuntimeError, match="values must be Long"):
         call(values=tensors["values"].int())
+    with pytest.raises(RuntimeError, match="piece_offsets decreases at index"):
+        ops.measure(*{**tensors, "piece_offsets": broken}.values(), True)
+
+    def pack(row_offsets, max_seq_len=1000):
+        return ops.pack(*tensors.values(), torch.tensor(row_offsets), DSU_OFFSET, True, max_seq_len, 0)
+
+    n = len(tensors["sample_limit"])
+    assert pack([0, n - 1, n])[0].shape == (2, 1000)
+    with pytest.raises(RuntimeError, match="row_sample_offsets must end at the number of samples"):
+        pack([0, n - 1])
+    with pytest.raises(RuntimeError, match="row_sample_offsets decreases at index 2"):
+        pack([0, 3, 2, n])
+    with pytest.raises(RuntimeError, match="row 0 holds .* tokens, more than max_seq_len 8"):
+        pack([0, n], max_seq_len=8)
+    with pytest.raises(RuntimeError, match="max_seq_len must be positive"):
+        pack([0, n], max_seq_len=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_op_equals_cpu_op_on_large_batches(extension):
+def test_cuda_ops_equal_cpu_ops_on_large_batches(extension):
     assert extension.with_cuda, "torch sees a GPU but the extension was built without CUDA (is nvcc installed?)"
     rng = np.random.default_rng(11)
     samples = adversarial_pieces(2048) + [sample_pieces(rng, max_pieces=12, max_len=400) for _ in range(3000)]
+    ops = torch.ops.speech_llama
     for deduplicate in (True, False):
         cpu = kernels.assemble_batch(samples, DSU_OFFSET, deduplicate)
         gpu = kernels.assemble_batch(samples, DSU_OFFSET, deduplicate, device="cuda")
         assert gpu.tokens.is_cuda
         for name, a, b in zip(kernels.Assembled._fields, cpu, gpu):
             assert torch.equal(a, b.cpu()), name
+        cuda_inputs = [torch.from_numpy(a).cuda() for a in kernels.flatten(samples)]
+        assert torch.equal(ops.measure(*cuda_inputs, deduplicate).cpu(), cpu.sample_offsets.diff())
+
+        lengths = np.diff(cpu.sample_offsets.numpy())
+        fits = [i for i, n in enumerate(lengths) if n <= 2048]
+        rows = [[samples[fits[i]] for i in row] for row in kernels.place(lengths[fits], 2048, 64)]
+        packed_cpu = kernels.pack(rows, DSU_OFFSET, deduplicate, 2048, 128004)
+        packed_gpu = kernels.pack(rows, DSU_OFFSET, deduplicate, 2048, 128004, device="cuda")
+        assert packed_gpu.tokens.is_cuda
+        for name, a, b in zip(kernels.Packed._fields, packed_cpu, packed_gpu):
+            assert torch.equal(a, b.cpu()), name
+    with pytest.raises(RuntimeError, match="more than max_seq_len 16"):
+        kernels.pack([samples[-10:]], DSU_OFFSET, True, 16, 0, device="cuda")

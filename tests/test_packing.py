@@ -19,11 +19,12 @@ from safetensors.torch import load_file
 import kernels
 import train
 from data.dataset import SCHEMA_FIELDS, load_rows
-from data.samples import IGNORE, SampleBuilder
+from data.samples import IGNORE, Pieces, SampleBuilder, assemble
 from data.tokenizer import Tokenizer
 from model import Llama
 from tests import tiny
-from tests.test_kernels import DSU_OFFSET, sample_pieces
+from kernels import reference
+from tests.test_kernels import DSU_OFFSET, adversarial_pieces, sample_pieces
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -120,12 +121,13 @@ def test_waste_is_under_5_percent_on_the_bundled_corpus(mini_lengths, task, max_
     assert packed < 0.05 and packed < greedy, (packed, greedy)
 
 
-# -- row tensors -------------------------------------------------------------------------------
+# -- row tensors (the pack op) -----------------------------------------------------------------
 
 
 def check_rows(packed: kernels.Packed, rows, max_seq_len: int, pad_id: int = PAD_ID) -> None:
-    """Row r holds rows[r]'s samples side by side from column 0: positions restarting, targets
-    shifted inside each sample, document ids numbering the samples, padding after."""
+    """Row r holds rows[r]'s samples (tokens, unshifted labels) side by side from column 0:
+    positions restarting, targets shifted inside each sample, document ids numbering the samples,
+    padding after."""
     tokens, targets, positions, documents = (t.numpy() for t in packed)
     assert all(t.dtype == torch.int64 for t in packed)
     assert tokens.shape == targets.shape == positions.shape == documents.shape == (len(rows), max_seq_len)
@@ -143,28 +145,53 @@ def check_rows(packed: kernels.Packed, rows, max_seq_len: int, pad_id: int = PAD
         assert (positions[r, fill:] == 0).all() and (documents[r, fill:] == -1).all()
 
 
-def test_pack_rows_fills_rows_exactly_and_never_predicts_across_samples():
-    samples = [(np.arange(n) + 10, np.arange(n) + 10) for n in (3, 5, 8, 1)]
-    tokens, targets, positions, documents = kernels.pack_rows([samples[:2], samples[2:3], samples[3:]], 8, 0)
+def literal(*values) -> Pieces:
+    out = Pieces()
+    out.add(list(values))
+    return out
+
+
+def test_pack_fills_rows_exactly_and_never_predicts_across_samples():
+    samples = [literal(*range(10, 10 + n)) for n in (3, 5, 8, 1)]
+    tokens, targets, positions, documents = kernels.pack([samples[:2], samples[2:3], samples[3:]], 0, False, 8, 0)
     assert documents[0].tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
     assert positions[0].tolist() == [0, 1, 2, 0, 1, 2, 3, 4]
     assert targets[0].tolist() == [11, 12, IGNORE, 11, 12, 13, 14, IGNORE]
     assert targets[1].tolist() == [*range(11, 18), IGNORE]
     assert tokens[2].tolist() == [10, 0, 0, 0, 0, 0, 0, 0] and targets[2].tolist() == [IGNORE] * 8
-    with pytest.raises(ValueError, match="row 0 holds 9 tokens, more than max_seq_len 8"):
-        kernels.pack_rows([samples[1:2] + samples[3:] * 4], 8, 0)
-    assert kernels.pack_rows([], 8, 0).tokens.shape == (0, 8)
+    with pytest.raises(RuntimeError, match="row 0 holds 9 tokens, more than max_seq_len 8"):
+        kernels.pack([samples[1:2] + samples[3:] * 4], 0, False, 8, 0)
+    assert kernels.pack([], 0, False, 8, 0).tokens.shape == (0, 8)
 
 
-@pytest.mark.parametrize("max_seq_len", [1, 7, 64])
-def test_pack_rows_holds_assembled_samples_as_placed(max_seq_len):
+def random_rows(rng, max_seq_len: int, deduplicate: bool) -> tuple[list[list[Pieces]], list[list[tuple]]]:
+    """Random and adversarial samples that fit max_seq_len, placed by a first-fit packer: the rows
+    as pieces, and as the (tokens, labels) that data.samples.assemble builds."""
+    pieces = adversarial_pieces(max_seq_len) + [sample_pieces(rng) for _ in range(300)]
+    built = [assemble(p, DSU_OFFSET, deduplicate) for p in pieces]
+    fits = [i for i, (tokens, _) in enumerate(built) if len(tokens) <= max_seq_len]
+    lengths = kernels.measure(kernels.flatten([pieces[i] for i in fits]), deduplicate)
+    assert lengths.tolist() == [len(built[i][0]) for i in fits]
+    placed = kernels.place(lengths, max_seq_len, 8)
+    return [[pieces[fits[i]] for i in row] for row in placed], [[built[fits[i]] for i in row] for row in placed]
+
+
+@pytest.mark.parametrize("max_seq_len", [1, 7, 32, 64])
+def test_pack_holds_the_samples_as_built_and_placed(max_seq_len):
     rng = np.random.default_rng(7)
     for deduplicate in (True, False):
-        pieces = [sample_pieces(rng) for _ in range(300)]
-        assembled = kernels.assemble_batch(pieces, DSU_OFFSET, deduplicate)
-        samples = [s for s in assembled.samples() if len(s[0]) <= max_seq_len]
-        rows = [[samples[i] for i in row] for row in kernels.place([len(t) for t, _ in samples], max_seq_len, 8)]
-        check_rows(kernels.pack_rows(rows, max_seq_len, PAD_ID), rows, max_seq_len)
+        rows, expected = random_rows(rng, max_seq_len, deduplicate)
+        packed = kernels.pack(rows, DSU_OFFSET, deduplicate, max_seq_len, PAD_ID)
+        check_rows(packed, expected, max_seq_len)
+        flat = kernels.flatten([sample for row in rows for sample in row])
+        row_offsets = np.cumsum([0, *map(len, rows)])
+        for ours, theirs in zip(packed, reference.pack(*flat, row_offsets, DSU_OFFSET, deduplicate, max_seq_len, PAD_ID)):
+            assert torch.equal(ours, theirs)
+        # rows with empty samples in them: they take no room but keep their document number
+        empty = Pieces()
+        with_empty = [[empty, *row] for row in rows]
+        check_rows(kernels.pack(with_empty, DSU_OFFSET, deduplicate, max_seq_len, PAD_ID),
+                   [[(np.zeros(0, np.int64), np.zeros(0, np.int64)), *row] for row in expected], max_seq_len)
 
 
 def test_golden_sft_samples_packed_keep_their_tokens_and_labels(golden, extended_tokenizer):
@@ -173,13 +200,13 @@ def test_golden_sft_samples_packed_keep_their_tokens_and_labels(golden, extended
     cases = [c for c in golden["cases"] if c["kind"] == "sft" and c["deduplicate"] and not c["inference"]]
     pieces = [builder.sft_asr_pieces(golden["samples"][c["sample"]], golden["sft_system_prompt"], c["train_on_input"])
               for c in cases]
-    samples = kernels.assemble_batch(pieces, tok.dsu_offset, True).samples()
     expected = [(np.array(c["tokens"]), np.array(c.get("labels", c["tokens"]))) for c in cases]
-    for (tokens, labels), (want_tokens, want_labels) in zip(samples, expected):
-        assert tokens.tolist() == want_tokens.tolist() and labels.tolist() == want_labels.tolist()
-    rows = [[expected[i] for i in row] for row in kernels.place([len(t) for t, _ in samples], 2048, 8)]
-    assert len(rows) < len(cases)  # several samples share a row
-    check_rows(kernels.pack_rows(rows, 2048, PAD_ID), rows, 2048)
+    lengths = kernels.measure(kernels.flatten(pieces), True)
+    assert lengths.tolist() == [len(t) for t, _ in expected]
+    placed = kernels.place(lengths, 2048, 8)
+    assert len(placed) < len(cases)  # several samples share a row
+    packed = kernels.pack([[pieces[i] for i in row] for row in placed], tok.dsu_offset, True, 2048, PAD_ID)
+    check_rows(packed, [[expected[i] for i in row] for row in placed], 2048)
 
 
 # -- train.py's packed stream ------------------------------------------------------------------
@@ -198,12 +225,12 @@ def assets(tmp_path_factory):
 
 def sequences(assets, task: str, max_seq_len: int | None, *overrides: str) -> train.Sequences:
     cfg = train.load_config(CONFIGS / f"tiny_{task}.json", [
-        "run_dir=unused", f"model.path={assets.model}", f"data.train={assets.train}", f"data.n_dsus={tiny.N_DSUS}",
+        f"run_dir={assets.root / 'run'}", f"model.path={assets.model}", f"data.train={assets.train}", f"data.n_dsus={tiny.N_DSUS}",
         *overrides,
     ])
     cfg["data"]["max_seq_len"] = max_seq_len
     tok = Tokenizer(assets.model / "original" / "tokenizer.model")
-    return train.load_sequences(str(assets.train), cfg["data"], tok)
+    return train.load_sequences(str(assets.train), cfg, tok)
 
 
 @pytest.mark.parametrize("task", ["cpt", "sft"])
@@ -218,8 +245,9 @@ def test_stream_gives_every_sequence_once_per_epoch_as_built_and_restores_exactl
     cfg = {"seed": 5, "data": {"shuffle": True, "max_seq_len": max_seq_len}}
     packed = train.PackedStream(seqs, cfg)
 
-    def key(sample):
-        return tuple(sample[0].tolist()), tuple(sample[1].tolist())
+    def key(sample):  # a built sequence, or the pieces of one
+        tokens, labels = seqs.builder.assemble(sample) if isinstance(sample, Pieces) else sample
+        return tuple(tokens.tolist()), tuple(labels.tolist())
 
     seen = {0: Counter(), 1: Counter(), 2: Counter()}
     draws = []  # (the stream's state before the draw, the row drawn)
@@ -229,7 +257,7 @@ def test_stream_gives_every_sequence_once_per_epoch_as_built_and_restores_exactl
         if epoch == 3:
             break
         draws.append((state, epoch, [key(s) for s in samples]))
-        assert 0 < sum(len(t) for t, _ in samples) <= max_seq_len
+        assert 0 < sum(len(t) for t, _ in draws[-1][2]) <= max_seq_len
         seen[epoch].update(map(key, samples))
         assert len(packed.packer.open_rows) <= 3 and len(packed.ahead) <= 5  # bounded memory
         assert len(packed.open_samples) == sum(map(len, packed.packer.open_rows))
@@ -281,9 +309,9 @@ def test_loss_and_gradients_over_packed_rows_equal_the_unpacked_batches(assets):
         return loss_sum.item(), count.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     unpacked = loss_and_grads([train.collate(samples[k : k + 4], pad_id) for k in range(0, 24, 4)])
-    rows = [[samples[i] for i in row] for row in kernels.place([len(t) for t, _ in samples], 128, 8)]
+    rows = [[seqs.pieces(i, 0) for i in row] for row in kernels.place([len(t) for t, _ in samples], 128, 8)]
     assert len(rows) < 24 / 2  # packing put several sequences in most rows
-    packed = loss_and_grads([kernels.pack_rows(rows, 128, pad_id)])
+    packed = loss_and_grads([kernels.pack(rows, seqs.builder.tok.dsu_offset, True, 128, pad_id)])
     assert packed[1] == unpacked[1]
     assert packed[0] == pytest.approx(unpacked[0], rel=1e-5)
     for name, grad in unpacked[2].items():
@@ -331,7 +359,7 @@ def test_packed_run_trains_like_the_unpacked_run_on_the_same_sequences(assets, t
     # Every sequence has the same length, and a row holds exactly 4: each packed row is one
     # unpacked micro-batch of 4, in the same order, so the two runs must agree step by step.
     data = tiny.write_jsonl(tmp_path / "equal.jsonl", equal_length_rows(16))
-    seqs = sequences(SimpleNamespace(model=assets.model, train=data), "cpt", None,
+    seqs = sequences(SimpleNamespace(root=tmp_path, model=assets.model, train=data), "cpt", None,
                      "data.cpt.sequence_type=concatenated_txt_dsu", "data.deduplicate=false")
     length = len(seqs.build(0, 0)[0])
     assert {len(seqs.build(i, 0)[0]) for i in range(16)} == {length}

@@ -1,4 +1,4 @@
-// Torch glue of the CUDA op: checks the tensors, allocates the workspace and the outputs
+// Torch glue of the CUDA ops: checks the tensors, allocates the workspace and the outputs
 // (through torch's caching allocator) and runs the two steps of pack_cuda.h on the current stream.
 
 #include <c10/cuda/CUDAGuard.h>
@@ -84,9 +84,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> assemble_cuda(
   return {tokens, labels, offsets};
 }
 
+at::Tensor measure_cuda(const at::Tensor& values, const at::Tensor& piece_offsets, const at::Tensor& piece_is_dsu,
+                        const at::Tensor& piece_masked, const at::Tensor& sample_piece_offsets,
+                        const at::Tensor& sample_limit, const at::Tensor& sample_force_last, bool deduplicate) {
+  const at::Tensor offsets = std::get<2>(assemble_cuda(values, piece_offsets, piece_is_dsu, piece_masked,
+                                                       sample_piece_offsets, sample_limit, sample_force_last, 0,
+                                                       deduplicate));
+  return offsets.diff();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pack_cuda(
+    const at::Tensor& values, const at::Tensor& piece_offsets, const at::Tensor& piece_is_dsu,
+    const at::Tensor& piece_masked, const at::Tensor& sample_piece_offsets, const at::Tensor& sample_limit,
+    const at::Tensor& sample_force_last, const at::Tensor& row_sample_offsets, int64_t dsu_offset, bool deduplicate,
+    int64_t max_seq_len, int64_t pad_id) {
+  TORCH_CHECK(max_seq_len >= 1, "max_seq_len must be positive, got ", max_seq_len);
+  const c10::cuda::CUDAGuard guard(values.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  Prepared p = prepare(values, piece_offsets, piece_is_dsu, piece_masked, sample_piece_offsets, sample_limit,
+                       sample_force_last, dsu_offset, deduplicate);
+  check_vector(row_sample_offsets, "row_sample_offsets", at::kLong, c10::DeviceType::CUDA);
+  TORCH_CHECK(row_sample_offsets.device() == values.device(), "row_sample_offsets must be on ", values.device());
+  TORCH_CHECK(row_sample_offsets.numel() >= 1, "row_sample_offsets needs n_rows + 1 entries, got none");
+  const int64_t n_rows = row_sample_offsets.numel() - 1;
+  TORCH_CHECK(offsets_valid(row_sample_offsets, p.batch.n_samples).item<bool>(),
+              "row_sample_offsets must start at 0, never decrease and end at the number of samples (",
+              p.batch.n_samples, ")");
+
+  const size_t bytes = p.workspace.numel();
+  at::Tensor longest = at::empty({1}, values.options());
+  check_cuda(pack_measure(p.batch, row_sample_offsets.data_ptr<int64_t>(), n_rows, p.workspace.data_ptr(), bytes,
+                          reinterpret_cast<unsigned long long*>(longest.data_ptr<int64_t>()), stream),
+             "pack");
+  const int64_t fill = longest.item<int64_t>();
+  TORCH_CHECK(fill <= max_seq_len, "a row holds ", fill, " tokens, more than max_seq_len ", max_seq_len);
+  const auto options = values.options();
+  at::Tensor tokens = at::full({n_rows, max_seq_len}, pad_id, options);
+  at::Tensor targets = at::full({n_rows, max_seq_len}, -100, options);
+  at::Tensor positions = at::zeros({n_rows, max_seq_len}, options);
+  at::Tensor documents = at::full({n_rows, max_seq_len}, -1, options);
+  check_cuda(pack_write(p.batch, p.workspace.data_ptr(), bytes, max_seq_len, tokens.data_ptr<int64_t>(),
+                        targets.data_ptr<int64_t>(), positions.data_ptr<int64_t>(), documents.data_ptr<int64_t>(),
+                        stream),
+             "pack");
+  return {tokens, targets, positions, documents};
+}
+
 }  // namespace
 }  // namespace speech_llama
 
 TORCH_LIBRARY_IMPL(speech_llama, CUDA, m) {
+  m.impl("measure", &speech_llama::measure_cuda);
   m.impl("assemble", &speech_llama::assemble_cuda);
+  m.impl("pack", &speech_llama::pack_cuda);
 }

@@ -1,10 +1,11 @@
-// CUDA kernels of speech_llama::assemble (interface: pack_cuda.h).
+// CUDA kernels of speech_llama::assemble and speech_llama::pack (interface: pack_cuda.h).
 // Needs only the CUDA runtime and CUB, so nvcc compiles this file on its own.
 //
 // One thread per input value. A value is dropped when it repeats its predecessor inside a
 // deduplicated DSU piece; an exclusive scan of the keep flags gives every kept value its rank in
 // the deduplicated stream, from which each sample's length and each value's index inside its
-// sample follow directly.
+// sample follow directly. Packing adds one thread per sample, which finds the sample's row and
+// its first column there from a scan of the kept lengths.
 
 #include <cub/device/device_scan.cuh>
 
@@ -32,12 +33,18 @@ struct Workspace {
   int64_t* sample_start;   // (n_samples,) rank of the sample's first value
   int64_t* sample_length;  // (n_samples,) after deduplication, before the limit
   int64_t* sample_kept;    // (n_samples,) after the limit
-  void* scan_storage;      // CUB's temporary storage
+  // pack only
+  int64_t* sample_begin;     // (n_samples + 1,) exclusive scan of sample_kept
+  int64_t* sample_row;       // (n_samples,)
+  int64_t* sample_column;    // (n_samples,) the row's column of the sample's first token
+  int64_t* sample_document;  // (n_samples,) the sample's number inside its row
+  void* scan_storage;        // CUB's temporary storage
   size_t scan_bytes;
 };
 
 size_t array_bytes(const DeviceBatch& b) {
-  return aligned((b.n_values + 1) * sizeof(int64_t)) + 3 * aligned(b.n_samples * sizeof(int64_t));
+  return aligned((b.n_values + 1) * sizeof(int64_t)) + 3 * aligned(b.n_samples * sizeof(int64_t)) +
+         aligned((b.n_samples + 1) * sizeof(int64_t)) + 3 * aligned(b.n_samples * sizeof(int64_t));
 }
 
 Workspace carve(const DeviceBatch& b, void* base, size_t total_bytes) {
@@ -52,6 +59,10 @@ Workspace carve(const DeviceBatch& b, void* base, size_t total_bytes) {
   w.sample_start = take(b.n_samples);
   w.sample_length = take(b.n_samples);
   w.sample_kept = take(b.n_samples);
+  w.sample_begin = take(b.n_samples + 1);
+  w.sample_row = take(b.n_samples);
+  w.sample_column = take(b.n_samples);
+  w.sample_document = take(b.n_samples);
   w.scan_storage = next;
   w.scan_bytes = total_bytes - array_bytes(b);
   return w;
@@ -138,6 +149,38 @@ __global__ void write_flat(DeviceBatch b, Workspace w, const int64_t* sample_off
   }
 }
 
+__global__ void place_samples(DeviceBatch b, Workspace w, const int64_t* row_sample_offsets, int64_t n_rows) {
+  for (int64_t s = first_index(); s < b.n_samples; s += grid_stride()) {
+    const int64_t row = segment_of(row_sample_offsets, n_rows, s);
+    const int64_t first = row_sample_offsets[row];
+    w.sample_row[s] = row;
+    w.sample_column[s] = w.sample_begin[s] - w.sample_begin[first];
+    w.sample_document[s] = s - first;
+  }
+}
+
+__global__ void longest_row(const Workspace w, const int64_t* row_sample_offsets, int64_t n_rows,
+                            unsigned long long* longest) {
+  for (int64_t r = first_index(); r < n_rows; r += grid_stride()) {
+    const int64_t fill = w.sample_begin[row_sample_offsets[r + 1]] - w.sample_begin[row_sample_offsets[r]];
+    atomicMax(longest, static_cast<unsigned long long>(fill));
+  }
+}
+
+// Token n of a sample goes to its row's column c + n; it is the target of column c + n - 1.
+__global__ void write_rows(DeviceBatch b, Workspace w, int64_t max_seq_len, int64_t* tokens, int64_t* targets,
+                           int64_t* positions, int64_t* documents) {
+  for (int64_t i = first_index(); i < b.n_values; i += grid_stride()) {
+    Placed v;
+    if (!place_value(b, w, i, &v)) continue;
+    const int64_t at = w.sample_row[v.sample] * max_seq_len + w.sample_column[v.sample] + v.index;
+    tokens[at] = v.token;
+    positions[at] = v.index;
+    documents[at] = w.sample_document[v.sample];
+    if (v.index > 0) targets[at - 1] = v.masked ? kIgnore : v.token;
+  }
+}
+
 // First step: keep flags, their scan into ranks, and every sample's lengths.
 cudaError_t measure(const DeviceBatch& b, const Workspace& w, cudaStream_t stream) {
   mark_kept<<<blocks_for(b.n_values), kThreads, 0, stream>>>(b, w.rank);
@@ -148,6 +191,14 @@ cudaError_t measure(const DeviceBatch& b, const Workspace& w, cudaStream_t strea
       cub::DeviceScan::ExclusiveSum(w.scan_storage, scan_bytes, w.rank, w.rank, b.n_values + 1, stream));
   measure_samples<<<blocks_for(b.n_samples), kThreads, 0, stream>>>(b, w);
   return cudaGetLastError();
+}
+
+// Exclusive scan of n values into out (n + 1,), out[n] being the total.
+cudaError_t exclusive_sum(const int64_t* values, int64_t n, int64_t* out, const Workspace& w, cudaStream_t stream) {
+  RETURN_IF_ERROR(cudaMemcpyAsync(out, values, n * sizeof(int64_t), cudaMemcpyDeviceToDevice, stream));
+  RETURN_IF_ERROR(cudaMemsetAsync(out + n, 0, sizeof(int64_t), stream));
+  size_t scan_bytes = w.scan_bytes;
+  return cub::DeviceScan::ExclusiveSum(w.scan_storage, scan_bytes, out, out, n + 1, stream);
 }
 
 }  // namespace
@@ -165,18 +216,34 @@ cudaError_t assemble_measure(const DeviceBatch& batch, void* workspace, size_t w
                              int64_t* sample_offsets, cudaStream_t stream) {
   const Workspace w = carve(batch, workspace, workspace_bytes);
   RETURN_IF_ERROR(measure(batch, w, stream));
-  RETURN_IF_ERROR(cudaMemcpyAsync(sample_offsets, w.sample_kept, batch.n_samples * sizeof(int64_t),
-                                  cudaMemcpyDeviceToDevice, stream));
-  RETURN_IF_ERROR(cudaMemsetAsync(sample_offsets + batch.n_samples, 0, sizeof(int64_t), stream));
-  size_t scan_bytes = w.scan_bytes;
-  return cub::DeviceScan::ExclusiveSum(w.scan_storage, scan_bytes, sample_offsets, sample_offsets,
-                                       batch.n_samples + 1, stream);
+  return exclusive_sum(w.sample_kept, batch.n_samples, sample_offsets, w, stream);
 }
 
 cudaError_t assemble_write(const DeviceBatch& batch, void* workspace, size_t workspace_bytes,
                            const int64_t* sample_offsets, int64_t* tokens, int64_t* labels, cudaStream_t stream) {
   const Workspace w = carve(batch, workspace, workspace_bytes);
   write_flat<<<blocks_for(batch.n_values), kThreads, 0, stream>>>(batch, w, sample_offsets, tokens, labels);
+  return cudaGetLastError();
+}
+
+cudaError_t pack_measure(const DeviceBatch& batch, const int64_t* row_sample_offsets, int64_t n_rows,
+                         void* workspace, size_t workspace_bytes, unsigned long long* longest, cudaStream_t stream) {
+  const Workspace w = carve(batch, workspace, workspace_bytes);
+  RETURN_IF_ERROR(measure(batch, w, stream));
+  RETURN_IF_ERROR(exclusive_sum(w.sample_kept, batch.n_samples, w.sample_begin, w, stream));
+  place_samples<<<blocks_for(batch.n_samples), kThreads, 0, stream>>>(batch, w, row_sample_offsets, n_rows);
+  RETURN_IF_ERROR(cudaGetLastError());
+  RETURN_IF_ERROR(cudaMemsetAsync(longest, 0, sizeof(unsigned long long), stream));
+  longest_row<<<blocks_for(n_rows), kThreads, 0, stream>>>(w, row_sample_offsets, n_rows, longest);
+  return cudaGetLastError();
+}
+
+cudaError_t pack_write(const DeviceBatch& batch, void* workspace, size_t workspace_bytes, int64_t max_seq_len,
+                       int64_t* tokens, int64_t* targets, int64_t* positions, int64_t* documents,
+                       cudaStream_t stream) {
+  const Workspace w = carve(batch, workspace, workspace_bytes);
+  write_rows<<<blocks_for(batch.n_values), kThreads, 0, stream>>>(batch, w, max_seq_len, tokens, targets, positions,
+                                                                   documents);
   return cudaGetLastError();
 }
 
