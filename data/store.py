@@ -1,5 +1,5 @@
-"""A data source converted once into flat arrays on disk and memory-mapped, so that training reads
-any row by index while its memory stays independent of the corpus size.
+"""A data source converted once into flat arrays on disk, so that training reads any row by index
+while its memory stays independent of the corpus size.
 
     store = open_store(source, cache_dir, n_dsus=1024, fields=SCHEMA_FIELDS)
     row = store[i]   # the dict `data.dataset.iter_rows` yields for that row (schema fields and id)
@@ -10,20 +10,21 @@ source files' paths, sizes and modification times, the fields and n_dsus, so a c
 read again and an unchanged one is reused by later runs (and resumes). The directory is written
 under a temporary name and renamed when complete: a killed conversion leaves nothing half-written.
 
-Layout, one raw little-endian file per array (lengths in `meta.json`):
-    dsus.u16          every row's speech_tokens, concatenated (DSU ids fit 16 bits: n_dsus <= 65534)
-    starts.f64 ends.f64   every row's word times, concatenated (kept as float64: the DSU spans of
-                      interleaved CPT must floor and ceil exactly the reference's values)
-    words.u8 transcript.u8 id.u8   UTF-8 text: each row's `tokenized` as a JSON list, its transcript, its id
-    <column>.offsets.i64  row r of a column is [offsets[r], offsets[r+1])
-MLS English (10.8 M rows, 44.5 k hours at 50 frames/s) takes about 16 GB of DSUs on disk and its
-row offsets (a few hundred MB) are the only arrays that are ever read whole.
+Layout: three raw little-endian files, `index.i64` and `meta.json`:
+    dsus.u16    every row's speech_tokens, concatenated (DSU ids fit 16 bits: n_dsus <= 65534)
+    times.f64   every row's word start times then its word end times (kept as float64: the DSU
+                spans of interleaved CPT must floor and ceil exactly the reference's values)
+    text.u8     every row's id, transcript and `tokenized` (a JSON list), as UTF-8
+    index.i64   (rows + 1, 5): where row r starts in dsus, times, and where its id, transcript
+                and words start in text; row r ends where row r + 1 starts
+A row costs four positioned reads (pread), so a process holds only the rows it is working on and
+the operating system's page cache does the rest. MLS English (10.8 M rows, 44.5 k hours at 50
+frames/s) takes about 31 GB on disk. Fields that were not asked for are left empty.
 """
 
 import array
 import hashlib
 import json
-import mmap
 import os
 import shutil
 import socket
@@ -33,70 +34,50 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data.dataset import SCHEMA_FIELDS, count_rows, iter_rows, resolve_files
+from data.dataset import SCHEMA_FIELDS, TIME_FIELDS, count_rows, iter_rows, resolve_files
 
-FORMAT_VERSION = 1
-# column -> (file suffix, dtype, the schema field it holds)
-COLUMNS = {
-    "dsus": ("u16", np.uint16, "speech_tokens"),
-    "starts": ("f64", np.float64, "aligned_token_start_time"),
-    "ends": ("f64", np.float64, "aligned_token_end_time"),
-    "words": ("u8", np.uint8, "tokenized"),
-    "transcript": ("u8", np.uint8, "transcript"),
-    "id": ("u8", np.uint8, None),
-}
-FLUSH_BYTES = 16 << 20  # buffered bytes per column before a write
+FORMAT_VERSION = 2
+INDEX_WIDTH = 5  # dsus, times, id, transcript, words
+FLUSH_ROWS = 4096  # rows buffered before the files are written: a few MB
 
 
 class RowStore:
-    """The rows of a converted source, read from memory-mapped files."""
+    """The rows of a converted source, read from its files on demand."""
 
     def __init__(self, directory: Path):
         self.directory = directory
         self.meta = json.loads((directory / "meta.json").read_text())
         self.fields = tuple(self.meta["fields"])
         self.n_rows = self.meta["n_rows"]
-        self._data, self._offsets = {}, {}
-        for column in self.meta["columns"]:
-            suffix, dtype, _ = COLUMNS[column]
-            self._data[column] = _map(directory / f"{column}.{suffix}", dtype)
-            self._offsets[column] = _map(directory / f"{column}.offsets.i64", np.int64)
+        # Unbuffered files read with os.pread: no shared file position, so forked readers are safe.
+        self._files = {name: open(directory / name, "rb", buffering=0)
+                       for name in ("index.i64", "dsus.u16", "times.f64", "text.u8")}
 
     def __len__(self) -> int:
         return self.n_rows
 
-    def _slice(self, column: str, row: int) -> np.ndarray:
-        offsets = self._offsets[column]
-        return self._data[column][offsets[row] : offsets[row + 1]]
-
-    def _text(self, column: str, row: int) -> str:
-        return self._slice(column, row).tobytes().decode()
+    def _read(self, name: str, start: int, stop: int) -> bytes:
+        return os.pread(self._files[name].fileno(), stop - start, start) if stop > start else b""
 
     def __getitem__(self, row: int) -> dict:
         if not 0 <= row < self.n_rows:
             raise IndexError(f"row {row} of a store of {self.n_rows}")
-        out = {"id": self._text("id", row)}
+        row_bytes = 8 * INDEX_WIDTH
+        dsu, time_, id_, transcript, words, next_dsu, next_time, next_id, _, _ = np.frombuffer(
+            self._read("index.i64", row * row_bytes, (row + 2) * row_bytes), np.int64).tolist()
+        text = self._read("text.u8", id_, next_id)
+        out = {"id": text[: transcript - id_].decode()}
         if "speech_tokens" in self.fields:
-            out["speech_tokens"] = self._slice("dsus", row).astype(np.int64)
+            out["speech_tokens"] = np.frombuffer(self._read("dsus.u16", 2 * dsu, 2 * next_dsu), np.uint16).astype(np.int64)
         if "transcript" in self.fields:
-            out["transcript"] = self._text("transcript", row)
+            out["transcript"] = text[transcript - id_ : words - id_].decode()
         if "tokenized" in self.fields:
-            out["tokenized"] = json.loads(self._slice("words", row).tobytes())
+            out["tokenized"] = json.loads(text[words - id_ :])
         if "aligned_token_start_time" in self.fields:
-            out["aligned_token_start_time"] = self._slice("starts", row).tolist()
-        if "aligned_token_end_time" in self.fields:
-            out["aligned_token_end_time"] = self._slice("ends", row).tolist()
+            times = np.frombuffer(self._read("times.f64", 8 * time_, 8 * next_time), np.float64).tolist()
+            half = len(times) // 2
+            out["aligned_token_start_time"], out["aligned_token_end_time"] = times[:half], times[half:]
         return out
-
-
-def _map(path: Path, dtype) -> np.ndarray:
-    # np.memmap refuses empty files; an empty column needs no mapping.
-    if path.stat().st_size == 0:
-        return np.zeros(0, dtype=dtype)
-    array = np.memmap(path, dtype=dtype, mode="r")
-    if hasattr(mmap, "MADV_RANDOM"):  # rows are read in shuffled order: read-ahead would only waste I/O
-        array._mmap.madvise(mmap.MADV_RANDOM)
-    return array
 
 
 def store_key(source: str, fields, n_dsus: int) -> str:
@@ -111,6 +92,8 @@ def open_store(source: str, cache_dir: str | os.PathLike, *, n_dsus: int, fields
                build: bool = True, progress: bool = True) -> RowStore:
     """The store of `source` in `cache_dir`, converted first if needed (when `build`; otherwise
     waits for another process to finish converting it)."""
+    if set(TIME_FIELDS) & set(fields):  # word times are stored together
+        fields = (*fields, *TIME_FIELDS)
     fields = tuple(f for f in SCHEMA_FIELDS if f in fields)
     directory = Path(cache_dir) / store_key(source, fields, n_dsus)
     if not (directory / "meta.json").exists():
@@ -122,34 +105,25 @@ def open_store(source: str, cache_dir: str | os.PathLike, *, n_dsus: int, fields
     return RowStore(directory)
 
 
-class _Column:
-    """One column being written: values appended in chunks, plus row offsets."""
+class _Appender:
+    """A file written in chunks of values."""
 
-    def __init__(self, directory: Path, name: str):
-        suffix, self.dtype, _ = COLUMNS[name]
-        self.values = open(directory / f"{name}.{suffix}", "wb")
-        self.offsets = open(directory / f"{name}.offsets.i64", "wb")
-        self.pending, self.pending_ends, self.pending_bytes, self.length = [], [], 0, 0
-        self.offsets.write(np.zeros(1, np.int64).tobytes())
+    def __init__(self, path: Path, dtype):
+        self.file, self.dtype = open(path, "wb"), dtype
+        self.pending, self.length = [], 0
 
-    def append(self, values: np.ndarray) -> None:
+    def append(self, values) -> None:
         self.pending.append(values)
         self.length += len(values)
-        self.pending_ends.append(self.length)
-        self.pending_bytes += values.nbytes
-        if self.pending_bytes >= FLUSH_BYTES:
-            self.flush()
 
     def flush(self) -> None:
         if self.pending:
-            self.values.write(np.concatenate(self.pending).astype(self.dtype, copy=False).tobytes())
-            self.offsets.write(np.asarray(self.pending_ends, dtype=np.int64).tobytes())
-        self.pending, self.pending_ends, self.pending_bytes = [], [], 0
+            self.file.write(np.concatenate(self.pending).astype(self.dtype, copy=False).tobytes())
+        self.pending = []
 
     def close(self) -> None:
         self.flush()
-        self.values.close()
-        self.offsets.close()
+        self.file.close()
 
 
 def _utf8(text: str) -> np.ndarray:
@@ -158,14 +132,15 @@ def _utf8(text: str) -> np.ndarray:
 
 def convert(source: str, directory: Path, *, n_dsus: int, fields, progress: bool = True) -> None:
     """Reads `source` once (validated) into a store at `directory`, atomically."""
-    columns = ["id"] + [name for name, (_, _, field) in COLUMNS.items() if field in fields]
     created = [p for p in (directory.parent, *directory.parent.parents) if not p.exists()]
     directory.parent.mkdir(parents=True, exist_ok=True)
     partial = directory.with_name(f".{directory.name}.{socket.gethostname()}.{os.getpid()}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     try:
-        writers = {name: _Column(partial, name) for name in columns}
+        dsus, times = _Appender(partial / "dsus.u16", np.uint16), _Appender(partial / "times.f64", np.float64)
+        text, index = _Appender(partial / "text.u8", np.uint8), _Appender(partial / "index.i64", np.int64)
+        files = (dsus, times, text, index)
         id_hashes = array.array("Q")  # 8 bytes per row
         total = count_rows(source) if progress else None
         rows = iter_rows(source, n_dsus=n_dsus, fields=fields, unique_ids=False)
@@ -173,25 +148,31 @@ def convert(source: str, directory: Path, *, n_dsus: int, fields, progress: bool
                    dynamic_ncols=True, mininterval=1.0)
         n_rows = 0
         for row in bar:
-            for name in columns:
-                field = COLUMNS[name][2]
-                if name == "id":
-                    value = _utf8(row["id"])
-                    id_hashes.append(int.from_bytes(hashlib.blake2b(value.tobytes(), digest_size=8).digest(), "little"))
-                elif name == "words":
-                    value = _utf8(json.dumps(row[field], ensure_ascii=False))
-                elif name == "transcript":
-                    value = _utf8(row[field])
-                else:
-                    value = np.asarray(row[field], dtype=COLUMNS[name][1])
-                writers[name].append(value)
+            starts = [dsus.length, times.length, text.length]
+            row_id = row["id"].encode()
+            id_hashes.append(int.from_bytes(hashlib.blake2b(row_id, digest_size=8).digest(), "little"))
+            text.append(np.frombuffer(row_id, np.uint8))
+            starts.append(text.length)
+            text.append(_utf8(row.get("transcript", "")))
+            starts.append(text.length)
+            if "tokenized" in row:
+                text.append(_utf8(json.dumps(row["tokenized"], ensure_ascii=False)))
+            if "speech_tokens" in row:
+                dsus.append(row["speech_tokens"].astype(np.uint16))
+            if "aligned_token_start_time" in row:
+                times.append(np.asarray(row["aligned_token_start_time"] + row["aligned_token_end_time"], np.float64))
+            index.append(np.array(starts, np.int64))
             n_rows += 1
+            if n_rows % FLUSH_ROWS == 0:
+                for file in files:
+                    file.flush()
+        index.append(np.array([dsus.length, times.length] + [text.length] * 3, np.int64))  # where a next row would start
         bar.close()
-        for writer in writers.values():
-            writer.close()
+        for file in files:
+            file.close()
         _check_unique_ids(np.frombuffer(id_hashes, dtype=np.uint64), source, n_dsus, fields)
         meta = {"version": FORMAT_VERSION, "source": str(source), "fields": list(fields), "n_dsus": n_dsus,
-                "n_rows": n_rows, "columns": columns}
+                "n_rows": n_rows}
         (partial / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         try:
             partial.rename(directory)

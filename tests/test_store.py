@@ -58,7 +58,7 @@ def assert_same_rows(got_store, expected: list[dict]) -> None:
 @pytest.mark.parametrize("fields", [SCHEMA_FIELDS, ASR_FIELDS])
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
 def test_rows_come_back_exactly_as_loaded(tmp_path, golden_rows, monkeypatch, fields, fmt):
-    monkeypatch.setattr(store_module, "FLUSH_BYTES", 1000)  # many chunked writes per column
+    monkeypatch.setattr(store_module, "FLUSH_ROWS", 2)  # several chunked writes per column
     rows = odd_rows(golden_rows)
     if fmt == "jsonl":
         source = write_jsonl(tmp_path / "rows.jsonl", rows)
