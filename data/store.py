@@ -8,7 +8,8 @@ The source is read once, streaming and validated by `iter_rows` (a bad row fails
 line or row and field named, and nothing is kept), into `cache_dir/<key>`: the key hashes the
 source files' paths, sizes and modification times, the fields and n_dsus, so a changed source is
 read again and an unchanged one is reused by later runs (and resumes). The directory is written
-under a temporary name and renamed when complete: a killed conversion leaves nothing half-written.
+under a temporary name and renamed when complete: a failed conversion removes its partial copy, a
+killed one leaves it unused until the next conversion of that source on that machine removes it.
 
 Layout: three raw little-endian files, `index.i64` and `meta.json`:
     dsus.u16    every row's speech_tokens, concatenated (DSU ids fit 16 bits: n_dsus <= 65534)
@@ -134,8 +135,9 @@ def convert(source: str, directory: Path, *, n_dsus: int, fields, progress: bool
     """Reads `source` once (validated) into a store at `directory`, atomically."""
     created = [p for p in (directory.parent, *directory.parent.parents) if not p.exists()]
     directory.parent.mkdir(parents=True, exist_ok=True)
-    partial = directory.with_name(f".{directory.name}.{socket.gethostname()}.{os.getpid()}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    host = socket.gethostname()
+    _remove_abandoned(directory, host)
+    partial = directory.with_name(f".{directory.name}.{host}.{os.getpid()}.partial")
     partial.mkdir()
     try:
         dsus, times = _Appender(partial / "dsus.u16", np.uint16), _Appender(partial / "times.f64", np.float64)
@@ -188,6 +190,18 @@ def convert(source: str, directory: Path, *, n_dsus: int, fields, progress: bool
             except OSError:
                 break
         raise
+
+
+def _remove_abandoned(directory: Path, host: str) -> None:
+    """Partial copies left by killed conversions of this store on this machine."""
+    for partial in directory.parent.glob(f".{directory.name}.{host}.*.partial"):
+        pid = int(partial.name.split(".")[-2])
+        try:
+            os.kill(pid, 0)  # alive: a conversion in progress, leave it
+        except ProcessLookupError:
+            shutil.rmtree(partial, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def _check_unique_ids(hashes: np.ndarray, source: str, n_dsus: int, fields) -> None:

@@ -3,6 +3,7 @@ data.dataset loads, is reused while the source is unchanged, and never leaves a 
 
 import copy
 import json
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -126,7 +127,12 @@ def test_an_interrupted_conversion_leaves_no_store(tmp_path, golden_rows, monkey
         open_store(str(source), tmp_path / "cache", n_dsus=N_DSUS, progress=False)
     assert not (tmp_path / "cache").exists()
     monkeypatch.setattr(store_module, "iter_rows", real_iter_rows)
+    # a conversion killed outright leaves its partial copy: the next conversion removes it
+    key = store_module.store_key(str(source), SCHEMA_FIELDS, N_DSUS)
+    dead = tmp_path / "cache" / f".{key}.{socket.gethostname()}.999999999.partial"
+    dead.mkdir(parents=True)
     assert len(open_store(str(source), tmp_path / "cache", n_dsus=N_DSUS, progress=False)) == 6
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [key]
 
 
 @pytest.mark.parametrize("overrides", [
