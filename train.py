@@ -609,8 +609,14 @@ def train(cfg: dict) -> None:
     saved = read_training_state(resume_from) if resume_from is not None else None
     if saved is not None:
         check_resumable(saved, cfg, world)  # before the data is converted: a refused run writes nothing
-    train_seqs = load_sequences(cfg["data"]["train"], cfg, tok)
-    dev_seqs = load_sequences(cfg["data"]["dev"], cfg, tok) if cfg["data"]["dev"] else None
+    new_run_dir = not run_dir.exists()
+    try:
+        train_seqs = load_sequences(cfg["data"]["train"], cfg, tok)
+        dev_seqs = load_sequences(cfg["data"]["dev"], cfg, tok) if cfg["data"]["dev"] else None
+    except DataError:
+        if new_run_dir and rank == 0:  # a refused run leaves nothing behind, not even the cached train data
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     stream = PackedStream(train_seqs, cfg) if cfg["data"]["packed"] else None
 
     torch.manual_seed(cfg["seed"])

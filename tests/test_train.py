@@ -314,6 +314,14 @@ def test_refuses_a_dsu_outside_the_vocabulary(assets, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_refuses_a_bad_dev_set_after_caching_the_train_set_and_leaves_nothing(assets, tmp_path, capsys):
+    rows = tiny.rows(4, seed=6, prefix="dev")
+    rows[2]["aligned_token_end_time"] = rows[2]["aligned_token_end_time"][:-1]
+    dev = tiny.write_jsonl(tmp_path / "dev.jsonl", rows)
+    refused(cpt_args(assets, tmp_path / "run", f"data.dev={dev}"), capsys, f"{dev}:3", "aligned_token_end_time")
+    assert not (tmp_path / "run").exists()
+
+
 def test_refuses_a_resume_with_another_batch_size_unless_forced(assets, reference, tmp_path, capsys):
     resume = f"resume={checkpoint(reference, 8)}"
     refused(cpt_args(assets, tmp_path / "run", resume, "train.batch_size=2"), capsys, "batch_size", "resume_force")
