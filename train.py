@@ -244,16 +244,28 @@ class Sequences:
         return len(self.rows)
 
     def pieces(self, index: int, epoch: int) -> Pieces:
-        row = self.rows[index]
+        return self.pieces_many([index], epoch)[0]
+
+    def pieces_many(self, indices, epoch: int) -> list[Pieces]:
+        """The sequences of these rows, described as pieces; interleaving's random draws are made
+        for all of them at once (kernels.interleave_draws)."""
+        indices = [int(i) for i in indices]
+        rows = [self.rows[i] for i in indices]
         if self.task == "sft":
-            return self.builder.sft_asr_pieces(row, self.sft["system_prompt"], self.sft["train_on_input"])
+            return [self.builder.sft_asr_pieces(row, self.sft["system_prompt"], self.sft["train_on_input"])
+                    for row in rows]
         kind = self.cpt["sequence_type"]
         if kind == "interleaved":
-            return self.builder.cpt_interleaved_pieces(row, index, epoch, self.interleave)
-        return self.builder.cpt_concatenated_pieces(row, text_first=kind == "concatenated_txt_dsu")
+            draws = kernels.interleave_draws(indices, [len(row["tokenized"]) for row in rows], epoch, self.interleave)
+            return [self.builder.cpt_interleaved_pieces(row, i, epoch, self.interleave, draws=d)
+                    for row, i, d in zip(rows, indices, draws)]
+        return [self.builder.cpt_concatenated_pieces(row, text_first=kind == "concatenated_txt_dsu") for row in rows]
 
     def build(self, index: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         return self.builder.assemble(self.pieces(index, epoch))
+
+    def build_many(self, indices, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [self.builder.assemble(p) for p in self.pieces_many(indices, epoch)]
 
     def lengths(self, pieces: list[Pieces]) -> list[int]:
         """How many tokens these sequences have once built, in one call of the measure op."""
@@ -313,12 +325,12 @@ def step_micro_batches(seqs: Sequences, step: int, cfg: dict, rank: int, world: 
     micro = []
     for m in range(accum):
         rows = chunk[m * batch * world : (m + 1) * batch * world][rank * batch : (rank + 1) * batch]
-        micro.append(collate([seqs.build(int(i), epoch) for i in rows], pad_id))
+        micro.append(collate(seqs.build_many(rows, epoch), pad_id))
     return epoch, micro
 
 
 PACK_OPEN_ROWS = 128  # rows a packed stream keeps open for later sequences to fill: more, less padding
-PACK_LOOKAHEAD = 64  # sequences measured per call of the measure op
+PACK_LOOKAHEAD = 64  # sequences described and measured at a time
 
 
 class PackedStream:
@@ -359,7 +371,7 @@ class PackedStream:
                 self._start_epoch(self.epoch + 1, 0)
             if not self.ahead:
                 indices = self.order[self.position : self.position + PACK_LOOKAHEAD].tolist()
-                pieces = [self.seqs.pieces(i, self.epoch) for i in indices]
+                pieces = self.seqs.pieces_many(indices, self.epoch)
                 self.ahead.extend(zip(indices, pieces, self.seqs.lengths(pieces)))
             index, sample, length = self.ahead.popleft()
             self.position += 1
@@ -379,7 +391,7 @@ class PackedStream:
         assert state["max_seq_len"] == self.max_seq_len, "check_resumable compares them first"
         self._start_epoch(state["epoch"], state["position"])
         indices = [i for row in state["open_rows"] for i in row]
-        self.open_samples = {i: self.seqs.pieces(i, self.epoch) for i in indices}
+        self.open_samples = dict(zip(indices, self.seqs.pieces_many(indices, self.epoch)))
         length = dict(zip(indices, self.seqs.lengths([self.open_samples[i] for i in indices])))
         self.packer.reopen([[(i, length[i]) for i in row] for row in state["open_rows"]])
 
@@ -587,7 +599,7 @@ def evaluate(model, seqs: Sequences, cfg: dict, rank: int, world: int, device) -
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     for first in range(0, len(seqs), batch * world):  # as many forward passes on every rank: FSDP's are collective
         rows = range(first + rank * batch, min(first + (rank + 1) * batch, len(seqs)))
-        inputs, targets = collate([seqs.build(i, 0) for i in rows or [0]], pad_id)
+        inputs, targets = collate(seqs.build_many(rows or [0], 0), pad_id)
         if not rows:  # this rank is past the end: a pass that counts nothing
             targets.fill_(IGNORE)
         loss_sum, count = forward_loss(model, (inputs, targets), device)

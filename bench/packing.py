@@ -5,8 +5,10 @@
 Throughput, on the golden file's samples (CPT: interleaved and concatenated both ways; SFT: ASR;
 deduplication on and off), 16 samples per op call, rows of 2048 (no golden sample reaches it):
   string path   the reference's string + regex path (data/reference_strings.py): the baseline
-  per sample    SampleBuilder's per-sample NumPy assembly (bench/construction.py's token-level path)
-  op assemble   SampleBuilder *_pieces + kernels.assemble_batch (flat tokens and labels)
+  per sample    SampleBuilder *_pieces (interleaving's random draws made for all rows at once by
+                kernels.interleave_draws, as train.py makes them), each assembled on its own
+                by data.samples.assemble (NumPy)
+  op assemble   the same pieces, assembled 16 at a time by kernels.assemble_batch
   op + packer   train.py's packed path: SampleBuilder *_pieces, kernels.measure per 64 samples
                 (train.PACK_LOOKAHEAD), a kernels.FirstFitPacker placing them as they come
                 (train.PACK_OPEN_ROWS open rows, finished at the end), and the pack op writing
@@ -19,7 +21,7 @@ max_seq_len equal to the row length and deduplication on, when every batch of 16
 to its longest (as the reference trains), and when packed by a FirstFitPacker with 1 open row (next
 fit: a row is closed as soon as a sample does not fit it), 16, and train.PACK_OPEN_ROWS, as a packed
 training epoch is (open rows finished and flushed at its end). Workloads: the golden samples (CPT
-as above, SFT) and the bundled corpus data/mini (1500 rows, 128 DSUs; CPT interleaved, SFT).
+as above, SFT) and the bundled corpus data/mini (128 DSUs; CPT interleaved, SFT).
 """
 
 import argparse
@@ -69,8 +71,10 @@ class Workload:
         if self.name == "SFT":
             return [builder.sft_asr_pieces(row, self.prompt, False) for row in self.loaded]
         out = []
+        draws = kernels.interleave_draws(range(len(self.loaded)), [len(r["tokenized"]) for r in self.loaded], 0,
+                                         self.settings)  # as train.py draws them, for many rows at once
         for i, row in enumerate(self.loaded):
-            out.append(builder.cpt_interleaved_pieces(row, i, 0, self.settings))
+            out.append(builder.cpt_interleaved_pieces(row, i, 0, self.settings, draws=draws[i]))
             if self.all_cpt_kinds:
                 out.append(builder.cpt_concatenated_pieces(row, True))
                 out.append(builder.cpt_concatenated_pieces(row, False))

@@ -88,6 +88,18 @@ def assemble(pieces: Pieces, dsu_offset: int, deduplicate: bool) -> tuple[np.nda
     return tokens, np.where(masked, IGNORE, tokens)
 
 
+def interleave_draws(index: int, epoch: int, n_words: int, settings: Interleave = Interleave(),
+                     seed: int = SEED) -> tuple[bool, np.ndarray]:
+    """The random part of CPT interleaving for row `index`: whether it starts with text, and each
+    span's length in words (the spans cover the first n_words of these lengths' running sum)."""
+    rng = np.random.default_rng((seed, epoch, index))
+    # The reference draws rng.choice([True, False], p=[0.5, 0.5]): one uniform u, True when
+    # u < 0.5. Drawing u directly gives the same value and leaves the stream in the same state.
+    start_with_text = rng.random() < 0.5
+    lengths = np.maximum(rng.binomial(int(settings.mean_seq_len_tokens), settings.binom_prob, size=n_words), 1)
+    return start_with_text, lengths
+
+
 def dsu_frames(start: float, end: float, sampling_rate: int, downsampling_ratio: int) -> tuple[int, int]:
     """Frame range [lo, hi) covering the time span; same float expression as the reference."""
     return int(start * sampling_rate / downsampling_ratio), int(np.ceil(end * sampling_rate / downsampling_ratio))
@@ -182,14 +194,13 @@ class SampleBuilder:
         return out
 
     def cpt_interleaved_pieces(
-        self, row: dict, index: int, epoch: int, settings: Interleave = Interleave(), seed: int = SEED
+        self, row: dict, index: int, epoch: int, settings: Interleave = Interleave(), seed: int = SEED,
+        draws: tuple[bool, np.ndarray] | None = None,
     ) -> Pieces:
+        """`draws`, when given, are `interleave_draws(index, epoch, len(row["tokenized"]), ...)`
+        made ahead (kernels.interleave_draws makes a batch of them at once)."""
         words = row["tokenized"]
-        rng = np.random.default_rng((seed, epoch, index))
-        # The reference draws rng.choice([True, False], p=[0.5, 0.5]): one uniform u, True when
-        # u < 0.5. Drawing u directly gives the same value and leaves the stream in the same state.
-        start_with_text = rng.random() < 0.5
-        lengths = np.maximum(rng.binomial(int(settings.mean_seq_len_tokens), settings.binom_prob, size=len(words)), 1)
+        start_with_text, lengths = draws or interleave_draws(index, epoch, len(words), settings, seed)
         ends = np.cumsum(lengths)
         bounds = [0, *ends[ends < len(words)].tolist(), len(words)]
 

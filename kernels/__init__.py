@@ -48,12 +48,13 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
-from data.samples import Pieces
+from data.samples import SEED, Interleave, Pieces
+from data.samples import interleave_draws as numpy_interleave_draws
 from kernels import build, reference
 from kernels.packing import FirstFitPacker, Packed, place
 
-__all__ = ["Assembled", "FirstFitPacker", "FlatBatch", "Packed", "assemble", "assemble_batch", "flatten", "measure",
-           "pack", "place"]
+__all__ = ["Assembled", "FirstFitPacker", "FlatBatch", "Packed", "assemble", "assemble_batch", "flatten",
+           "interleave_draws", "measure", "pack", "place"]
 
 
 class FlatBatch(NamedTuple):
@@ -113,6 +114,19 @@ def _run(op: str, batch: FlatBatch, extra_tensors: tuple, args: tuple, device) -
     if device.type == "cuda" and ext.with_cuda:
         inputs = [t.to(device, non_blocking=True) for t in inputs]
     return getattr(torch.ops.speech_llama, op)(*inputs, *args)
+
+
+def interleave_draws(indices: Sequence[int], n_words: Sequence[int], epoch: int, settings: Interleave = Interleave(),
+                     seed: int = SEED) -> list[tuple[bool, np.ndarray]]:
+    """`data.samples.interleave_draws` for many rows at once: the C++ op where it applies (the
+    binomial's inversion regime, as the reference's settings are), NumPy otherwise."""
+    n, p = int(settings.mean_seq_len_tokens), settings.binom_prob
+    if build.extension() is None or min(p, 1 - p) * n > 30:
+        return [numpy_interleave_draws(i, epoch, w, settings, seed) for i, w in zip(indices, n_words)]
+    counts = np.fromiter(n_words, np.int64, len(n_words))
+    text_first, lengths = torch.ops.speech_llama.interleave_draws(
+        torch.from_numpy(np.fromiter(indices, np.int64, len(indices))), torch.from_numpy(counts), seed, epoch, n, p)
+    return list(zip(text_first.tolist(), np.split(lengths.numpy(), np.cumsum(counts)[:-1])))
 
 
 def measure(batch: FlatBatch, deduplicate: bool) -> np.ndarray:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kernels
-from data.samples import Pieces, SampleBuilder, assemble
+from data.samples import Interleave, Pieces, SampleBuilder, assemble, interleave_draws
 from kernels import build, reference
 from tests.test_samples import interleave_settings
 
@@ -122,6 +122,24 @@ def test_golden_cases_through_the_op(golden, extended_tokenizer, extension, kind
         for n, (case, (tokens, labels)) in enumerate(zip(cases, got)):
             assert tokens == case["tokens"], f"{kind} case {n}: tokens"
             assert labels == case.get("labels", case["tokens"]), f"{kind} case {n}: labels"
+
+
+@pytest.mark.parametrize("n, p", [(39, 0.1), (10, 0.5), (60, 0.5), (50, 0.9), (7, 1.0), (5, 0.0), (0, 0.3)])
+def test_interleave_draws_equal_numpys_generator(extension, n, p):
+    """The op's SeedSequence, PCG64 and binomial inversion give NumPy's draws bit for bit: the
+    reference's settings (n 39, p 0.1), the edges of the inversion regime, p > 0.5, and nothing to draw."""
+    rng = np.random.default_rng(1)
+    indices = [0, 1, 2**32 - 1, 2**32, 2**40 + 7] + rng.integers(0, 10**7, 300).tolist()
+    n_words = [0, 1, 200] + rng.integers(0, 120, len(indices) - 3).tolist()
+    settings = Interleave(mean_seq_len_tokens=n + 0.43, binom_prob=p)
+    for epoch in (0, 3, 2**33):
+        got = kernels.interleave_draws(indices, n_words, epoch, settings, seed=42831)
+        for i, w, (text_first, lengths) in zip(indices, n_words, got):
+            want_first, want_lengths = interleave_draws(i, epoch, w, settings, 42831)
+            assert text_first == want_first and lengths.tolist() == want_lengths.tolist(), (i, epoch)
+    with pytest.raises(RuntimeError, match="BTPE"):  # outside the inversion regime NumPy draws them
+        torch.ops.speech_llama.interleave_draws(torch.tensor([0]), torch.tensor([3]), 1, 0, 100, 0.5)
+    assert len(kernels.interleave_draws([0, 1], [4, 2], 0, Interleave(mean_seq_len_tokens=100, binom_prob=0.5))) == 2
 
 
 @pytest.fixture
