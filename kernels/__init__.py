@@ -33,6 +33,9 @@ Ops (torch.ops.speech_llama, each exactly what `data.samples.assemble` gives per
   - padding: tokens pad_id, targets IGNORE, positions 0, document_ids -1.
   A packed batch feeds `model(tokens, positions, document_ids, labels=targets)` as it is.
 
+One more op serves the builders rather than the batch: `interleave_draws`, the random draws of CPT
+interleaving (data.samples.interleave_draws) for many rows at once, bit for bit NumPy's.
+
 Where each sample goes is decided from `measure`'s lengths alone by `FirstFitPacker` (first fit
 over a bounded window of open rows, streaming; kernels.packing); `place` runs it over one epoch.
 
