@@ -23,6 +23,12 @@ CPU_SOURCES = ["pack.cpp", "interleave.cpp"]
 CUDA_SOURCES = ["pack_cuda.cpp", "pack_cuda.cu"]
 NAME = "speech_llama_kernels"
 CUDA_ARCHS = ("80", "90")  # A100, H100: the compile-only check's targets
+CFLAGS = ["-O3", "-ffp-contract=off"]  # no fused multiply-adds: the interleaving draws must equal NumPy's
+CUDA_CFLAGS = ["-O3"]
+# Link the shared C++ runtime torch itself uses. Where a toolchain lacks the libstdc++.so link (a
+# slim image), g++ silently links libstdc++.a instead, and that second copy's uninitialised
+# iostreams crash the first error message that formats a number (seen on a CUDA image).
+LDFLAGS = ["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +46,7 @@ def wants_cuda() -> bool:
 
 
 def build_directory(with_cuda: bool) -> Path:
-    digest = hashlib.sha256(f"{torch.__version__} cuda={with_cuda}".encode())
+    digest = hashlib.sha256(f"{torch.__version__} cuda={with_cuda} {CFLAGS} {CUDA_CFLAGS} {LDFLAGS}".encode())
     for path in sorted(CSRC.iterdir()):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "speech-llama" / "kernels"
@@ -66,8 +72,9 @@ def compile_extension(with_cuda: bool) -> Path:
         name=NAME,
         sources=sources,
         build_directory=str(directory),
-        extra_cflags=["-O3", "-ffp-contract=off"],  # no fused multiply-adds: the draws must equal NumPy's
-        extra_cuda_cflags=["-O3"],
+        extra_cflags=CFLAGS,
+        extra_cuda_cflags=CUDA_CFLAGS,
+        extra_ldflags=LDFLAGS,
         with_cuda=with_cuda,
         is_python_module=False,
         verbose=False,

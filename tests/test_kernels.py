@@ -230,3 +230,12 @@ def test_cuda_ops_equal_cpu_ops_on_large_batches(extension):
             assert torch.equal(a, b.cpu()), name
     with pytest.raises(RuntimeError, match="more than max_seq_len 16"):
         kernels.pack([samples[-10:]], DSU_OFFSET, True, 16, 0, device="cuda")
+
+
+def test_build_cache_is_keyed_by_the_build_flags(monkeypatch):
+    # A change of compiler or linker flags (a fix) must reach users who built before it.
+    before = build.build_directory(False)
+    monkeypatch.setattr(build, "LDFLAGS", [*build.LDFLAGS, "-Wl,--as-needed"])
+    assert build.build_directory(False) != before
+    monkeypatch.undo()
+    assert build.build_directory(False) == before
