@@ -1,9 +1,10 @@
 """Score generations against reference transcripts: corpus WER and CER, a bootstrap interval, the worst utterances.
 
-    python wer.py run/.../generations.jsonl [--references DATASET] [--normalizer whisper|none]
+    python wer.py run/.../generations.jsonl [--references DATASET [--by FIELD]] [--normalizer whisper|none]
 
 Input: one JSON object per line with `id`, `text` (the hypothesis) and `reference`, or, with
-`--references`, references joined by `id` from a dataset file (field `transcript`).
+`--references`, references joined by `id` from a dataset file (field `transcript`). `--by FIELD`
+also scores each value of that dataset field on its own (e.g. `--by speaker`: WER per voice).
 
 Scoring: hypotheses and references go through the same normaliser (Whisper's English normaliser,
 as the reference implementation uses, or `none`), then whitespace is collapsed. WER and CER are
@@ -193,12 +194,18 @@ def id_list(ids: list[str], shown: int = 10) -> str:
     return ", ".join(repr(i) for i in ids[:shown]) + more
 
 
-def join_references(records: list[dict], generations_path: Path, references_path: Path) -> list[str]:
-    """The dataset's transcripts in the order of `records`; every id must be on both sides."""
+def join_references(records: list[dict], generations_path: Path, references_path: Path,
+                    by: str | None = None) -> tuple[list[str], list[str] | None]:
+    """The dataset's transcripts in the order of `records`, and the rows' `by` field as strings
+    (None without `by`); every id must be on both sides, and every row must have `by`."""
     try:
         rows = load_rows(str(references_path), fields=("transcript",))  # checks ids are unique
     except DataError as error:
         raise InputError(str(error)) from None
+    if by is not None:
+        lacking = [row["id"] for row in rows if by not in row]
+        if lacking:
+            raise InputError(f"{references_path}: {len(lacking)} row(s) have no field '{by}': {id_list(lacking)}")
     transcripts = {row["id"]: row["transcript"] for row in rows}
     generated = {record["id"] for record in records}
     unknown = [record["id"] for record in records if record["id"] not in transcripts]
@@ -210,7 +217,28 @@ def join_references(records: list[dict], generations_path: Path, references_path
         problems.append(f"{len(missing)} reference id(s) with no generation in {generations_path}: {id_list(missing)}")
     if problems:
         raise InputError("ids do not match: " + "; ".join(problems))
-    return [transcripts[record["id"]] for record in records]
+    groups = None
+    if by is not None:
+        value = {row["id"]: str(row[by]) for row in rows}
+        groups = [value[record["id"]] for record in records]
+    return [transcripts[record["id"]] for record in records], groups
+
+
+def score_groups(hyps: list[str], refs: list[str], groups: list[str], normalizer: str = "whisper") -> dict:
+    """Corpus WER/CER of each group's utterances on their own, groups in sorted order: {value: {wer,
+    cer, errors, n_ref_words, n_utterances}}. A group whose references are all empty has WER null."""
+    out = {}
+    for value in sorted(set(groups)):
+        mine = [i for i, g in enumerate(groups) if g == value]
+        try:
+            r = score([hyps[i] for i in mine], [refs[i] for i in mine], normalizer, bootstrap=0, worst=0)
+        except ValueError:  # every reference empty
+            out[value] = {"wer": None, "cer": None, "errors": None, "n_ref_words": 0, "n_utterances": len(mine)}
+            continue
+        errors = r["substitutions"] + r["deletions"] + r["insertions"]
+        out[value] = {"wer": r["wer"], "cer": r["cer"], "errors": errors, "n_ref_words": r["n_ref_words"],
+                      "n_utterances": len(mine)}
+    return out
 
 
 def percent(fraction: float) -> str:
@@ -245,6 +273,12 @@ def format_report(result: dict) -> str:
             lines.append(f"  {entry['id']:<{id_width}}   errors {entry['errors']:>4}   WER {rate}")
             lines.append(f"    ref: {entry['reference']}")
             lines.append(f"    hyp: {entry['hypothesis']}")
+    if result.get("groups"):
+        lines.append(f"\nby {result['by']}:")
+        width = max(len(value) for value in result["groups"])
+        for value, g in result["groups"].items():
+            rate = percent(g["wer"]) if g["wer"] is not None else "n/a"
+            lines.append(f"  {value:<{width}}   WER {rate:>7}   ({g['n_utterances']} utterances, {g['n_ref_words']} words)")
     return "\n".join(lines)
 
 
@@ -260,17 +294,22 @@ def main(argv=None) -> int:
     try:
         if out.exists() and not args.overwrite:
             raise InputError(f"{out} already exists; pass --overwrite to replace it")
+        if args.by is not None and args.references is None:
+            raise InputError("--by needs --references (the dataset whose field it names)")
         records = read_generations(args.generations, need_reference=args.references is None)
         if args.references is None:
-            refs = [record["reference"] for record in records]
+            refs, groups = [record["reference"] for record in records], None
         else:
-            refs = join_references(records, args.generations, args.references)
+            refs, groups = join_references(records, args.generations, args.references, args.by)
         try:
             result = score([record["text"] for record in records], refs, args.normalizer,
                            ids=[record["id"] for record in records],
                            bootstrap=args.bootstrap, seed=args.seed, worst=args.worst)
         except ValueError as error:
             raise InputError(f"{args.references or args.generations}: {error}") from None
+        if groups is not None:
+            hyps = [record["text"] for record in records]
+            result = {**result, "by": args.by, "groups": score_groups(hyps, refs, groups, args.normalizer)}
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -294,6 +333,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("generations", type=Path, help="generations.jsonl: one {id, text, reference} object per line")
     parser.add_argument("--references", type=Path, help="dataset file (JSONL or Parquet) whose `transcript` is joined by `id`")
+    parser.add_argument("--by", metavar="FIELD",
+                        help="also score each value of this --references field on its own, e.g. speaker")
     parser.add_argument("--normalizer", choices=NORMALIZERS, default="whisper",
                         help="text normaliser applied to hypotheses and references (default: whisper)")
     parser.add_argument("--out", type=Path, help="report JSON path (default: wer.json beside the input)")

@@ -34,22 +34,38 @@ from data import features
 from data.tokenizer import MAX_DSUS
 
 # Speakers: an espeak-ng voice spec (language voice + variant) with its own speed (words per
-# minute) and pitch (0-99). Dev uses the training speakers; test adds speakers never heard in training.
+# minute) and pitch (0-99). British English is "en", not "en-gb": espeak-ng 1.51 ignores the
+# variant of "en-gb+VARIANT". Dev and test each add speakers never heard in training (test's also
+# have accents training never heard), for half of their utterances.
 TRAIN_SPEAKERS = {
     "en-us+m1": (165, 45),
     "en-us+f2": (175, 62),
-    "en-gb+m3": (160, 38),
-    "en-gb+f4": (170, 66),
+    "en+m3": (160, 38),
+    "en+f4": (170, 66),
     "en-gb-scotland+m2": (155, 50),
     "en-gb-x-rp+f1": (180, 55),
     "en-029+m4": (170, 35),
     "en-gb-x-gbcwmd+f3": (160, 70),
+    "en-us+m5": (160, 42),
+    "en-gb-scotland+Annie": (165, 60),
+    "en-gb-x-rp+m7": (170, 40),
+    "en-029+steph": (165, 65),
+    "en-gb-x-gbcwmd+david": (160, 45),
+    "en-us+linda": (170, 58),
+    "en+paul": (165, 40),
+    "en-us+max": (175, 50),
+}
+DEV_ONLY_SPEAKERS = {
+    "en+m8": (165, 44),
+    "en-gb-x-rp+Andrea": (170, 64),
 }
 TEST_ONLY_SPEAKERS = {
     "en-us-nyc+m6": (170, 48),
     "en-gb-x-gbclan+f5": (165, 60),
 }
+SPEAKERS = {**TRAIN_SPEAKERS, **DEV_ONLY_SPEAKERS, **TEST_ONLY_SPEAKERS}
 SPLITS = ("train", "dev", "test")
+COMPACT = (",", ":")  # JSON separators of the rows: no spaces, a fifth smaller
 SPEED_JITTER = 10  # per-utterance speed is the speaker's +- this, so repeated words differ in length
 PITCH_JITTER = 4
 
@@ -175,11 +191,17 @@ def split_sentences(n_train: int, n_dev: int, n_test: int, seed: int) -> dict[st
 
 
 def split_speakers(seed: int) -> dict[str, list[str]]:
-    """Speakers each split cycles through. Test lists its unseen speakers first, so that even
-    a tiny test split contains one."""
+    """Speakers each split cycles through. Dev and test alternate their unseen speakers with the
+    training ones, unseen first, so that half of their utterances (and even a tiny split) have a
+    voice training never heard."""
     rng = np.random.default_rng([seed, 2])
     seen = [list(TRAIN_SPEAKERS)[i] for i in rng.permutation(len(TRAIN_SPEAKERS))]
-    return {"train": seen, "dev": seen, "test": list(TEST_ONLY_SPEAKERS) + seen}
+
+    def alternate(unseen: list[str]) -> list[str]:
+        n = len(unseen) * len(seen)  # one full cycle of each
+        return [unseen[i // 2 % len(unseen)] if i % 2 == 0 else seen[i // 2 % len(seen)] for i in range(2 * n)]
+
+    return {"train": seen, "dev": alternate(list(DEV_ONLY_SPEAKERS)), "test": alternate(list(TEST_ONLY_SPEAKERS))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +209,7 @@ def split_speakers(seed: int) -> dict[str, list[str]]:
 
 
 def speaker_settings(speaker: str) -> tuple[int, int]:
-    return {**TRAIN_SPEAKERS, **TEST_ONLY_SPEAKERS}[speaker]
+    return SPEAKERS[speaker]
 
 
 def espeak_word(word: str, voice: str, speed: int, pitch: int) -> np.ndarray:
@@ -365,13 +387,14 @@ def _build_into(work: Path, out_dir: Path, n_train, n_dev, n_test, k, seed, jobs
             if u["split"] == split:
                 rows.append({**u["row"], "speech_tokens": features.assign(u["features"], centroids).tolist()})
         with open(work / f"{split}.jsonl", "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
+            f.writelines(json.dumps(row, separators=COMPACT) + "\n" for row in rows)
         sizes[split] = {"utterances": len(rows), "frames": sum(len(r["speech_tokens"]) for r in rows)}
 
     command = (
         f"python -m data.corpus build {out_dir} --n-train {n_train} --n-dev {n_dev} --n-test {n_test} --k {k} --seed {seed}"
     )
     voices = {split: sorted({u["row"]["speaker"] for u in made if u["split"] == split}) for split in sentences}
+    voices["dev_only"] = sorted(set(voices["dev"]) - set(voices["train"]))
     voices["test_only"] = sorted(set(voices["test"]) - set(voices["train"]))
     meta = {
         "command": command,
@@ -382,8 +405,7 @@ def _build_into(work: Path, out_dir: Path, n_train, n_dev, n_test, k, seed, jobs
         "downsampling_ratio": features.HOP_LENGTH,
         "sizes": sizes,
         "voices": voices,
-        "speaker_settings": {name: {"speed": speaker_settings(name)[0], "pitch": speaker_settings(name)[1]}
-                             for name in {**TRAIN_SPEAKERS, **TEST_ONLY_SPEAKERS}},
+        "speaker_settings": {name: {"speed": speed, "pitch": pitch} for name, (speed, pitch) in SPEAKERS.items()},
         "features": features.FEATURE_SETTINGS,
         "vocabulary_size": len(vocabulary()),
     }
@@ -411,9 +433,10 @@ Rebuilding with the same command, espeak-ng and numpy gives the same files.
 |---|---|---|---|---|
 {sizes}
 
-Voices heard only in test (never in train): {', '.join(meta['voices']['test_only']) or 'none'}.
-Dev uses the training voices. Speed and pitch per voice are in `corpus.json`
-(each utterance varies them by up to +-{SPEED_JITTER} words/min and +-{PITCH_JITTER}).
+Voices never heard in training: {', '.join(meta['voices'].get('dev_only', [])) or 'none'} in dev,
+{', '.join(meta['voices']['test_only']) or 'none'} in test. Dev and test alternate them with the
+training voices, so half of their utterances have a voice training never heard. Speed and pitch
+per voice are in `corpus.json` (each utterance varies them by up to +-{SPEED_JITTER} words/min and +-{PITCH_JITTER}).
 
 Sentences come from a small English grammar; the three splits share no sentence.
 Each word was synthesised separately by espeak-ng, resampled from 22050 Hz to 16 kHz with a
@@ -421,10 +444,11 @@ windowed-sinc filter, trimmed of silence, and joined to the next with a random p
 times are exact. A word's DSU span is floor(start * 50) .. ceil(end * 50).
 
 DSUs: 13 MFCCs per 25 ms window every 20 ms (no padding: n samples give 1 + (n - 400) // 320
-frames), normalised per utterance, plus deltas and delta-deltas; nearest of K centroids fitted
-on the train split's frames (a seeded sample of at most 100,000 of them). `kmeans.npz` holds
-the centroids and feature settings; `python -m data.corpus encode kmeans.npz OUT.jsonl LIST.tsv`
-encodes other audio the same way.
+frames; mel energies floored {meta['features']['floor_db']:g} dB below the utterance's loudest), normalised per
+utterance, each frame stacked with the {meta['features']['context']} frames on either side ({(2 * meta['features']['context'] + 1) * meta['features']['n_mfcc']} values);
+nearest of K centroids fitted on the train split's frames (a seeded sample of at most 100,000 of
+them). `kmeans.npz` holds the centroids and feature settings;
+`python -m data.corpus encode kmeans.npz OUT.jsonl LIST.tsv` encodes other audio the same way.
 
 Files: `train.jsonl`, `dev.jsonl`, `test.jsonl` (fields `id`, `transcript`, `tokenized`,
 `aligned_token_start_time`, `aligned_token_end_time`, `speech_tokens`, `speaker`), `kmeans.npz`,
@@ -487,7 +511,7 @@ def encode(kmeans_path: str | os.PathLike, out_path: str | os.PathLike, tsv_path
     fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
+            f.writelines(json.dumps(row, separators=COMPACT) + "\n" for row in rows)
         _undo_private_mode(Path(tmp), 0o666)
         os.replace(tmp, out_path)
     except BaseException:

@@ -132,16 +132,22 @@ class SampleBuilder:
         each " word" is tokenized alone. Words holding whitespace (never in real data) take the
         slow path, since runs of spaces do cross word boundaries.
         """
-        if not all(words) or _WHITESPACE.search("".join(words)):
-            return self.tok.encode((" " if leading_space else "") + " ".join(words))
-        ids = [] if leading_space else self.tok.encode(words[0]) if words else []
-        cache = self._word_ids
+        cache = self._word_ids  # holds only words that passed the check below
         if len(cache) > 1_000_000:
             cache.clear()
-        for word in words if leading_space else words[1:]:
-            if word not in cache:
-                cache[word] = self.tok.encode(" " + word)
-            ids += cache[word]
+        ids = []
+        for k, word in enumerate(words):
+            if k or leading_space:
+                word_ids = cache.get(word)
+                if word_ids is None:
+                    if not word or _WHITESPACE.search(word):
+                        return self.tok.encode((" " if leading_space else "") + " ".join(words))
+                    word_ids = cache[word] = self.tok.encode(" " + word)
+                ids += word_ids
+            else:
+                if not word or _WHITESPACE.search(word):
+                    return self.tok.encode(" ".join(words))
+                ids += self.tok.encode(word)
         return ids
 
     def assemble(self, pieces: Pieces) -> tuple[np.ndarray, np.ndarray]:

@@ -95,6 +95,7 @@ def make_tiny_model(
     intermediate: int = 384,
     seed: int = 0,
     dtype: str = "float32",
+    rope_theta: float = ROPE_THETA,
 ) -> Path:
     """Write a tiny Llama 3.2-layout model to `out_dir` (which must not exist); `vocab_size` is the
     number of BPE ranks learnt from `text`, the model's vocabulary has 256 special tokens more."""
@@ -130,7 +131,7 @@ def make_tiny_model(
         "pretraining_tp": 1,
         "rms_norm_eps": NORM_EPS,
         "rope_scaling": ROPE_SCALING,
-        "rope_theta": ROPE_THETA,
+        "rope_theta": rope_theta,
         "tie_word_embeddings": True,
         "torch_dtype": dtype,
         "use_cache": True,
@@ -151,7 +152,7 @@ def make_tiny_model(
         "n_kv_heads": kv_heads,
         "n_layers": layers,
         "norm_eps": NORM_EPS,
-        "rope_theta": ROPE_THETA,
+        "rope_theta": rope_theta,
         "use_scaled_rope": True,
         "vocab_size": n_vocab,
     }
@@ -184,6 +185,12 @@ def main(argv=None) -> int:
     parser.add_argument("--intermediate", type=int, default=384, help="MLP width (default 384)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (default float32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    parser.add_argument(
+        "--rope-theta", type=float, default=ROPE_THETA,
+        help=f"RoPE base (default {ROPE_THETA:g}, Llama 3's). A small model trained briefly on sequences "
+        "of a few hundred tokens learns faster with a lower base such as 10000, more of whose rotary frequencies "
+        "more often complete a turn within such lengths",
+    )
     args = parser.parse_args(argv)
     try:
         if args.text is not None:
@@ -192,7 +199,7 @@ def main(argv=None) -> int:
             text = "\n".join(row["transcript"] for row in load_rows(args.transcripts, fields=("transcript",)))
         out = make_tiny_model(
             args.out_dir, text, args.vocab_size, args.hidden, args.layers, args.heads,
-            args.kv_heads, args.intermediate, args.seed, args.dtype,
+            args.kv_heads, args.intermediate, args.seed, args.dtype, args.rope_theta,
         )
     except (OSError, ValueError) as e:  # DataError is a ValueError
         print(f"error: {e}", file=sys.stderr)

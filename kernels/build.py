@@ -72,9 +72,11 @@ def compile_extension(with_cuda: bool) -> Path:
         name=NAME,
         sources=sources,
         build_directory=str(directory),
-        extra_cflags=CFLAGS,
-        extra_cuda_cflags=CUDA_CFLAGS,
-        extra_ldflags=LDFLAGS,
+        # Copies: torch appends to these lists, and changed flags on a second load in one process
+        # would make it build and load a second copy of the ops, which torch refuses.
+        extra_cflags=list(CFLAGS),
+        extra_cuda_cflags=list(CUDA_CFLAGS),
+        extra_ldflags=list(LDFLAGS),
         with_cuda=with_cuda,
         is_python_module=False,
         verbose=False,

@@ -49,9 +49,11 @@ def test_build_writes_every_split_in_the_reference_schema(tiny):
     for split, n in SPLIT_SIZES.items():
         rows = load_rows(str(tiny / f"{split}.jsonl"), n_dsus=K)
         assert len(rows) == n
+        allowed = {**corpus.TRAIN_SPEAKERS, **{"train": {}, "dev": corpus.DEV_ONLY_SPEAKERS,
+                                                 "test": corpus.TEST_ONLY_SPEAKERS}[split]}
         for row in rows:
             assert row["tokenized"] == row["transcript"].split()
-            assert row["speaker"] in {**corpus.TRAIN_SPEAKERS, **corpus.TEST_ONLY_SPEAKERS}
+            assert row["speaker"] in allowed
     assert (tiny / "README.md").exists()
 
 
@@ -85,10 +87,22 @@ def test_another_voice_gives_other_tokens(tiny):
     centroids = features.load_kmeans(tiny / "kmeans.npz")
     words = "put the red box on the small table".split()
     tokens = {}
-    for speaker in ["en-us+m1", "en-gb+f4"]:
+    for speaker in ["en-us+m1", "en+f4"]:
         pcm, _, _ = corpus.synthesize(words, speaker, np.random.default_rng(7))
         tokens[speaker] = features.speech_tokens(pcm / 32768.0, centroids)
-    assert tokens["en-us+m1"] != tokens["en-gb+f4"]
+    assert tokens["en-us+m1"] != tokens["en+f4"]
+
+
+@needs_espeak
+def test_every_voice_is_a_distinct_sound():
+    # espeak-ng ignores the variant of some specs ("en-gb+f4" is plain en-gb): at the same speed
+    # and pitch, no two speakers may give the same audio, or two "speakers" would be one voice.
+    audio = {}
+    for speaker in corpus.SPEAKERS:
+        pcm = corpus.espeak_word("table", speaker, 160, 50)
+        key = np.round(pcm, 4).tobytes()
+        assert key not in audio, (speaker, audio.get(key))
+        audio[key] = speaker
 
 
 @needs_espeak
@@ -97,8 +111,23 @@ def test_splits_share_no_sentence_and_test_has_an_unseen_voice(tiny):
     assert not (transcripts["train"] & transcripts["dev"] or transcripts["train"] & transcripts["test"]
                 or transcripts["dev"] & transcripts["test"])  # fmt: skip
     voices = json.loads((tiny / "corpus.json").read_text())["voices"]
-    assert voices["test_only"] and not set(voices["test_only"]) & set(voices["train"])
-    assert set(voices["test_only"]) <= {r["speaker"] for r in read_split(tiny, "test")}
+    assert voices["train"] == sorted({r["speaker"] for r in read_split(tiny, "train")})
+    for split in ("dev", "test"):
+        unseen = voices[f"{split}_only"]
+        assert unseen and not set(unseen) & set(voices["train"])
+        speakers = [r["speaker"] for r in read_split(tiny, split)]
+        assert speakers[0] in unseen  # even a split of one utterance has a voice training never heard
+        assert set(unseen) <= set(speakers) if len(speakers) >= 2 * len(unseen) else True
+
+
+def test_dev_and_test_alternate_unseen_and_training_voices():
+    speakers = corpus.split_speakers(seed=0)
+    assert sorted(speakers["train"]) == sorted(corpus.TRAIN_SPEAKERS)
+    for split, unseen in (("dev", corpus.DEV_ONLY_SPEAKERS), ("test", corpus.TEST_ONLY_SPEAKERS)):
+        cycle = speakers[split]
+        assert all(s in unseen for s in cycle[0::2]) and all(s in corpus.TRAIN_SPEAKERS for s in cycle[1::2])
+        assert set(cycle[0::2]) == set(unseen) and set(cycle[1::2]) == set(corpus.TRAIN_SPEAKERS)
+    assert not set(corpus.DEV_ONLY_SPEAKERS) & set(corpus.TEST_ONLY_SPEAKERS)
 
 
 def test_grammar_splits_at_full_size_are_disjoint_and_short():

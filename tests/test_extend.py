@@ -86,6 +86,11 @@ def test_tiny_model_has_the_llama_3_2_layout_and_is_deterministic(tiny_base, tmp
     with pytest.raises(FileExistsError):
         make_tiny_model(again, sample_text(), **TINY)
 
+    assert config["rope_theta"] == params["rope_theta"] == 500000.0  # Llama 3's, by default
+    demo = make_tiny_model(tmp_path / "demo", sample_text(), rope_theta=10000.0, **TINY)  # make demo's
+    assert json.loads((demo / "config.json").read_text())["rope_theta"] == 10000.0
+    assert json.loads((demo / "original/params.json").read_text())["rope_theta"] == 10000.0
+
 
 def test_base_rows_kept_and_special_rows_moved_to_the_end(tiny_base, tiny_extended):
     base, extended = weights(tiny_base), weights(tiny_extended)

@@ -239,3 +239,11 @@ def test_build_cache_is_keyed_by_the_build_flags(monkeypatch):
     assert build.build_directory(False) != before
     monkeypatch.undo()
     assert build.build_directory(False) == before
+
+
+def test_the_extension_loads_again_in_the_same_process(extension):
+    # A second load (a cleared cache, another caller) must find the same build, not register the
+    # ops twice, which aborts the process.
+    build.extension.cache_clear()
+    assert build.extension() == extension
+    assert kernels.measure(kernels.flatten(adversarial_pieces(8)[:4]), True).tolist() == [0, 0, 1, 1]

@@ -192,3 +192,33 @@ def test_bad_reference_dataset_exits_2(tmp_path, capsys):
     assert code == 2
     assert str(dataset) in err and "transcript" in err
     assert not (tmp_path / "wer.json").exists()
+
+
+def test_by_scores_each_value_of_a_dataset_field_on_its_own(tmp_path, capsys):
+    path = generations(tmp_path, [{"id": i, "text": h} for i, h in zip("abc", HYPS)])
+    dataset = write_jsonl(tmp_path / "test.jsonl", [
+        {"id": i, "transcript": r, "speaker": s} for i, r, s in zip("abc", REFS, ["v2", "v1", "v2"])
+    ])
+    code, out, _ = run(capsys, path, "--references", dataset, "--normalizer", "none", "--by", "speaker")
+    assert code == 0
+    report = json.loads((tmp_path / "wer.json").read_text())
+    assert report["wer"] == pytest.approx(4 / 9)  # the corpus figures are unchanged
+    assert report["by"] == "speaker" and list(report["groups"]) == ["v1", "v2"]
+    v1, v2 = report["groups"]["v1"], report["groups"]["v2"]
+    assert (v1["errors"], v1["n_ref_words"], v1["n_utterances"]) == (1, 3, 1)  # "e f g" -> "e g"
+    assert (v2["errors"], v2["n_ref_words"], v2["n_utterances"]) == (3, 6, 2)  # pooled, not averaged
+    assert v2["wer"] == pytest.approx(3 / 6) and v1["wer"] == pytest.approx(1 / 3)
+    assert "by speaker:" in out and "v1" in out
+
+
+def test_by_needs_references_and_the_field_on_every_row(tmp_path, capsys):
+    path = generations(tmp_path, [{"id": i, "text": h, "reference": r} for i, h, r in zip("abc", HYPS, REFS)])
+    code, _, err = run(capsys, path, "--by", "speaker")
+    assert code == 2 and "--references" in err
+    dataset = write_jsonl(tmp_path / "test.jsonl", [
+        {"id": "a", "transcript": REFS[0], "speaker": "v1"}, {"id": "b", "transcript": REFS[1]},
+        {"id": "c", "transcript": REFS[2], "speaker": "v1"},
+    ])
+    code, _, err = run(capsys, path, "--references", dataset, "--by", "speaker")
+    assert code == 2 and "'speaker'" in err and "'b'" in err
+    assert not (tmp_path / "wer.json").exists()
