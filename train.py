@@ -724,6 +724,7 @@ def train(cfg: dict) -> None:
     if rank == 0:
         print(f"train: loss curves in {plot_losses(run_dir / 'metrics.jsonl', run_dir / 'losses.png')}", flush=True)
     if dist.is_initialized():
+        dist.barrier()  # ranks leave together: gloo can abort a rank that tears down while a peer still works
         dist.destroy_process_group()
 
 
