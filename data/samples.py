@@ -137,17 +137,15 @@ class SampleBuilder:
             cache.clear()
         ids = []
         for k, word in enumerate(words):
-            if k or leading_space:
-                word_ids = cache.get(word)
-                if word_ids is None:
-                    if not word or _WHITESPACE.search(word):
-                        return self.tok.encode((" " if leading_space else "") + " ".join(words))
-                    word_ids = cache[word] = self.tok.encode(" " + word)
-                ids += word_ids
-            else:
+            spaced = k > 0 or leading_space  # only " word" encodings are cached
+            word_ids = cache.get(word) if spaced else None
+            if word_ids is None:
                 if not word or _WHITESPACE.search(word):
-                    return self.tok.encode(" ".join(words))
-                ids += self.tok.encode(word)
+                    return self.tok.encode((" " if leading_space else "") + " ".join(words))
+                word_ids = self.tok.encode(" " + word if spaced else word)
+                if spaced:
+                    cache[word] = word_ids
+            ids += word_ids
         return ids
 
     def assemble(self, pieces: Pieces) -> tuple[np.ndarray, np.ndarray]:
