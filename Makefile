@@ -5,7 +5,7 @@ DEMO ?= runs/demo
 MINI := data/mini
 STEPS ?= 5000
 
-.PHONY: test demo
+.PHONY: test demo espeak-ng
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -19,8 +19,15 @@ $(VENV)/.test-deps: $(VENV)/.deps requirements-test.txt
 	$(BIN)/pip install -q -r requirements-test.txt
 	touch $@
 
-test: $(VENV)/.test-deps
-	$(BIN)/python -m pytest -q tests
+# The corpus tool's tests synthesise speech with espeak-ng: installed here where apt-get can (as root);
+# elsewhere those tests skip, and pytest's closing summary (-rs) names them with the command to run.
+espeak-ng:
+	@command -v espeak-ng >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null; } || \
+		echo "note: espeak-ng is not installed and cannot be here; its tests will skip (sudo apt-get install espeak-ng)"
+
+test: $(VENV)/.test-deps espeak-ng
+	$(BIN)/python -m pytest -q -rs tests
 
 # The whole pipeline on the bundled mini corpus: a small base model, extended by the corpus's 128 DSUs,
 # fine-tuned for ASR, then the test split transcribed and scored before and after training (by voice too:

@@ -29,11 +29,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import config
+from config import ConfigError
 from data.dataset import ASR_FIELDS, DataError, load_rows
 from data.samples import SampleBuilder
-from data.tokenizer import MAX_DSUS, Tokenizer
+from data.tokenizer import Tokenizer
 from model import KVCache, Llama
-from train import DEFAULTS, ConfigError, check_vocabulary, parse_override
 
 STOP_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
 GENERATIONS, SETTINGS = "generations.jsonl", "generation_config.json"
@@ -78,83 +79,40 @@ class Generation:
 # -- settings ----------------------------------------------------------------------------------
 
 
-def _merge_known(base: dict, update: dict, source: str, prefix: str = "data.") -> None:
-    for key, value in update.items():
-        if key not in base:
-            raise GenerateError(f"{source}: unknown key '{prefix}{key}'")
-        if isinstance(base[key], dict):
-            if not isinstance(value, dict):
-                raise GenerateError(f"{source}: '{prefix}{key}' must be an object")
-            _merge_known(base[key], value, source, f"{prefix}{key}.")
-        else:
-            base[key] = value
-
-
 def data_settings(checkpoint: Path, overrides: list[str], n_dsus: int | None) -> dict:
-    """The data section that builds the prompts: the checkpoint's training config (or train.py's
-    defaults when it has none), then `overrides`, then --n-dsus."""
-    data = copy.deepcopy(DEFAULTS["data"])
+    """The data section that builds the prompts: the checkpoint's training config (or the schema's
+    defaults when it has none), then `overrides`, then --n-dsus; checked against the schema."""
+    settings = {"data": config.defaults()["data"]}
     config_path = checkpoint / TRAINING_CONFIG
-    if config_path.is_file():
-        try:
-            saved = json.loads(config_path.read_text())
-        except json.JSONDecodeError as error:
-            raise GenerateError(f"{config_path}:{error.lineno}: invalid JSON ({error.msg})") from None
-        if not isinstance(saved, dict) or not isinstance(saved.get("data"), dict):
-            raise GenerateError(f"{config_path}: expected a JSON object with a 'data' object")
-        _merge_known(data, saved["data"], str(config_path))
-    for text in overrides:
-        try:
-            keys, value = parse_override(text)
-        except ConfigError as error:
-            raise GenerateError(str(error)) from None
-        if keys[0] != "data" or len(keys) < 2:
-            raise GenerateError(f"override '{text}': only data.* keys apply to generation")
-        nested = value
-        for key in reversed(keys[1:]):
-            nested = {key: nested}
-        _merge_known(data, nested, f"override '{text}'")
-    if n_dsus is not None:
-        data["n_dsus"] = n_dsus
-    if data["n_dsus"] is None:
-        raise GenerateError(
-            f"{checkpoint}: no {TRAINING_CONFIG} to read n_dsus from; pass --n-dsus N (and data.deduplicate=..., "
-            "data.modality_tokens=..., data.sft.system_prompt=... if the model was trained with other settings)"
-        )
-    _check_data_values(data)
-    return data
-
-
-def _check_data_values(data: dict) -> None:
-    def is_int(value):
-        return isinstance(value, int) and not isinstance(value, bool)
-
-    checks = [
-        ("n_dsus", is_int(data["n_dsus"]) and 1 <= data["n_dsus"] <= MAX_DSUS, f"an integer in 1..{MAX_DSUS}"),
-        ("max_seq_len", is_int(data["max_seq_len"]) and data["max_seq_len"] > 0, "a positive integer"),
-        ("deduplicate", isinstance(data["deduplicate"], bool), "true or false"),
-        ("modality_tokens", isinstance(data["modality_tokens"], bool), "true or false"),
-        ("sft.system_prompt", isinstance(data["sft"]["system_prompt"], str), "a string"),
-    ]
-    for key, ok, wanted in checks:
-        if not ok:
-            value = data["sft"]["system_prompt"] if key == "sft.system_prompt" else data[key]
-            raise GenerateError(f"'data.{key}' must be {wanted}, got {value!r}")
+    try:
+        if config_path.is_file():
+            saved = config.read_json_object(config_path)
+            if not isinstance(saved.get("data"), dict):
+                raise ConfigError(f"{config_path}: expected a 'data' object")
+            config.merge(settings, {"data": saved["data"]}, str(config_path))
+        for text in overrides:
+            if not text.startswith("data."):
+                raise ConfigError(f"override '{text}': only data.* keys apply to generation")
+            config.check_values(settings, f"override '{text}'", prefix=config.apply_override(settings, text))
+        if n_dsus is not None:
+            settings["data"]["n_dsus"] = n_dsus
+        if settings["data"]["n_dsus"] is None:
+            raise ConfigError(
+                f"{checkpoint}: no {TRAINING_CONFIG} to read n_dsus from; pass --n-dsus N (and data.deduplicate=..., "
+                "data.modality_tokens=..., data.sft.system_prompt=... if the model was trained with other settings)"
+            )
+        config.check_values(settings, "generation settings", prefix="data.")
+    except ConfigError as error:
+        raise GenerateError(str(error)) from None
+    return settings["data"]
 
 
 def load_tokenizer(checkpoint: Path, data: dict) -> Tokenizer:
-    """The checkpoint's tokenizer, after checking the files generation needs and the vocabulary."""
-    for name in ("config.json", "original/tokenizer.model"):
-        if not (checkpoint / name).is_file():
-            raise GenerateError(f"{checkpoint}: missing {name}")
-    if not any((checkpoint / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
-        raise GenerateError(f"{checkpoint}: missing model.safetensors (or model.safetensors.index.json)")
+    """The checkpoint's tokenizer, after checking its files (weights intact) and vocabulary."""
     try:
-        tok = Tokenizer(checkpoint / "original" / "tokenizer.model")
-        check_vocabulary(checkpoint, tok, {"data": data})
-    except ValueError as error:  # ConfigError, TokenizerFileError and ModelConfig's errors
+        return config.model_tokenizer(checkpoint, data)
+    except ConfigError as error:
         raise GenerateError(str(error)) from None
-    return tok
 
 
 def resolve_data_path(data_arg: str | None, split: str, data: dict, checkpoint: Path) -> str:
@@ -362,6 +320,15 @@ def choose_device(name: str) -> torch.device:
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Before any work: the output directory can be created, and holds no generations unless --overwrite."""
+    blocker = next((p for p in (out_dir, *out_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise GenerateError(f"--out {out_dir}: {blocker} is a file, not a directory")
+    if not overwrite and (out_dir / GENERATIONS).exists():
+        raise GenerateError(f"{out_dir / GENERATIONS}: already exists; pass --overwrite or choose another --out")
+
+
 def write_outputs(out_dir: Path, records: list[dict], settings: dict, overwrite: bool) -> None:
     """Both files under temporary names first, then renamed: generations.jsonl, last, marks a complete output."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -390,8 +357,7 @@ def run(args: argparse.Namespace) -> Path:
     tok = load_tokenizer(checkpoint, data)
     data_path = resolve_data_path(args.data, args.split, data, checkpoint)
     out_dir = Path(args.out) if args.out else default_out_dir(checkpoint, data_path, args.split)
-    if not args.overwrite and (out_dir / GENERATIONS).exists():
-        raise GenerateError(f"{out_dir / GENERATIONS}: already exists; pass --overwrite or choose another --out")
+    check_out_dir(out_dir, args.overwrite)
     try:
         sampling = Sampling(args.max_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty,
                             args.seed)
@@ -461,8 +427,9 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Test data: --data PATH when given; otherwise <split>.jsonl in the directory of the training\n"
         "config's data.train (so --split test reads test.jsonl beside the training file).\n"
         "A checkpoint with no training_config.json (e.g. from extend.py or the reference implementation)\n"
-        "needs --data and --n-dsus; its other data settings default to train.py's DEFAULTS (deduplicate,\n"
-        "modality tokens, system prompt, max_seq_len) unless overridden with data.key=value.",
+        "needs --data and --n-dsus; its other data settings take the defaults of the training schema\n"
+        "(deduplicate, modality tokens, system prompt, max_seq_len; python train.py --help-config) unless\n"
+        "overridden with data.key=value.",
     )
     parser.add_argument("checkpoint",
                         help="checkpoint directory (Hugging Face layout), e.g. run/checkpoints/step_0001000")

@@ -8,6 +8,8 @@ Hugging Face stores q/k projections for the rotate-half RoPE layout, which is wh
 import dataclasses
 import functools
 import json
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -486,33 +488,89 @@ class Llama(nn.Module):
         return model
 
 
-def load_hf_state_dict(model_dir, device="cpu") -> dict[str, torch.Tensor]:
-    """Reads `model.safetensors`, or every shard named in `model.safetensors.index.json`."""
+SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                           "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def weight_files(model_dir) -> list[Path]:
+    """The safetensors files of a model directory: `model.safetensors`, or the shards its index names."""
     model_dir = Path(model_dir)
     single, index = model_dir / "model.safetensors", model_dir / "model.safetensors.index.json"
     if single.exists():
-        return load_file(single, device=str(device))
+        return [single]
     if not index.exists():
-        raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+        raise FileNotFoundError(f"{model_dir}: missing model.safetensors (or model.safetensors.index.json)")
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+        shards = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
         raise ValueError(f"{index}: expected a JSON object with a 'weight_map' field") from None
+    missing = [shard for shard in shards if not (model_dir / shard).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{index}: shard {missing[0]} does not exist")
+    return [model_dir / shard for shard in shards]
+
+
+def check_safetensors(path: Path) -> None:
+    """Raises ValueError unless `path` is a complete safetensors file: a readable header, and every
+    tensor's bytes inside the file, as many as its dtype and shape need. Reads only the header, so
+    a truncated or damaged file is found before any weight is loaded."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= header_len <= size - 8:
+            raise ValueError(f"{path}: not a complete safetensors file ({size} bytes, header length unreadable)")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{path}: damaged safetensors header") from None
+    data_len = size - 8 - header_len
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, stop = (int(v) for v in info["data_offsets"])
+            count = math.prod(int(n) for n in info["shape"]) * SAFETENSORS_DTYPE_BYTES.get(info["dtype"], 0)
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: damaged safetensors header entry for {name!r}") from None
+        if count and stop - begin != count:  # count 0: a dtype this check does not know
+            raise ValueError(f"{path}: tensor {name!r} has {stop - begin} bytes, its dtype and shape need {count}")
+        end = max(end, stop)
+    if end != data_len:
+        raise ValueError(f"{path}: truncated or damaged: its header describes {end} bytes of tensors, "
+                         f"the file holds {data_len}")
+
+
+def check_weights(model_dir) -> None:
+    """Raises (ValueError, FileNotFoundError) unless every weight file of `model_dir` is complete."""
+    for path in weight_files(model_dir):
+        check_safetensors(path)
+
+
+def load_hf_state_dict(model_dir, device="cpu") -> dict[str, torch.Tensor]:
+    """Reads `model.safetensors`, or every shard named in `model.safetensors.index.json`; a
+    damaged file is a ValueError naming it."""
     state = {}
-    for shard in sorted(set(weight_map.values())):
-        if not (model_dir / shard).exists():
-            raise FileNotFoundError(f"{index}: shard {shard} does not exist")
-        state.update(load_file(model_dir / shard, device=str(device)))
+    for path in weight_files(model_dir):
+        check_safetensors(path)
+        state.update(load_file(path, device=str(device)))
     return state
 
 
-def save_safetensors(model: Llama, path) -> None:
-    """Writes the state dict as one safetensors file that transformers and vLLM load.
+def write_safetensors(state: dict[str, torch.Tensor], path) -> None:
+    """One safetensors file that transformers and vLLM load, readable as any file the user creates
+    (safetensors itself creates it private, mode 0600, whatever the umask)."""
+    save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
-    A tied head is not a parameter, so it is not written twice.
-    """
-    state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()}
-    save_file(state, str(path), metadata={"format": "pt"})
+
+def save_safetensors(model: Llama, path) -> None:
+    """Writes the model's state dict; a tied head is not a parameter, so it is not written twice."""
+    write_safetensors({name: tensor.detach().to("cpu") for name, tensor in model.state_dict().items()}, path)
 
 
 def init_weights(model: Llama, seed: int) -> None:

@@ -22,10 +22,12 @@ import copy
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import sys
 import time
+import zipfile
 from collections import deque
 from contextlib import nullcontext
 from pathlib import Path
@@ -33,166 +35,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 import kernels
+from config import ConfigError, describe, load_config, model_tokenizer
 from data.dataset import ASR_FIELDS, SCHEMA_FIELDS, DataError
 from data.samples import IGNORE, Interleave, Pieces, SampleBuilder
-from data.store import RowStore, open_store
+from data.store import RowStore, open_store, store_path
 from data.tokenizer import Tokenizer
-from model import DTYPES, Llama, ModelConfig
-
-# -- configuration -----------------------------------------------------------------------------
-
-DEFAULT_SYSTEM_PROMPT = (
-    "You will act as an automatic speech recognition (ASR) system. Transcribe the speech tokens into English text. "
-)
-
-DEFAULTS = {
-    "run_dir": None,  # checkpoints, metrics and plots go here
-    "seed": 42831,
-    "model": {
-        "path": None,  # an extended model directory (extend.py's output) or a train.py checkpoint
-        "dtype": "bfloat16",  # parameters and compute: bfloat16 or float32
-        "activation_checkpointing": False,
-        "compile": False,
-        "fsdp": False,  # shard parameters, gradients and optimizer state (FSDP2) instead of replicating them
-    },
-    "data": {
-        "task": "cpt",  # cpt or sft
-        "train": None,  # JSONL / Parquet file, directory of shards, or glob
-        "dev": "",  # evaluated every train.eval_steps when given
-        # Where train and dev are converted (once, validated) into memory-mapped arrays that later
-        # runs reuse; "" means <run_dir>/data_cache. Share one directory between runs on the same data.
-        "cache_dir": "",
-        "n_dsus": None,  # must match the model's extended vocabulary
-        "deduplicate": True,
-        "modality_tokens": True,
-        "max_seq_len": 768,
-        "shuffle": True,
-        # Pack several sequences into each row of max_seq_len (attention stays within a sequence)
-        # instead of padding every sequence of a batch to the longest: batch_size counts rows.
-        "packed": False,
-        "cpt": {
-            "sequence_type": "interleaved",  # interleaved, concatenated_txt_dsu or concatenated_dsu_txt
-            "sampling_rate": 16000,
-            "downsampling_ratio": 320,
-            "mean_seq_len_tokens": 39.43,
-            "binom_prob": 0.1,
-        },
-        "sft": {"system_prompt": DEFAULT_SYSTEM_PROMPT, "train_on_input": False},
-    },
-    "optim": {
-        "lr": 2e-4,
-        "betas": [0.9, 0.999],
-        "eps": 1e-8,
-        "weight_decay": 0.01,
-        "warmup_steps": 1000,
-        "num_cycles": 0.5,  # cosine cycles over the run after warm-up: 0.5 decays to zero
-        "max_grad_norm": 1.0,  # 0 turns clipping off
-    },
-    "train": {
-        "batch_size": 16,  # sequences (rows of max_seq_len with data.packed) per micro-batch per process
-        "grad_accum": 4,  # micro-batches per optimizer step
-        "max_steps": None,  # optimizer steps in the whole run
-        "eval_steps": 1000,
-        "save_steps": 10000,
-        "log_steps": 10,
-        "device": "auto",  # auto (cuda when present), cuda or cpu
-        "loss_chunk_size": 1024,  # tokens per logits chunk in the loss
-    },
-    "resume": "",  # "", "auto" (the run directory's latest checkpoint) or a checkpoint path
-    "resume_force": False,  # resume even if batch size, accumulation or world size changed
-    "wandb": {"project": "", "name": ""},  # logs to Weights & Biases when a project is given
-}
-
-REQUIRED = ["run_dir", "model.path", "data.train", "data.n_dsus", "train.max_steps"]
-
-
-class ConfigError(ValueError):
-    pass
-
-
-def _merge(base: dict, update: dict, source: str, prefix: str = "") -> None:
-    for key, value in update.items():
-        path = f"{prefix}{key}"
-        if key not in base:
-            raise ConfigError(f"{source}: unknown config key '{path}'")
-        if isinstance(base[key], dict):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{source}: '{path}' must be an object")
-            _merge(base[key], value, source, path + ".")
-        else:
-            base[key] = value
-
-
-def parse_override(text: str) -> tuple[list[str], object]:
-    """`a.b=value`: the value is read as JSON when it parses (numbers, true, null, lists), else as a string."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"override '{text}' is not of the form dotted.key=value")
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key.split("."), value
-
-
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict:
-    config = copy.deepcopy(DEFAULTS)
-    if path is not None:
-        try:
-            loaded = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: a config is a JSON object")
-        loaded.pop("//", None)  # a comment
-        _merge(config, loaded, str(path))
-    for text in overrides:
-        keys, value = parse_override(text)
-        nested = value
-        for key in reversed(keys):
-            nested = {key: nested}
-        _merge(config, nested, f"override '{text}'")
-    missing = [key for key in REQUIRED if get(config, key) is None]
-    if missing:
-        raise ConfigError(
-            f"{path or 'config'}: these keys must be given (in the file or as key=value): {', '.join(missing)}"
-        )
-    _check_values(config, str(path))
-    return config
-
-
-def get(config: dict, dotted: str):
-    for key in dotted.split("."):
-        config = config[key]
-    return config
-
-
-def _check_values(config: dict, source: str) -> None:
-    checks = [
-        ("data.task", get(config, "data.task") in ("cpt", "sft"), "cpt or sft"),
-        (
-            "data.cpt.sequence_type",
-            get(config, "data.cpt.sequence_type") in ("interleaved", "concatenated_txt_dsu", "concatenated_dsu_txt"),
-            "interleaved, concatenated_txt_dsu or concatenated_dsu_txt",
-        ),
-        ("model.dtype", get(config, "model.dtype") in ("bfloat16", "float32"), "bfloat16 or float32"),
-        ("train.device", get(config, "train.device") in ("auto", "cuda", "cpu"), "auto, cuda or cpu"),
-        ("data.packed", isinstance(get(config, "data.packed"), bool), "true or false"),
-    ]
-    for key in ["train.batch_size", "train.grad_accum", "train.max_steps", "train.eval_steps", "train.save_steps",
-                "train.log_steps", "data.max_seq_len", "data.n_dsus", "train.loss_chunk_size"]:
-        value = get(config, key)
-        checks.append((key, isinstance(value, int) and not isinstance(value, bool) and value > 0, "a positive integer"))
-    for key, ok, wanted in checks:
-        if not ok:
-            raise ConfigError(f"{source}: '{key}' must be {wanted}, got {get(config, key)!r}")
-
+from model import DTYPES, Llama, check_weights, write_safetensors
 
 # -- processes ---------------------------------------------------------------------------------
 
@@ -200,8 +51,6 @@ def _check_values(config: dict, source: str) -> None:
 def setup_distributed(device_choice: str) -> tuple[int, int, torch.device]:
     """(rank, world_size, device); torchrun's environment starts a process group (NCCL on GPU, gloo on CPU)."""
     use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
-    if device_choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is 'cuda' but no GPU is visible")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world_size > 1:
@@ -272,23 +121,44 @@ class Sequences:
         return kernels.measure(kernels.flatten(pieces), self.builder.deduplicate).tolist()
 
 
-def load_sequences(source: str, cfg: dict, tokenizer: Tokenizer) -> Sequences:
-    """The sequences of `source`, read through its store (`data.store`): converted by the first
-    process of each machine, memory-mapped by all."""
-    data_cfg = cfg["data"]
+def store_options(data_cfg: dict) -> dict:
+    """How a source is read into its store for this run: the fields its task needs, and the frame
+    rate that interleaved CPT's word times must fit."""
     if data_cfg["task"] == "sft":
-        fields = ASR_FIELDS
-    elif data_cfg["cpt"]["sequence_type"] == "interleaved":
-        fields = SCHEMA_FIELDS  # word times pick the DSUs under each word span
-    else:
-        fields = ("tokenized", "speech_tokens")  # concatenation joins the words, as the reference does
-    cache_dir = data_cfg["cache_dir"] or Path(cfg["run_dir"]) / "data_cache"
+        return {"n_dsus": data_cfg["n_dsus"], "fields": ASR_FIELDS}
+    if data_cfg["cpt"]["sequence_type"] == "interleaved":  # word times pick the DSUs under each word span
+        cpt = data_cfg["cpt"]
+        return {"n_dsus": data_cfg["n_dsus"], "fields": SCHEMA_FIELDS,
+                "frame_rate": cpt["sampling_rate"] / cpt["downsampling_ratio"]}
+    return {"n_dsus": data_cfg["n_dsus"], "fields": ("tokenized", "speech_tokens")}  # words joined, as the reference does
+
+
+def load_data(cfg: dict, tokenizer: Tokenizer) -> tuple[Sequences, Sequences | None]:
+    """The train and dev sequences, read through their stores (`data.store`): converted by the
+    first process of each machine, memory-mapped by all. When either source is refused, what this
+    call created (stores, cache and run directories) is removed: a refused run leaves nothing new."""
+    data_cfg = cfg["data"]
+    run_dir = Path(cfg["run_dir"])
+    cache_dir = Path(data_cfg["cache_dir"] or run_dir / "data_cache")
+    options = store_options(data_cfg)
+    sources = [data_cfg["train"]] + ([data_cfg["dev"]] if data_cfg["dev"] else [])
     first_here = int(os.environ.get("LOCAL_RANK", "0")) == 0
-    rows = open_store(source, cache_dir, n_dsus=data_cfg["n_dsus"], fields=fields, build=first_here,
-                      progress=first_here)
-    if not len(rows):
-        raise DataError(f"{source}: no rows")
-    return Sequences(rows, data_cfg, tokenizer)
+    created = [p for p in (run_dir, cache_dir, *cache_dir.parents) if not p.exists()]
+    stores = []
+    try:
+        created += [d for d in (store_path(s, cache_dir, **options) for s in sources) if not d.exists()]
+        for source in sources:
+            rows = open_store(source, cache_dir, **options, build=first_here, progress=first_here)
+            if not len(rows):
+                raise DataError(f"{source}: no rows")
+            stores.append(rows)
+    except DataError:
+        if first_here:
+            for path in created:
+                shutil.rmtree(path, ignore_errors=True)
+        raise
+    train_seqs, *dev = (Sequences(rows, data_cfg, tokenizer) for rows in stores)
+    return train_seqs, (dev[0] if dev else None)
 
 
 def epoch_order(n_rows: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
@@ -307,7 +177,8 @@ def collate(pairs: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> tuple[to
 
 
 def step_micro_batches(seqs: Sequences, step: int, cfg: dict, rank: int, world: int):
-    """This rank's micro-batches for optimizer step `step` (0-based), as (inputs, targets) pairs.
+    """(epoch, this rank's micro-batches for optimizer step `step` (0-based) as (inputs, targets)
+    pairs, the row index of each micro-batch's first sequence).
 
     The step takes the next batch_size*grad_accum*world rows of the epoch's order; micro-batch m
     is the m-th slice of batch_size*world rows, of which this rank takes its batch_size, so a run
@@ -322,11 +193,12 @@ def step_micro_batches(seqs: Sequences, step: int, cfg: dict, rank: int, world: 
     order = epoch_order(len(seqs), cfg["seed"], epoch, cfg["data"]["shuffle"])
     chunk = order[step_in_epoch * per_step : (step_in_epoch + 1) * per_step]
     pad_id = seqs.builder.tok.special_ids["<|finetune_right_pad_id|>"]
-    micro = []
+    micro, firsts = [], []
     for m in range(accum):
         rows = chunk[m * batch * world : (m + 1) * batch * world][rank * batch : (rank + 1) * batch]
         micro.append(collate(seqs.build_many(rows, epoch), pad_id))
-    return epoch, micro
+        firsts.append(int(rows[0]))
+    return epoch, micro, firsts
 
 
 PACK_OPEN_ROWS = 128  # rows a packed stream keeps open for later sequences to fill: more, less padding
@@ -361,13 +233,13 @@ class PackedStream:
         self.order = epoch_order(len(self.seqs), self.seed, epoch, self.shuffle)
         self.ahead: deque[tuple[int, Pieces, int]] = deque()  # (index, sequence, length): measured, not yet placed
 
-    def next_row(self) -> tuple[int, list[Pieces]]:
-        """(epoch, the row's sequences), for `kernels.pack`."""
+    def next_row(self) -> tuple[int, list[int], list[Pieces]]:
+        """(epoch, the row's sequences' indices, those sequences), for `kernels.pack`."""
         while True:
             if self.position == len(self.order):
                 row = self.packer.pop()
                 if row is not None:
-                    return self.epoch, [self.open_samples.pop(i) for i in row]
+                    return self.epoch, row, [self.open_samples.pop(i) for i in row]
                 self._start_epoch(self.epoch + 1, 0)
             if not self.ahead:
                 indices = self.order[self.position : self.position + PACK_LOOKAHEAD].tolist()
@@ -381,7 +253,7 @@ class PackedStream:
             if self.position == len(self.order):
                 self.packer.finish()
             if row is not None:
-                return self.epoch, [self.open_samples.pop(i) for i in row]
+                return self.epoch, row, [self.open_samples.pop(i) for i in row]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "open_rows": self.packer.open_rows,
@@ -397,7 +269,8 @@ class PackedStream:
 
 
 def packed_micro_batches(stream: PackedStream, cfg: dict, rank: int, world: int, device=None):
-    """This rank's micro-batches for the next optimizer step, as `kernels.Packed` rows on `device`:
+    """(epoch, this rank's micro-batches for the next optimizer step as `kernels.Packed` rows on
+    `device`, the index of each micro-batch's first sequence):
     the step takes the stream's next batch_size*grad_accum*world rows, sliced as
     `step_micro_batches` slices sequences, so 2 processes see what 1 process with twice the batch
     size sees. Only this rank's rows are written (by the `pack` op; on the GPU when it is one)."""
@@ -405,12 +278,13 @@ def packed_micro_batches(stream: PackedStream, cfg: dict, rank: int, world: int,
     rows = [stream.next_row() for _ in range(batch * accum * world)]
     builder = stream.seqs.builder
     pad_id = builder.tok.special_ids["<|finetune_right_pad_id|>"]
-    micro = []
+    micro, firsts = [], []
     for m in range(accum):
         mine = rows[m * batch * world : (m + 1) * batch * world][rank * batch : (rank + 1) * batch]
-        micro.append(kernels.pack([samples for _, samples in mine], builder.tok.dsu_offset, builder.deduplicate,
+        micro.append(kernels.pack([samples for _, _, samples in mine], builder.tok.dsu_offset, builder.deduplicate,
                                   stream.max_seq_len, pad_id, device))
-    return rows[-1][0], micro
+        firsts.append(mine[0][1][0])
+    return rows[-1][0], micro, firsts
 
 
 def token_kinds(inputs: torch.Tensor, tok: Tokenizer, pad_id: int) -> dict[str, int]:
@@ -428,13 +302,37 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "training_state.pt"
 
 
+CHECKPOINT_FILES = ("config.json", "generation_config.json", "original/tokenizer.model", "original/params.json",
+                    "training_config.json", STATE_FILE)
+# numpy's RNG state is an ndarray: unpickling may rebuild plain arrays and nothing else
+NUMPY_ARRAY_GLOBALS = [np.empty(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a temporary directory is never complete)."""
+    """The run's checkpoints, oldest first (temporary directories of unfinished saves are not)."""
     root = run_dir / CHECKPOINTS
     if not root.is_dir():
         return []
-    done = [p for p in root.glob("step_*") if (p / STATE_FILE).exists()]
-    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+    done = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(done, key=lambda p: int(p.name[5:]))
+
+
+def checkpoint_damage(checkpoint: Path) -> str | None:
+    """What makes `checkpoint` unusable for resuming (a missing, truncated or damaged file), or
+    None. Reads the weights' headers and the training state's zip directory, not the tensors."""
+    for name in CHECKPOINT_FILES:
+        if not (checkpoint / name).is_file():
+            return f"{name} is missing"
+    try:
+        check_weights(checkpoint)
+    except (ValueError, OSError) as error:
+        return str(error)
+    try:
+        with zipfile.ZipFile(checkpoint / STATE_FILE) as archive:
+            archive.infolist()
+    except (zipfile.BadZipFile, OSError) as error:
+        return f"{STATE_FILE} is truncated or damaged ({error})"
+    return None
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, cfg: dict, model_src: Path, state: dict):
@@ -458,7 +356,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, cfg: 
     shutil.copy(model_src / "generation_config.json", tmp / "generation_config.json")
     for name in ("tokenizer.model", "params.json"):
         shutil.copy(model_src / "original" / name, tmp / "original" / name)
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    write_safetensors(weights, tmp / "model.safetensors")
     (tmp / "training_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     torch.save(
         {
@@ -480,8 +378,14 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, cfg: 
     os.replace(tmp, final)  # atomic: a crash before this line leaves only the temporary directory
 
 
-def read_training_state(path: Path) -> dict:
-    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+def read_training_state(checkpoint: Path) -> dict:
+    """The training state as data: tensors, numbers, strings and plain numpy arrays, nothing executable."""
+    path = checkpoint / STATE_FILE
+    try:
+        with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
+        raise ConfigError(f"{path}: cannot be read ({str(error).splitlines()[0]})") from None
 
 
 def restore_training_state(state: dict, model, optimizer, scheduler) -> None:
@@ -496,21 +400,36 @@ def restore_training_state(state: dict, model, optimizer, scheduler) -> None:
     random.setstate(state["rng"]["python"])
 
 
-def resolve_resume(cfg: dict, run_dir: Path) -> Path | None:
-    resume = cfg["resume"]
+def resolve_resume(cfg: dict, run_dir: Path) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume from and its training state; (None, None) starts from the beginning.
+    resume=auto takes the newest intact checkpoint, naming each damaged one it passes over; a run
+    directory whose checkpoints are all damaged is refused rather than silently started over."""
+    resume, found = cfg["resume"], checkpoint_dirs(run_dir)
     if not resume:
-        if checkpoint_dirs(run_dir):
+        if found:
             raise ConfigError(
                 f"{run_dir} already holds checkpoints: pass resume=auto to continue that run, or choose another run_dir"
             )
-        return None
-    if resume == "auto":
-        found = checkpoint_dirs(run_dir)
-        return found[-1] if found else None  # nothing saved yet: start from the beginning
-    path = Path(resume)
-    if not (path / STATE_FILE).exists():
-        raise ConfigError(f"resume: {path} is not a complete checkpoint (no {STATE_FILE})")
-    return path
+        return None, None
+    if resume != "auto":
+        path = Path(resume)
+        problem = checkpoint_damage(path) if path.is_dir() else "no such directory"
+        if problem:
+            raise ConfigError(f"resume: {path} cannot be resumed from: {problem}")
+        return path, read_training_state(path)
+    for path in reversed(found):
+        problem = checkpoint_damage(path)
+        if problem is None:
+            try:
+                return path, read_training_state(path)
+            except ConfigError as error:
+                problem = str(error)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"train.py: resume=auto: skipping {path}: {problem}", file=sys.stderr, flush=True)
+    if found:
+        raise ConfigError(f"resume=auto: no intact checkpoint among the {len(found)} in {run_dir / CHECKPOINTS} "
+                          "(see above); resume from another with resume=PATH, or start a new run_dir")
+    return None, None  # nothing saved yet
 
 
 def check_resumable(saved: dict, cfg: dict, world: int) -> None:
@@ -565,20 +484,6 @@ def build_model(cfg: dict, model_path: Path, device: torch.device, world: int):
     return model
 
 
-def check_vocabulary(model_path: Path, tok: Tokenizer, cfg: dict) -> None:
-    n_dsus = cfg["data"]["n_dsus"]
-    vocab = ModelConfig.from_file(model_path / "config.json").vocab_size
-    problems = []
-    if vocab != tok.vocab_size:
-        problems.append(f"config.json vocab_size {vocab} != tokenizer's {tok.vocab_size}")
-    if tok.n_dsus != n_dsus:
-        problems.append(f"the tokenizer has {tok.n_dsus} DSUs but data.n_dsus is {n_dsus}")
-    if cfg["data"]["modality_tokens"] and not tok.has_modality_tokens:
-        problems.append("data.modality_tokens is true but the tokenizer has no modality tokens")
-    if problems:
-        raise ConfigError(f"{model_path}: " + "; ".join(problems) + " (extend the model with extend.py --n-dsus N)")
-
-
 # -- the loop ----------------------------------------------------------------------------------
 
 
@@ -609,26 +514,32 @@ def evaluate(model, seqs: Sequences, cfg: dict, rank: int, world: int, device) -
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
+class TrainingStopped(Exception):
+    """The run cannot go on (a non-finite loss); the message says how to continue."""
+
+
+def nonfinite_report(done: int, loss: float, grad_norm: float, micro_losses: list, firsts: list[int], epoch: int,
+                     rows, rank: int) -> str:
+    """What went non-finite at step `done`, and where the first such micro-batch starts in the data."""
+    bad = [m for m, value in enumerate(torch.stack(micro_losses).tolist()) if not math.isfinite(value)]
+    m = bad[0] if bad else 0  # only the gradient norm: name the step's first micro-batch
+    which = "its first non-finite" if bad else "its first"
+    return (f"step {done}: loss {loss}, gradient norm {grad_norm}; {which} micro-batch ({m + 1} of {len(firsts)} "
+            f"on rank {rank}) starts with row {firsts[m]} of epoch {epoch} (id {rows[firsts[m]]['id']!r})")
+
+
 def train(cfg: dict) -> None:
     rank, world, device = setup_distributed(cfg["train"]["device"])
     run_dir = Path(cfg["run_dir"])
-    resume_from = resolve_resume(cfg, run_dir)
     model_path = Path(cfg["model"]["path"])
-    if not (model_path / "config.json").exists():
-        raise ConfigError(f"model.path: {model_path} has no config.json")
-    tok = Tokenizer(model_path / "original" / "tokenizer.model")
-    check_vocabulary(model_path, tok, cfg)
-    saved = read_training_state(resume_from) if resume_from is not None else None
+    try:
+        tok = model_tokenizer(model_path, cfg["data"])
+    except ConfigError as error:
+        raise ConfigError(f"'model.path': {error}") from None
+    resume_from, saved = resolve_resume(cfg, run_dir)
     if saved is not None:
         check_resumable(saved, cfg, world)  # before the data is converted: a refused run writes nothing
-    new_run_dir = not run_dir.exists()
-    try:
-        train_seqs = load_sequences(cfg["data"]["train"], cfg, tok)
-        dev_seqs = load_sequences(cfg["data"]["dev"], cfg, tok) if cfg["data"]["dev"] else None
-    except DataError:
-        if new_run_dir and rank == 0:  # a refused run leaves nothing behind, not even the cached train data
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
+    train_seqs, dev_seqs = load_data(cfg, tok)
     stream = PackedStream(train_seqs, cfg) if cfg["data"]["packed"] else None
 
     torch.manual_seed(cfg["seed"])
@@ -663,34 +574,41 @@ def train(cfg: dict) -> None:
     window_start, window_tokens = time.perf_counter(), 0
     for step in range(start_step, max_steps):
         if stream is not None:
-            epoch, micro = packed_micro_batches(stream, cfg, rank, world, device)
+            epoch, micro, firsts = packed_micro_batches(stream, cfg, rank, world, device)
         else:
-            epoch, micro = step_micro_batches(train_seqs, step, cfg, rank, world)
+            epoch, micro, firsts = step_micro_batches(train_seqs, step, cfg, rank, world)
         n_targets = all_reduce_sum(torch.tensor(sum((b[1] != IGNORE).sum().item() for b in micro), device=device))
         if n_targets.item() == 0 and rank == 0:
             progress.write(f"warning: step {step + 1} has no target tokens (is data.max_seq_len too short "
                            "for the prompt? SFT truncation cuts the transcript first)")
         scale = world / n_targets.clamp(min=1).float()  # DDP and FSDP average gradients over ranks
-        step_loss = torch.zeros((), device=device)
+        micro_losses = []
         step_kinds = {"text_tokens": 0, "dsu_tokens": 0, "special_tokens": 0}
         for m, batch in enumerate(micro):
             last = m == len(micro) - 1
             with sync_off() if (sync_off and not last) else nullcontext():
                 loss_sum, _ = forward_loss(model, batch, device)
                 (loss_sum * scale).backward()
-            step_loss += loss_sum.detach()
+            micro_losses.append(loss_sum.detach())
             for key, value in token_kinds(batch[0], tok, pad_id).items():  # padding is not counted
                 step_kinds[key] += value
-        grad_norm = (
-            torch.nn.utils.clip_grad_norm_(model.parameters(), opt["max_grad_norm"]).item()
-            if opt["max_grad_norm"] > 0 else float("nan")
-        )
+        # With clipping off (max_grad_norm 0) the norm is still measured: a non-finite one must stop the step.
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opt["max_grad_norm"] or float("inf")).item()
+        loss = (all_reduce_sum(torch.stack(micro_losses).sum()) / n_targets.clamp(min=1)).item()
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
+        done = step + 1
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            optimizer.step()
+        else:  # every rank sees the same all-reduced loss and norm, so all take this branch
+            report = nonfinite_report(done, loss, grad_norm, micro_losses, firsts, epoch, train_seqs.rows, rank)
+            if not cfg["train"]["skip_nonfinite"]:
+                raise TrainingStopped(f"{report}. Nothing of this step was applied or saved. "
+                                      + resume_advice(run_dir, done))
+            progress.write(f"warning: {report}: update skipped (train.skip_nonfinite)")
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        loss = (all_reduce_sum(step_loss) / n_targets.clamp(min=1)).item()
         counts = all_reduce_sum(torch.tensor(list(step_kinds.values()), device=device)).tolist()  # all ranks' tokens
         for key, value in zip(step_kinds, counts):
             totals[key] += value
@@ -698,10 +616,11 @@ def train(cfg: dict) -> None:
         totals["tokens"] += step_tokens
         totals["target_tokens"] += int(n_targets.item())
         window_tokens += step_tokens
-        done = step + 1
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-        if done % log_steps == 0 or done == max_steps or done == start_step + 1:
+        if not finite:
+            metrics.write({"step": done, "skipped": "non-finite loss or gradient norm"})
+        elif done % log_steps == 0 or done == max_steps or done == start_step + 1:
             elapsed = time.perf_counter() - window_start
             metrics.write({"step": done, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                            "tokens_per_s": window_tokens / max(elapsed, 1e-9), **totals})
@@ -726,6 +645,15 @@ def train(cfg: dict) -> None:
     if dist.is_initialized():
         dist.barrier()  # ranks leave together: gloo can abort a rank that tears down while a peer still works
         dist.destroy_process_group()
+
+
+def resume_advice(run_dir: Path, step: int) -> str:
+    found = checkpoint_dirs(run_dir)
+    again = (f"the same data comes again at step {step}: add train.skip_nonfinite=true to skip non-finite updates, "
+             "or lower optim.lr")
+    if not found:
+        return f"No checkpoint was saved before it: start the run again ({again})."
+    return f"The newest checkpoint is {found[-1]}: continue from it with resume=auto ({again})."
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> Path:
@@ -788,13 +716,22 @@ class MetricsLog:
 # -- command line ------------------------------------------------------------------------------
 
 
+class HelpConfig(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(describe())
+        parser.exit()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Every key and its default is in train.py's DEFAULTS; configs/ has one file per tokenizer and regime.",
+        epilog="--help-config lists every key with its default, allowed values and meaning; configs/ has one file "
+        "per tokenizer and regime. Exit status: 0 done, 2 bad configuration or data (nothing written), 1 the run "
+        "stopped (e.g. a non-finite loss; the message says how to continue).",
     )
     parser.add_argument("config", help="JSON config file")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value (value parsed as JSON when it parses)")
+    parser.add_argument("--help-config", nargs=0, action=HelpConfig, help="print every config key and exit")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -802,6 +739,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
+    except TrainingStopped as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

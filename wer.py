@@ -160,13 +160,15 @@ def read_generations(path: Path, need_reference: bool) -> list[dict]:
     required = ("id", "text", "reference") if need_reference else ("id", "text")
     records, first_line_of = [], {}
     try:
-        with open(path, encoding="utf-8") as file:
-            for line_number, line in enumerate(file, start=1):
-                if not line.strip():
+        with open(path, "rb") as file:
+            for line_number, raw in enumerate(file, start=1):
+                if not raw.strip():
                     continue
                 where = f"{path}:{line_number}"
                 try:
-                    obj = json.loads(line)
+                    obj = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as error:
+                    raise InputError(f"{where}: not UTF-8 text ({error.reason} at byte {error.start})") from None
                 except json.JSONDecodeError as error:
                     raise InputError(f"{where}: not valid JSON ({error.msg})") from None
                 if not isinstance(obj, dict):
@@ -182,8 +184,6 @@ def read_generations(path: Path, need_reference: bool) -> list[dict]:
                 records.append({field: obj[field] for field in required})
     except OSError as error:
         raise InputError(f"{path}: cannot read ({error.strerror})") from None
-    except UnicodeDecodeError as error:
-        raise InputError(f"{path}: not UTF-8 text ({error.reason})") from None
     if not records:
         raise InputError(f"{path}: no generations (the file is empty)")
     return records
@@ -202,6 +202,8 @@ def join_references(records: list[dict], generations_path: Path, references_path
         rows = load_rows(str(references_path), fields=("transcript",))  # checks ids are unique
     except DataError as error:
         raise InputError(str(error)) from None
+    if not rows:
+        raise InputError(f"{references_path}: no references (the dataset is empty)")
     if by is not None:
         lacking = [row["id"] for row in rows if by not in row]
         if lacking:

@@ -86,11 +86,11 @@ def child_pack(source: str, cache: str, pack_rows: int) -> dict:
         "run_dir=unused", "model.path=unused", f"data.train={source}", f"data.n_dsus={N_DSUS}", "train.max_steps=1",
         f"data.cache_dir={cache}", "data.max_seq_len=2048", "data.packed=true",
     ])
-    seqs = train.load_sequences(source, cfg, extended_llama3_tokenizer(N_DSUS))
+    seqs, _ = train.load_data(cfg, extended_llama3_tokenizer(N_DSUS))
     stream = train.PackedStream(seqs, cfg)
     start, tokens = time.perf_counter(), 0
     for _ in range(pack_rows):
-        _, samples = stream.next_row()
+        _, _, samples = stream.next_row()
         tokens += sum(len(t) for t, _ in map(seqs.builder.assemble, samples))
     return {"seconds": time.perf_counter() - start, **memory(), "tokens": tokens}
 

@@ -39,10 +39,11 @@ import torch  # noqa: E402
 
 import kernels  # noqa: E402
 from bench.construction import GOLDEN, best_tokens_per_second, extended_llama3_tokenizer  # noqa: E402
+from config import DEFAULT_SYSTEM_PROMPT  # noqa: E402
 from data import reference_strings as ref  # noqa: E402
 from data.dataset import SCHEMA_FIELDS, load_rows  # noqa: E402
 from data.samples import Interleave, SampleBuilder  # noqa: E402
-from train import DEFAULT_SYSTEM_PROMPT, PACK_LOOKAHEAD, PACK_OPEN_ROWS  # noqa: E402
+from train import PACK_LOOKAHEAD, PACK_OPEN_ROWS  # noqa: E402
 
 BATCH = 16
 THROUGHPUT_SEQ_LEN = 2048

@@ -72,6 +72,7 @@ def iter_rows(
     *,
     n_dsus: int | None = None,
     fields: Sequence[str] = SCHEMA_FIELDS,
+    frame_rate: float | None = None,
     unique_ids: bool = True,
 ) -> Iterator[dict]:
     """Yield the validated rows of `source`, lazily, in file order then row order.
@@ -79,6 +80,8 @@ def iter_rows(
     Each row holds `id` (given, or derived as "<file stem>:<row index>"), the requested `fields`
     (`speech_tokens` as a numpy int64 array) and any non-schema fields of the source unchanged.
     DSU ids must lie in [0, n_dsus), or in [0, MAX_DSUS) when `n_dsus` is None.
+    With `frame_rate` (DSU frames per second) and word times, no word may end more than one frame
+    past the row's speech tokens: its DSU span would be cut short.
     Ids must be unique across the whole source; every id is kept in memory to check that, unless
     `unique_ids` is False (`data.store` checks them itself, in less memory).
     """
@@ -93,7 +96,7 @@ def iter_rows(
     for path in resolve_files(source):
         raw_rows = _iter_parquet(path, fields) if _is_parquet(path) else _iter_jsonl(path)
         for index, (where, row) in enumerate(raw_rows):
-            row = _checked_row(row, where, fields, dsu_limit)
+            row = _checked_row(row, where, fields, dsu_limit, frame_rate)
             if row.get("id") is None:
                 row["id"] = f"{path.stem}:{index}"
             elif not isinstance(row["id"], str):
@@ -189,7 +192,7 @@ def _field_error(where: str, field: str, problem: str) -> DataError:
     return DataError(f"{where}: field '{field}': {problem}")
 
 
-def _checked_row(row: dict, where: str, fields: tuple[str, ...], dsu_limit: int) -> dict:
+def _checked_row(row: dict, where: str, fields: tuple[str, ...], dsu_limit: int, frame_rate: float | None) -> dict:
     """`row` without unrequested schema fields, its requested fields checked and DSUs as int64."""
     checked = {k: v for k, v in row.items() if k not in SCHEMA_FIELDS}
     for field in fields:
@@ -221,7 +224,22 @@ def _checked_row(row: dict, where: str, fields: tuple[str, ...], dsu_limit: int)
 
     if "speech_tokens" in fields:
         checked["speech_tokens"] = _dsu_array(row["speech_tokens"], where, dsu_limit)
+        if frame_rate and "aligned_token_end_time" in fields:
+            _check_word_ends(row, checked["speech_tokens"].size, frame_rate, where)
     return checked
+
+
+def _check_word_ends(row: dict, n_frames: int, frame_rate: float, where: str) -> None:
+    """A word's DSU span ends at frame ceil(end * frame_rate); more than one frame past the speech
+    tokens means the times and the DSUs do not belong together (or the frame rate is wrong)."""
+    words = row.get("tokenized") or []
+    for word, end in enumerate(row["aligned_token_end_time"]):
+        if math.ceil(end * frame_rate) > n_frames + 1:
+            name = f" ({words[word]!r})" if word < len(words) else ""
+            problem = (f"word {word}{name} ends at {end} s, frame {math.ceil(end * frame_rate)}, "
+                       f"but speech_tokens has {n_frames} frames ({n_frames / frame_rate:g} s at {frame_rate:g} "
+                       "frames/s; check data.cpt.sampling_rate and downsampling_ratio)")
+            raise _field_error(where, "aligned_token_end_time", problem)
 
 
 def _check_times(times, where: str, field: str) -> None:

@@ -81,25 +81,38 @@ class RowStore:
         return out
 
 
-def store_key(source: str, fields, n_dsus: int) -> str:
-    """What a conversion depends on: the files (path, size, modification time), fields, n_dsus."""
+def store_key(source: str, fields, n_dsus: int, frame_rate: float | None = None) -> str:
+    """What a conversion depends on: the files (path, size, modification time), fields, n_dsus and
+    the frame rate that word times are checked against."""
     files = [Path(f).resolve() for f in resolve_files(source)]
     described = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    payload = json.dumps([FORMAT_VERSION, described, sorted(fields), n_dsus])
+    payload = json.dumps([FORMAT_VERSION, described, sorted(fields), n_dsus] + ([frame_rate] if frame_rate else []))
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
-def open_store(source: str, cache_dir: str | os.PathLike, *, n_dsus: int, fields=SCHEMA_FIELDS,
-               build: bool = True, progress: bool = True) -> RowStore:
-    """The store of `source` in `cache_dir`, converted first if needed (when `build`; otherwise
-    waits for another process to finish converting it)."""
+def _store_fields(fields) -> tuple[str, ...]:
     if set(TIME_FIELDS) & set(fields):  # word times are stored together
         fields = (*fields, *TIME_FIELDS)
-    fields = tuple(f for f in SCHEMA_FIELDS if f in fields)
-    directory = Path(cache_dir) / store_key(source, fields, n_dsus)
+    return tuple(f for f in SCHEMA_FIELDS if f in fields)
+
+
+def store_path(source: str, cache_dir: str | os.PathLike, *, n_dsus: int, fields=SCHEMA_FIELDS,
+               frame_rate: float | None = None) -> Path:
+    """The directory `open_store` converts `source` into, with the same arguments."""
+    fields = _store_fields(fields)
+    return Path(cache_dir) / store_key(source, fields, n_dsus, frame_rate)
+
+
+def open_store(source: str, cache_dir: str | os.PathLike, *, n_dsus: int, fields=SCHEMA_FIELDS,
+               frame_rate: float | None = None, build: bool = True, progress: bool = True) -> RowStore:
+    """The store of `source` in `cache_dir`, converted first if needed (when `build`; otherwise
+    waits for another process to finish converting it). With `frame_rate` (DSU frames per
+    second), a word that ends more than a frame past the speech tokens is a data error."""
+    fields = _store_fields(fields)
+    directory = store_path(source, cache_dir, n_dsus=n_dsus, fields=fields, frame_rate=frame_rate)
     if not (directory / "meta.json").exists():
         if build:
-            convert(source, directory, n_dsus=n_dsus, fields=fields, progress=progress)
+            convert(source, directory, n_dsus=n_dsus, fields=fields, frame_rate=frame_rate, progress=progress)
         else:
             while not (directory / "meta.json").exists():
                 time.sleep(1)
@@ -131,7 +144,8 @@ def _utf8(text: str) -> np.ndarray:
     return np.frombuffer(text.encode(), dtype=np.uint8)
 
 
-def convert(source: str, directory: Path, *, n_dsus: int, fields, progress: bool = True) -> None:
+def convert(source: str, directory: Path, *, n_dsus: int, fields, frame_rate: float | None = None,
+            progress: bool = True) -> None:
     """Reads `source` once (validated) into a store at `directory`, atomically."""
     created = [p for p in (directory.parent, *directory.parent.parents) if not p.exists()]
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -145,7 +159,7 @@ def convert(source: str, directory: Path, *, n_dsus: int, fields, progress: bool
         files = (dsus, times, text, index)
         id_hashes = array.array("Q")  # 8 bytes per row
         total = count_rows(source) if progress else None
-        rows = iter_rows(source, n_dsus=n_dsus, fields=fields, unique_ids=False)
+        rows = iter_rows(source, n_dsus=n_dsus, fields=fields, frame_rate=frame_rate, unique_ids=False)
         bar = tqdm(rows, total=total, desc=f"caching {source}", unit=" rows", disable=not progress,
                    dynamic_ncols=True, mininterval=1.0)
         n_rows = 0

@@ -15,7 +15,7 @@ MINI = ROOT / "data" / "mini"
 K = 8
 SPLIT_SIZES = {"train": 4, "dev": 2, "test": 2}
 
-needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (sudo apt-get install espeak-ng)")
 
 
 def build_tiny(out_dir: Path, seed: int = 0) -> Path:
@@ -32,7 +32,7 @@ def read_split(out_dir: Path, split: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed")
+        pytest.skip("espeak-ng is not installed (sudo apt-get install espeak-ng)")
     return build_tiny(tmp_path_factory.mktemp("corpus") / "tiny")
 
 

@@ -291,6 +291,8 @@ def break_checkpoint(trained, tmp_path, missing: str) -> Path:
         ("missing_data", "no such file"),
         ("no_split_beside_train", "dev.jsonl: no such file"),
         ("bad_sampling", "top_p must be in (0, 1]"),
+        ("truncated_weights", "model.safetensors: truncated or damaged"),
+        ("out_is_a_file", "is a file, not a directory"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(trained, tmp_path, capsys, case, message):
@@ -324,10 +326,16 @@ def test_bad_input_exits_2_and_writes_nothing(trained, tmp_path, capsys, case, m
         data_args = ["--split", "dev"]  # no --data: dev.jsonl beside the training file, which is not there
     elif case == "bad_sampling":
         extra = ["--top-p", "0"]
+    elif case == "truncated_weights":
+        checkpoint = Path(shutil.copytree(trained["checkpoint"], tmp_path / "checkpoint"))
+        weights = (checkpoint / "model.safetensors").read_bytes()
+        (checkpoint / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     out = tmp_path / "out"
+    if case == "out_is_a_file":
+        out.write_text("a file in the way\n")
     assert generate.main([str(checkpoint), *data_args, "--out", str(out), *extra]) == 2
     assert message in capsys.readouterr().err
-    assert not out.exists()
+    assert out.is_file() if case == "out_is_a_file" else not out.exists()
 
 
 # -- what vLLM loads ---------------------------------------------------------------------------

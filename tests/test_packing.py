@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import config
 import kernels
 import train
 from data.dataset import SCHEMA_FIELDS, load_rows
@@ -107,7 +108,7 @@ def mini_lengths(extended_tokenizer):
         if task == "cpt":
             pieces = [builder.cpt_interleaved_pieces(rows[i], int(i), 0) for i in order]
         else:
-            pieces = [builder.sft_asr_pieces(rows[i], train.DEFAULT_SYSTEM_PROMPT, False) for i in order]
+            pieces = [builder.sft_asr_pieces(rows[i], config.DEFAULT_SYSTEM_PROMPT, False) for i in order]
         assembled = kernels.assemble_batch(pieces, tok.dsu_offset, True)
         out[task, max_seq_len] = np.diff(assembled.sample_offsets.numpy())
     return out
@@ -230,7 +231,7 @@ def sequences(assets, task: str, max_seq_len: int | None, *overrides: str) -> tr
     ])
     cfg["data"]["max_seq_len"] = max_seq_len
     tok = Tokenizer(assets.model / "original" / "tokenizer.model")
-    return train.load_sequences(str(assets.train), cfg, tok)
+    return train.load_data(cfg, tok)[0]
 
 
 @pytest.mark.parametrize("task", ["cpt", "sft"])
@@ -253,9 +254,10 @@ def test_stream_gives_every_sequence_once_per_epoch_as_built_and_restores_exactl
     draws = []  # (the stream's state before the draw, the row drawn)
     while True:
         state = packed.state_dict()
-        epoch, samples = packed.next_row()
+        epoch, indices, samples = packed.next_row()
         if epoch == 3:
             break
+        assert [key(s) for s in samples] == [key(seqs.pieces(i, epoch)) for i in indices]
         draws.append((state, epoch, [key(s) for s in samples]))
         assert 0 < sum(len(t) for t, _ in draws[-1][2]) <= max_seq_len
         seen[epoch].update(map(key, samples))
@@ -277,9 +279,9 @@ def test_stream_gives_every_sequence_once_per_epoch_as_built_and_restores_exactl
     assert any(s["position"] == len(seqs) and s["open_rows"] for s, _, _ in draws[::5])
     for k in range(0, len(draws), 5):
         restored = train.PackedStream(seqs, cfg)
-        restored.load_state_dict(torch.load(save(draws[k][0]), weights_only=False))
+        restored.load_state_dict(torch.load(save(draws[k][0]), weights_only=True))
         for state, epoch, want in draws[k : k + 4]:
-            got_epoch, got = restored.next_row()
+            got_epoch, _, got = restored.next_row()
             assert (got_epoch, [key(s) for s in got]) == (epoch, want)
 
 

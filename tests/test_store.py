@@ -148,7 +148,7 @@ def test_training_sequences_from_the_store_equal_those_from_loaded_rows(tmp_path
         *overrides,
     ])
     tok = Tokenizer(model / "original" / "tokenizer.model")
-    from_store = train.load_sequences(str(data), cfg, tok)
+    from_store, _ = train.load_data(cfg, tok)
     assert (tmp_path / "run" / "data_cache").is_dir()
     in_memory = train.Sequences(load_rows(str(data), n_dsus=tiny.N_DSUS), cfg["data"], tok)
     for epoch in (0, 1):

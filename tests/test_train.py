@@ -123,7 +123,10 @@ def check_run(run_dir: Path, max_steps: int, eval_steps: int, save_steps: int, m
         ckpt = checkpoint(run_dir, step)
         for name in HF_FILES:
             assert (ckpt / name).is_file(), f"{ckpt} lacks {name}"
-        assert torch.load(ckpt / train.STATE_FILE, weights_only=False)["step"] == step
+        assert train.read_training_state(ckpt)["step"] == step  # as data: weights_only
+        umask = os.umask(0)
+        os.umask(umask)
+        assert {oct((ckpt / name).stat().st_mode & 0o777) for name in HF_FILES} == {oct(0o666 & ~umask)}, ckpt
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
 
 
@@ -229,7 +232,7 @@ def test_sigkill_leaves_loadable_checkpoints_and_resume_matches(assets, referenc
         ckpt = run_dir / "checkpoints" / name
         with safe_open(ckpt / "model.safetensors", framework="pt") as f:
             assert all(f.get_tensor(k).isfinite().all() for k in f.keys())
-        assert torch.load(ckpt / train.STATE_FILE, weights_only=False)["step"] == int(name.split("_")[1])
+        assert train.read_training_state(ckpt)["step"] == int(name.split("_")[1])
 
     assert train.main(args + ["resume=auto"]) == 0
     assert f"resuming from {run_dir / 'checkpoints' / saved[-1]}" in capsys.readouterr().out  # not a .tmp-
@@ -336,3 +339,104 @@ def test_refuses_a_run_dir_with_checkpoints_without_resume(assets, reference, tm
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
     refused(cpt_args(assets, run_dir), capsys, str(run_dir), "resume=auto")
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
+
+
+# -- damaged checkpoints, non-finite losses, data that does not fit ---------------------------------
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+DAMAGES = {
+    "truncated_weights": (lambda ckpt: truncate(ckpt / "model.safetensors"), "model.safetensors: truncated"),
+    "weights_header_cut": (lambda ckpt: truncate(ckpt / "model.safetensors", 0.00001), "model.safetensors"),
+    "truncated_state": (lambda ckpt: truncate(ckpt / train.STATE_FILE), f"{train.STATE_FILE} is truncated"),
+    "missing_config": (lambda ckpt: (ckpt / "config.json").unlink(), "config.json is missing"),
+    "missing_tokenizer": (lambda ckpt: (ckpt / "original" / "tokenizer.model").unlink(),
+                          "original/tokenizer.model is missing"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES, ids=list(DAMAGES))
+def test_resume_auto_passes_over_a_damaged_checkpoint_and_says_why(assets, reference, tmp_path, capsys, damage):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    harm, reason = DAMAGES[damage]
+    harm(checkpoint(run_dir, 12))
+    assert train.main(cpt_args(assets, run_dir, "resume=auto")) == 0
+    out, err = capsys.readouterr()
+    assert f"resume=auto: skipping {checkpoint(run_dir, 12)}: " in err and reason in err, err
+    assert f"resuming from {checkpoint(run_dir, 8)}" in out
+    assert losses(run_dir) == losses(reference)
+    assert_same_weights(checkpoint(run_dir, 12), checkpoint(reference, 12))  # the damaged one is written anew
+
+
+def test_resume_refuses_when_no_checkpoint_is_intact_and_changes_nothing(assets, reference, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    for step in (4, 8, 12):
+        truncate(checkpoint(run_dir, step) / "model.safetensors")
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    refused(cpt_args(assets, run_dir, "resume=auto"), capsys, "no intact checkpoint", "resume=PATH")
+    refused(cpt_args(assets, tmp_path / "new", f"resume={checkpoint(run_dir, 8)}"), capsys,
+            f"{checkpoint(run_dir, 8)} cannot be resumed from", "truncated")
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_non_finite_loss_stops_the_run_before_it_is_stepped_or_saved(assets, tmp_path, capsys, monkeypatch):
+    run_dir = tmp_path / "run"
+    real_forward_loss, calls, poison_at = train.forward_loss, [], [12]
+
+    def poisoned(model, batch, device):  # step 6's second micro-batch (2 per step) goes NaN
+        loss_sum, count = real_forward_loss(model, batch, device)
+        if model.training:
+            calls.append(None)
+            if len(calls) == poison_at[0]:
+                return loss_sum * float("nan"), count
+        return loss_sum, count
+
+    monkeypatch.setattr(train, "forward_loss", poisoned)
+    assert train.main(cpt_args(assets, run_dir)) == 1
+    err = capsys.readouterr().err
+    for words in ("step 6: loss nan", "micro-batch (2 of 2 on rank 0) starts with row", "of epoch 0 (id 'train",
+                  f"The newest checkpoint is {checkpoint(run_dir, 4)}", "resume=auto", "train.skip_nonfinite=true"):
+        assert words in err, err
+    assert step_dirs(run_dir) == ["step_0000004"]
+    assert sorted(losses(run_dir)) == [1, 2, 3, 4, 5]
+
+    calls.clear()
+    poison_at[0] = 4  # resumed after step 4: step 6's second micro-batch again
+    assert train.main(cpt_args(assets, run_dir, "resume=auto", "train.skip_nonfinite=true")) == 0
+    printed = "".join(capsys.readouterr())
+    assert "step 6: loss nan" in printed and "update skipped (train.skip_nonfinite)" in printed
+    skipped = [r["step"] for r in records(run_dir) if "skipped" in r]
+    assert skipped == [6] and sorted(losses(run_dir)) == [s for s in range(1, MAX_STEPS + 1) if s != 6]
+    state = train.read_training_state(checkpoint(run_dir, MAX_STEPS))
+    assert all(torch.isfinite(w).all() for w in weights(checkpoint(run_dir, MAX_STEPS)).values())
+    assert state["step"] == MAX_STEPS
+
+
+def test_refuses_word_times_beyond_the_speech_tokens(assets, tmp_path, capsys):
+    rows = tiny.rows(16, seed=7, prefix="late")
+    rows[5]["aligned_token_end_time"][-1] = 999.0  # an 18 s word in a short utterance
+    data = tiny.write_jsonl(tmp_path / "late.jsonl", rows)
+    refused(cpt_args(assets, tmp_path / "run", f"data.train={data}"), capsys, f"{data}:6", "aligned_token_end_time",
+            f"word {len(rows[5]['tokenized']) - 1} ({rows[5]['tokenized'][-1]!r}) ends at 999.0 s")
+    assert not (tmp_path / "run").exists()
+    # concatenated CPT and SFT do not use word times: the same rows train
+    ok = cpt_args(assets, tmp_path / "sft", f"data.train={data}", "data.task=sft", "train.max_steps=1")
+    assert train.main(ok) == 0
+
+
+def test_a_refused_run_leaves_an_existing_run_dir_as_it_was(assets, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("mine\n")
+    rows = tiny.rows(4, seed=6, prefix="dev")
+    rows[1]["speech_tokens"] = "not a list"
+    dev = tiny.write_jsonl(tmp_path / "dev.jsonl", rows)
+    refused(cpt_args(assets, run_dir, f"data.dev={dev}"), capsys, f"{dev}:2", "speech_tokens")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt"]  # no data_cache, no train store

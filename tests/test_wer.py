@@ -151,10 +151,11 @@ def test_cli_refuses_to_overwrite(tmp_path, capsys):
     ('{"id": "a", "text": null, "reference": "x"}\n', ":1: field 'text' must be a string, got null"),
     ('{"id": "a", "text": "x", "reference": "x"}\n\n{"id": "a", "text": "y", "reference": "y"}\n',
      ":3: duplicate id 'a' (first on line 1)"),
+    (b'{"id": "a", "text": "x", "reference": "x"}\n{"id": "b", "text": "\xff", "reference": "y"}\n', ":2: not UTF-8"),
 ])
 def test_bad_generations_exit_2_naming_file_and_line(tmp_path, capsys, content, message):
     path = tmp_path / "generations.jsonl"
-    path.write_text(content)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
     code, out, err = run(capsys, path)
     assert code == 2
     assert str(path) in err and message in err
@@ -191,6 +192,16 @@ def test_bad_reference_dataset_exits_2(tmp_path, capsys):
     code, _, err = run(capsys, path, "--references", dataset)
     assert code == 2
     assert str(dataset) in err and "transcript" in err
+    assert not (tmp_path / "wer.json").exists()
+
+
+def test_an_empty_reference_dataset_is_called_empty(tmp_path, capsys):
+    path = generations(tmp_path, [{"id": "a", "text": "x"}])
+    dataset = tmp_path / "test.jsonl"
+    dataset.write_text("")
+    code, _, err = run(capsys, path, "--references", dataset)
+    assert code == 2
+    assert f"{dataset}: no references (the dataset is empty)" in err and "do not match" not in err
     assert not (tmp_path / "wer.json").exists()
 
 

@@ -1,0 +1,33 @@
+"""The layering the project keeps: each stage script stands alone (shared pieces live in config.py,
+model.py, data/ and kernels/), and model.py and data/ do not import each other."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("extend", "train", "generate", "wer")
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Top-level names of every module `path` imports, at any depth of its code."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_no_stage_script_imports_another(stage):
+    others = set(STAGES) - {stage}
+    assert imported_modules(ROOT / f"{stage}.py") & others == set()
+
+
+def test_model_and_data_do_not_import_each_other():
+    assert "data" not in imported_modules(ROOT / "model.py")
+    for path in sorted((ROOT / "data").glob("*.py")):
+        assert "model" not in imported_modules(path), path.name
