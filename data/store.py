@@ -85,7 +85,8 @@ def store_key(source: str, fields, n_dsus: int) -> str:
     """What a conversion depends on: the files (path, size, modification time), fields, n_dsus."""
     files = [Path(f).resolve() for f in resolve_files(source)]
     described = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    payload = json.dumps([FORMAT_VERSION, described, sorted(fields), n_dsus])
+    renamed = getattr(source, "columns", None)  # a data.dataset.Source's column mapping changes the rows
+    payload = json.dumps([FORMAT_VERSION, described, sorted(fields), n_dsus] + ([renamed] if renamed else []))
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 

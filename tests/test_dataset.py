@@ -121,10 +121,10 @@ def test_count_rows_skips_blank_lines_and_reads_parquet_metadata(tmp_path, sampl
 def test_missing_ids_are_derived_from_file_stem_and_row_index(tmp_path, samples):
     for s in samples:
         del s["id"]
-    write_jsonl(tmp_path / "dev.jsonl", samples, blank_lines=True)
-    write_parquet(tmp_path / "test.parquet", samples)
+    write_jsonl(tmp_path / "part_a.jsonl", samples, blank_lines=True)
+    write_parquet(tmp_path / "part_b.parquet", samples)
     ids = [r["id"] for r in iter_rows(str(tmp_path))]
-    assert ids == [f"dev:{i}" for i in range(4)] + [f"test:{i}" for i in range(4)]
+    assert ids == [f"part_a:{i}" for i in range(4)] + [f"part_b:{i}" for i in range(4)]
 
 
 @pytest.mark.parametrize("second_file", ["b.jsonl", "b.parquet"])
