@@ -37,7 +37,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import kernels
-from data.dataset import ASR_FIELDS, SCHEMA_FIELDS, DataError
+from data import reference_run
+from data.dataset import ASR_FIELDS, SCHEMA_FIELDS, DataError, Source
 from data.samples import IGNORE, Interleave, Pieces, SampleBuilder
 from data.store import RowStore, open_store
 from data.tokenizer import Tokenizer
@@ -61,8 +62,12 @@ DEFAULTS = {
     },
     "data": {
         "task": "cpt",  # cpt or sft
-        "train": None,  # JSONL / Parquet file, directory of shards, or glob
-        "dev": "",  # evaluated every train.eval_steps when given
+        "train": None,  # JSONL / Parquet / Arrow file, directory of shards, glob, or dataset directory (its train split)
+        "dev": "",  # evaluated every train.eval_steps when given (a dataset directory: its validation split)
+        # Source column of each schema field when named differently (null: the field's own name;
+        # id falls back to ID), as the reference's tokenized_key, speech_tokens_key, ...
+        "columns": {"id": None, "transcript": None, "tokenized": None, "aligned_token_start_time": None,
+                    "aligned_token_end_time": None, "speech_tokens": None},
         # Where train and dev are converted (once, validated) into memory-mapped arrays that later
         # runs reuse; "" means <run_dir>/data_cache. Share one directory between runs on the same data.
         "cache_dir": "",
@@ -272,10 +277,11 @@ class Sequences:
         return kernels.measure(kernels.flatten(pieces), self.builder.deduplicate).tolist()
 
 
-def load_sequences(source: str, cfg: dict, tokenizer: Tokenizer) -> Sequences:
+def load_sequences(source: str, cfg: dict, tokenizer: Tokenizer, split: str = "train") -> Sequences:
     """The sequences of `source`, read through its store (`data.store`): converted by the first
-    process of each machine, memory-mapped by all."""
+    process of each machine, memory-mapped by all. A dataset directory gives its `split` only."""
     data_cfg = cfg["data"]
+    source = Source(source, split, data_cfg["columns"])
     if data_cfg["task"] == "sft":
         fields = ASR_FIELDS
     elif data_cfg["cpt"]["sequence_type"] == "interleaved":
@@ -498,6 +504,11 @@ def restore_training_state(state: dict, model, optimizer, scheduler) -> None:
 
 def resolve_resume(cfg: dict, run_dir: Path) -> Path | None:
     resume = cfg["resume"]
+    if not checkpoint_dirs(run_dir) and (not resume or resume == "auto"):
+        try:  # a reference run is never continued inexactly, nor started over beside
+            reference_run.refuse_to_resume(run_dir, resume)
+        except reference_run.ReferenceError as error:
+            raise ConfigError(str(error)) from None
     if not resume:
         if checkpoint_dirs(run_dir):
             raise ConfigError(
@@ -623,8 +634,8 @@ def train(cfg: dict) -> None:
         check_resumable(saved, cfg, world)  # before the data is converted: a refused run writes nothing
     new_run_dir = not run_dir.exists()
     try:
-        train_seqs = load_sequences(cfg["data"]["train"], cfg, tok)
-        dev_seqs = load_sequences(cfg["data"]["dev"], cfg, tok) if cfg["data"]["dev"] else None
+        train_seqs = load_sequences(cfg["data"]["train"], cfg, tok, "train")
+        dev_seqs = load_sequences(cfg["data"]["dev"], cfg, tok, "validation") if cfg["data"]["dev"] else None
     except DataError:
         if new_run_dir and rank == 0:  # a refused run leaves nothing behind, not even the cached train data
             shutil.rmtree(run_dir, ignore_errors=True)
