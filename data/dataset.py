@@ -79,7 +79,7 @@ class Source(str):
 
     def __new__(cls, path, split: str | None = None, columns: dict | None = None):
         self = super().__new__(cls, str(path))
-        self.split = canonical_split(split) if split else None
+        self.split = _split_key(split) if split else None
         self.columns = _checked_columns(columns or {})
         return self
 
@@ -93,6 +93,14 @@ def canonical_split(name: str) -> str:
         if name.lower() in prefixes:
             return split
     raise DataError(f"unknown split {name!r}: expected train, validation (or dev) or test")
+
+
+def _split_key(name: str) -> str:
+    """A known split's canonical name; any other name as it is (a save_to_disk split may have one)."""
+    try:
+        return canonical_split(name)
+    except DataError:
+        return name
 
 
 def _checked_columns(columns: dict) -> dict[str, str]:

@@ -315,3 +315,48 @@ def refuse_to_resume(run_dir: Path, resume: str) -> None:
         f"To continue training from those weights, start a new run from them: "
         f"python train.py CONFIG run_dir=NEW_RUN_DIR model.path={latest}{settings} ..."
     )
+
+
+# -- generations and references ----------------------------------------------------------------
+
+
+def vllm_text(record: dict, where: str) -> str:
+    """The text of a vLLM `RequestOutput` record as the reference writes them (one completion in
+    `outputs`, its decoded text in `outputs[0].text`)."""
+    outputs = record.get("outputs")
+    if not isinstance(outputs, list) or len(outputs) != 1 or not isinstance(outputs[0], dict):
+        count = len(outputs) if isinstance(outputs, list) else type(outputs).__name__
+        raise ReferenceError(f"{where}: field 'outputs': expected a list of one completion, got {count}")
+    text = outputs[0].get("text")
+    if not isinstance(text, str):
+        raise ReferenceError(f"{where}: field 'outputs[0].text': expected a string, got {json.dumps(text)}")
+    return text
+
+
+def hub_cache_dataset(name: str) -> Path | None:
+    """A dataset in the local Hugging Face hub cache, by `owner/name` or `name` (the reference's
+    wer.py takes its owner's datasets by name); None when it is not there or is ambiguous."""
+    import os
+
+    roots = [os.environ.get("HF_HUB_CACHE"), os.environ.get("HF_HOME") and os.path.join(os.environ["HF_HOME"], "hub"),
+             os.path.expanduser("~/.cache/huggingface/hub")]
+    pattern = "datasets--" + (name.replace("/", "--") if "/" in name else f"*--{name}")
+    found = {p for root in roots if root and Path(root).is_dir() for p in Path(root).glob(pattern) if p.is_dir()}
+    return found.pop() if len(found) == 1 else None
+
+
+def infer_split(generations: Path) -> str | None:
+    """The split a reference generations file was made for, from its directory (`.../<dataset>/<split>/`)."""
+    name = Path(generations).absolute().parent.name
+    return name if name in ("train", "validation", "dev", "test") else None
+
+
+def holds_vllm_records(path: Path) -> bool:
+    """Whether a generations file's first record is a vLLM one (`outputs`, no `text`)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "")
+        record = json.loads(first) if first else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False  # wer.py reports the file's problem itself
+    return isinstance(record, dict) and "outputs" in record and "text" not in record
