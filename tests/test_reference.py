@@ -443,3 +443,31 @@ def test_the_refusals_command_continues_from_the_reference_weights(ref, tmp_path
             "train.batch_size=2", "train.grad_accum=1", "model.dtype=\"float32\"", "train.device=\"cpu\""]
     assert train.main(args) == 0, capsys.readouterr().err
     assert (run / "checkpoints" / "step_0000001" / "model.safetensors").is_file()
+
+
+# -- 7. the per-tokenizer configs carry the reference's values ---------------------------------
+
+# speech-integration conf/training.yaml, common.yaml, cpt.yaml, sft.yaml, data/_cpt_base.yaml, data/_sft_base.yaml
+REFERENCE_VALUES = {
+    "optim.lr": 2e-4, "optim.betas": [0.9, 0.999], "optim.eps": 1e-8, "optim.weight_decay": 0.01,
+    "optim.warmup_steps": 1000, "optim.num_cycles": 0.5, "optim.max_grad_norm": 0,  # clip_grad_norm: null
+    "train.grad_accum": 4, "train.max_steps": 100000, "train.log_steps": 1, "train.eval_steps": 1000,
+    "train.save_steps": 10000, "data.deduplicate": True, "data.modality_tokens": True, "data.shuffle": True,
+    "data.packed": False, "seed": 42831,
+}
+PER_TASK = {
+    "cpt": {"train.batch_size": 16, "data.max_seq_len": 768, "data.cpt.sequence_type": "interleaved",
+            "data.cpt.mean_seq_len_tokens": 39.43, "data.cpt.binom_prob": 0.1},
+    "sft": {"train.batch_size": 2, "data.max_seq_len": 2048, "data.sft.train_on_input": True},
+}
+
+
+@pytest.mark.parametrize("task", ["cpt", "sft"])
+@pytest.mark.parametrize("tokenizer, n_dsus", [("hubert", 5000), ("speechtokenizer", 1024), ("mimi", 2048),
+                                               ("focalcodec", 8192)])
+def test_configs_carry_the_references_values(task, tokenizer, n_dsus):
+    cfg = train.load_config(f"configs/{task}_{tokenizer}.json", ["run_dir=r", "model.path=m", "data.train=t"])
+    for key, value in {**REFERENCE_VALUES, **PER_TASK[task], "data.n_dsus": n_dsus}.items():
+        assert train.get(cfg, key) == value, key
+    if task == "sft":
+        assert cfg["data"]["sft"]["system_prompt"].strip() == REFERENCE_PROMPT
