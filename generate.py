@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from data import reference_run
-from data.dataset import ASR_FIELDS, DataError, Source, dataset_name, load_rows
+from data.dataset import ASR_FIELDS, DataError, Source, dataset_name, load_rows, split_files
 from data.samples import SampleBuilder
 from data.tokenizer import MAX_DSUS, Tokenizer
 from model import KVCache, Llama
@@ -162,12 +162,17 @@ def resolve_data_path(data_arg: str | None, split: str, data: dict, checkpoint: 
     """--data, or `<split>.jsonl` beside the training config's data.train."""
     if data_arg:
         return data_arg
+    cached = reference_run.cached_dataset(checkpoint)  # the reference's hub dataset, if in the local cache
+    if cached is not None:
+        return str(cached)
     if not (checkpoint / TRAINING_CONFIG).is_file():
         raise GenerateError(f"{checkpoint}: no {TRAINING_CONFIG} to find the test data from; pass --data PATH")
     if not data["train"]:
         raise GenerateError(
             f"{checkpoint / TRAINING_CONFIG}: no data.train to find {split}.jsonl beside; pass --data PATH"
         )
+    if Path(data["train"]).is_dir() and split_files(Path(data["train"])) is not None:
+        return data["train"]  # a dataset directory holds every split; Source picks this one
     path = Path(data["train"]).parent / f"{split}.jsonl"
     if not path.is_file():
         raise GenerateError(
@@ -486,9 +491,12 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Test data: --data PATH when given; otherwise <split>.jsonl in the directory of the training\n"
         "config's data.train (so --split test reads test.jsonl beside the training file).\n"
-        "A checkpoint with no training_config.json (e.g. from extend.py or the reference implementation)\n"
-        "needs --data and --n-dsus; its other data settings default to train.py's DEFAULTS (deduplicate,\n"
-        "modality tokens, system prompt, max_seq_len) unless overridden with data.key=value.",
+        "A reference implementation checkpoint takes n_dsus, deduplicate, modality tokens and the system\n"
+        "prompt from its run's torchtune_config.yaml, and its data from the local hub cache when there.\n"
+        "Another checkpoint with no training_config.json (e.g. from extend.py) needs --data and --n-dsus;\n"
+        "its other data settings default to train.py's DEFAULTS unless overridden with data.key=value.\n"
+        "Prompts are never cut; past the model's max_position_embeddings (or data.max_seq_len=N when\n"
+        "given on the command line) they are an error.",
     )
     parser.add_argument("checkpoint",
                         help="checkpoint directory (Hugging Face layout), e.g. run/checkpoints/step_0001000")

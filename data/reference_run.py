@@ -345,6 +345,19 @@ def hub_cache_dataset(name: str) -> Path | None:
     return found.pop() if len(found) == 1 else None
 
 
+def cached_dataset(checkpoint: Path) -> Path | None:
+    """The local hub cache entry of the dataset a reference checkpoint's config names, if there."""
+    path = find_config(checkpoint)
+    if path is None:
+        return None
+    config = ReferenceConfig(path)
+    for place in ("data.test.dataset.source", "data.train.dataset.source"):
+        source = config.get(place)
+        if isinstance(source, str) and not isinstance(source, Unresolved):
+            return hub_cache_dataset(source)
+    return None
+
+
 def infer_split(generations: Path) -> str | None:
     """The split a reference generations file was made for, from its directory (`.../<dataset>/<split>/`)."""
     name = Path(generations).absolute().parent.name

@@ -257,6 +257,16 @@ def test_generation_goes_where_the_reference_puts_it_and_says_where_settings_cam
     shutil.rmtree(ref["run"] / "generations")
 
 
+def test_without_data_a_reference_checkpoint_takes_its_dataset_from_the_hub_cache(ref, tmp_path, monkeypatch, capsys):
+    make_hub_cache(ref, tmp_path / "cache")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    assert generate.main([str(ref["checkpoint"]), "--backend", "torch", "--max-tokens", "1", "--out", str(out)]) == 0
+    records = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == [row["ID"] for row in ref["splits"]["test"]]
+    capsys.readouterr()
+
+
 def test_dataset_names_come_from_the_data_source(ref, tmp_path):
     assert dataset_name(str(ref["hub"])) == DATASET
     assert dataset_name(str(ref["hub"] / "data")) == DATASET
@@ -338,9 +348,9 @@ def test_wer_of_reference_generations_equals_the_references_wer(ref, tmp_path, c
     capsys.readouterr()
 
 
-def test_wer_finds_the_dataset_in_the_hub_cache_by_name(ref, tmp_path, monkeypatch, capsys):
-    # A hub cache entry: files in snapshots/<revision>/ are symlinks into blobs/.
-    entry = tmp_path / "cache" / f"datasets--anilkeshwani--{DATASET}"
+def make_hub_cache(ref, cache: Path) -> Path:
+    """A hub cache entry of the test dataset: files in snapshots/<revision>/ are symlinks into blobs/."""
+    entry = cache / f"datasets--anilkeshwani--{DATASET}"
     (entry / "refs").mkdir(parents=True)
     (entry / "refs" / "main").write_text("0123abc")
     (entry / "blobs").mkdir()
@@ -349,6 +359,11 @@ def test_wer_finds_the_dataset_in_the_hub_cache_by_name(ref, tmp_path, monkeypat
         blob = entry / "blobs" / f"blob-{shard.stem}"
         shutil.copy(shard, blob)
         (entry / "snapshots" / "0123abc" / "data" / shard.name).symlink_to(blob)
+    return entry
+
+
+def test_wer_finds_the_dataset_in_the_hub_cache_by_name(ref, tmp_path, monkeypatch, capsys):
+    entry = make_hub_cache(ref, tmp_path / "cache")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     path, hyps = write_reference_generations(ref, tmp_path)
     assert wer.main([str(path), "--bootstrap", "0"]) == 0  # dataset and split from the path, as the reference
