@@ -504,7 +504,7 @@ def restore_training_state(state: dict, model, optimizer, scheduler) -> None:
 
 def resolve_resume(cfg: dict, run_dir: Path) -> Path | None:
     resume = cfg["resume"]
-    if not checkpoint_dirs(run_dir) and (not resume or resume == "auto"):
+    if resume not in ("", "auto") or not checkpoint_dirs(run_dir):
         try:  # a reference run is never continued inexactly, nor started over beside
             reference_run.refuse_to_resume(run_dir, resume)
         except reference_run.ReferenceError as error:

@@ -290,10 +290,19 @@ def reference_checkpoints(run_dir: Path) -> list[Path]:
     return [path for _, path in sorted(set(found))]
 
 
+def is_reference_checkpoint(path: Path) -> bool:
+    if STEP_DIR.fullmatch(path.name) and re.fullmatch(r"epoch_\d+", path.parent.name):
+        return path.is_dir()
+    return path in reference_checkpoints(path.parent)  # the newer step_N, beside its training_state.pt
+
+
 def refuse_to_resume(run_dir: Path, resume: str) -> None:
-    """Raise ReferenceError when `run_dir` holds the reference's checkpoints: this project cannot
-    continue them exactly, and must not start over beside them."""
-    found = reference_checkpoints(run_dir)
+    """Raise ReferenceError when `run_dir` holds the reference's checkpoints (or `resume` names
+    one): this project cannot continue them exactly, and must not start over beside them."""
+    if resume in ("", "auto"):
+        found = reference_checkpoints(run_dir)
+    else:
+        found = [Path(resume)] if is_reference_checkpoint(Path(resume)) else []
     if not found:
         return
     latest = found[-1]
@@ -301,7 +310,7 @@ def refuse_to_resume(run_dir: Path, resume: str) -> None:
         "their optimizer state is keyed by torchtune's parameter order and their data position by the reference's "
         "sampler, neither of which this training loop reproduces, so continuing them would not be the same run"
     )
-    verb = "resume=auto cannot continue" if resume == "auto" else "a new run would start over beside"
+    verb = {"auto": "resume=auto cannot continue", "": "a new run would start over beside"}.get(resume, "resume cannot continue")
     settings = ""
     config_path = find_config(latest)
     if config_path is not None:

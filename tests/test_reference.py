@@ -441,7 +441,7 @@ def test_resume_auto_on_a_reference_run_refuses_and_shows_how_to_continue(ref, t
               "data.task=\"sft\""]
     for run_dir, latest in ((run, run / "checkpoints" / "epoch_0" / "global_step_4"),
                             (newer, newer / "checkpoints" / "step_6")):
-        for resume in (["resume=auto"], []):
+        for resume in (["resume=auto"], [], [f"resume={latest}"]):
             before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
             assert train.main(["configs/sft_hubert.json", f"run_dir={run_dir}", *common, *resume]) == 2
             err = capsys.readouterr().err
