@@ -245,15 +245,6 @@ def _check_type(setting: str, value, path: Path, place: str) -> None:
         raise ReferenceError(f"{path}: {place} is {value!r}, expected {wanted.__name__} for {setting}")
 
 
-def train_dataset_name(checkpoint: Path) -> str | None:
-    """The name of the dataset a reference run trained on (`owner/name` hub id -> name), if known."""
-    path = find_config(checkpoint)
-    if path is None:
-        return None
-    source = ReferenceConfig(path).get("data.train.dataset.source")
-    return source.rstrip("/").split("/")[-1] if isinstance(source, str) and not isinstance(source, Unresolved) else None
-
-
 # -- checkpoints and outputs ------------------------------------------------------------------
 
 STEP_DIR = re.compile(r"global_step_(\d+)")
