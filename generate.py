@@ -398,7 +398,8 @@ def prompt_limit(checkpoint: Path, overrides: list[str], max_tokens: int) -> tup
         positions = json.loads((checkpoint / "config.json").read_text())["max_position_embeddings"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         raise GenerateError(f"{checkpoint / 'config.json'}: no max_position_embeddings") from None
-    limit, name = positions - max_tokens, f"the model's max_position_embeddings={positions} less --max-tokens={max_tokens}"
+    limit = positions - max_tokens
+    name = f"the model's max_position_embeddings={positions} less --max-tokens={max_tokens}"
     asked = [text for text in overrides if text.startswith("data.max_seq_len=")]
     if asked:
         keys, value = parse_override(asked[-1])

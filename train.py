@@ -62,7 +62,7 @@ DEFAULTS = {
     },
     "data": {
         "task": "cpt",  # cpt or sft
-        "train": None,  # JSONL / Parquet / Arrow file, directory of shards, glob, or dataset directory (its train split)
+        "train": None,  # JSONL / Parquet / Arrow file, directory of shards, glob, dataset directory (its train split)
         "dev": "",  # evaluated every train.eval_steps when given (a dataset directory: its validation split)
         # Source column of each schema field when named differently (null: the field's own name;
         # id falls back to ID), as the reference's tokenized_key, speech_tokens_key, ...

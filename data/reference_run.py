@@ -301,7 +301,8 @@ def refuse_to_resume(run_dir: Path, resume: str) -> None:
         "their optimizer state is keyed by torchtune's parameter order and their data position by the reference's "
         "sampler, neither of which this training loop reproduces, so continuing them would not be the same run"
     )
-    verb = {"auto": "resume=auto cannot continue", "": "a new run would start over beside"}.get(resume, "resume cannot continue")
+    verbs = {"auto": "resume=auto cannot continue", "": "a new run would start over beside"}
+    verb = verbs.get(resume, "resume cannot continue")
     settings = ""
     config_path = find_config(latest)
     if config_path is not None:
