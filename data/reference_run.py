@@ -16,6 +16,7 @@ when a setting is asked for; anything else stays unresolved and is reported by n
 """
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -337,8 +338,6 @@ def vllm_text(record: dict, where: str) -> str:
 def hub_cache_dataset(name: str) -> Path | None:
     """A dataset in the local Hugging Face hub cache, by `owner/name` or `name` (the reference's
     wer.py takes its owner's datasets by name); None when it is not there or is ambiguous."""
-    import os
-
     roots = [os.environ.get("HF_HUB_CACHE"), os.environ.get("HF_HOME") and os.path.join(os.environ["HF_HOME"], "hub"),
              os.path.expanduser("~/.cache/huggingface/hub")]
     pattern = "datasets--" + (name.replace("/", "--") if "/" in name else f"*--{name}")
