@@ -95,8 +95,13 @@ SCHEMA: dict[str, Key] = {
     "model.fsdp": Key(False, bool, "shard parameters, gradients and optimizer state (FSDP2) instead of replicating "
                       "them; needs torchrun"),
     "data.task": choice("cpt", "continued pre-training or ASR fine-tuning", "cpt", "sft"),
-    "data.train": nonempty(REQUIRED, "JSONL / Parquet file, directory of shards, or glob"),
-    "data.dev": Key("", str, "evaluated every train.eval_steps when given"),
+    "data.train": nonempty(REQUIRED, "JSONL / Parquet / Arrow file, directory of shards, glob, or a dataset "
+                           "directory (its train split)"),
+    "data.dev": Key("", str, "evaluated every train.eval_steps when given (a dataset directory: its validation split)"),
+    **{f"data.columns.{field}": Key(None, str, f"the source's column for '{field}' when named otherwise (null: "
+                                     f"'{field}'{', then ID' if field == 'id' else ''}), as the reference's *_key settings")
+       for field in ("id", "transcript", "tokenized", "aligned_token_start_time", "aligned_token_end_time",
+                     "speech_tokens")},
     "data.cache_dir": Key("", str, "where train and dev are converted once into memory-mapped arrays that later runs "
                           "reuse; \"\" means <run_dir>/data_cache. Runs on the same data may share one"),
     "data.n_dsus": Key(REQUIRED, int, "DSUs in the model's vocabulary (extend.py --n-dsus)", f"an integer in 1..{MAX_DSUS}",

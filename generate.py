@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 import config
 from config import ConfigError
-from data.dataset import ASR_FIELDS, DataError, load_rows
+from data import reference_run
+from data.dataset import ASR_FIELDS, DataError, Source, dataset_name, load_rows, split_files
 from data.samples import SampleBuilder
 from data.tokenizer import Tokenizer
 from model import KVCache, Llama
@@ -119,12 +120,17 @@ def resolve_data_path(data_arg: str | None, split: str, data: dict, checkpoint: 
     """--data, or `<split>.jsonl` beside the training config's data.train."""
     if data_arg:
         return data_arg
+    cached = reference_run.cached_dataset(checkpoint)  # the reference's hub dataset, if in the local cache
+    if cached is not None:
+        return str(cached)
     if not (checkpoint / TRAINING_CONFIG).is_file():
         raise GenerateError(f"{checkpoint}: no {TRAINING_CONFIG} to find the test data from; pass --data PATH")
     if not data["train"]:
         raise GenerateError(
             f"{checkpoint / TRAINING_CONFIG}: no data.train to find {split}.jsonl beside; pass --data PATH"
         )
+    if Path(data["train"]).is_dir() and split_files(Path(data["train"])) is not None:
+        return data["train"]  # a dataset directory holds every split; Source picks this one
     path = Path(data["train"]).parent / f"{split}.jsonl"
     if not path.is_file():
         raise GenerateError(
@@ -135,10 +141,15 @@ def resolve_data_path(data_arg: str | None, split: str, data: dict, checkpoint: 
 
 
 def default_out_dir(checkpoint: Path, data_path: str, split: str) -> Path:
-    """`<run_dir>/generations/<step>/<dataset>/<split>` for `<run_dir>/checkpoints/step_N`, else
-    `<checkpoint>/generations/<dataset>/<split>`; the dataset is named by the data's directory."""
+    """`<run_dir>/generations/<step>/<dataset>/<split>` for `<run_dir>/checkpoints/step_N`, the
+    reference's `<run>/generations/epoch_E/global_step_N/<dataset>/<split>` for its
+    `<run>/checkpoints/epoch_E/global_step_N`, else `<checkpoint>/generations/<dataset>/<split>`;
+    the dataset is named by the data's directory (data.dataset.dataset_name)."""
+    dataset = dataset_name(data_path)
+    reference = reference_run.generations_dir(checkpoint)
+    if reference is not None:
+        return reference / dataset / split
     checkpoint = checkpoint.resolve()
-    dataset = Path(data_path).resolve().parent.name or "data"
     step = re.fullmatch(r"step_(\d+)", checkpoint.name)
     if step and checkpoint.parent.name == "checkpoints":
         return checkpoint.parent.parent / "generations" / str(int(step.group(1))) / dataset / split
@@ -148,22 +159,20 @@ def default_out_dir(checkpoint: Path, data_path: str, split: str) -> Path:
 # -- prompts -----------------------------------------------------------------------------------
 
 
-def build_prompts(rows: list[dict], tok: Tokenizer, data: dict) -> list[list[int]]:
+def build_prompts(rows: list[dict], tok: Tokenizer, data: dict, limit: int | None = None,
+                  limit_name: str = "") -> list[list[int]]:
     """The SFT inference prompt (system, user = the DSUs, assistant header) of every row.
 
-    Training cuts sequences at data.max_seq_len; a prompt that long would be cut before the
-    answer even starts, so it is an error rather than a silently shortened prompt.
+    Prompts are never shortened: one longer than `limit` (described by `limit_name`) is an error.
     """
     builder = SampleBuilder(tok, deduplicate=data["deduplicate"], modality_tokens=data["modality_tokens"],
                             max_seq_len=None)
-    limit = data["max_seq_len"]
     prompts = []
     for row in rows:
         tokens, _ = builder.sft_asr(row, data["sft"]["system_prompt"], train_on_input=False, inference=True)
-        if len(tokens) > limit:
+        if limit is not None and len(tokens) > limit:
             raise GenerateError(
-                f"utterance {row['id']!r}: its prompt has {len(tokens)} tokens, more than data.max_seq_len={limit} "
-                "(pass data.max_seq_len=N to allow longer prompts)"
+                f"utterance {row['id']!r}: its prompt has {len(tokens)} tokens, more than {limit_name or limit}"
             )
         prompts.append(tokens.tolist())
     return prompts
@@ -349,11 +358,34 @@ def write_outputs(out_dir: Path, records: list[dict], settings: dict, overwrite:
             path.unlink(missing_ok=True)
 
 
+def prompt_limit(checkpoint: Path, overrides: list[str], max_tokens: int) -> tuple[int, str]:
+    """No limit of training's: the model's max_position_embeddings, less room for --max-tokens, or
+    data.max_seq_len when given on the command line (as the reference's tokenizer.max_seq_len)."""
+    try:
+        positions = json.loads((checkpoint / "config.json").read_text())["max_position_embeddings"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        raise GenerateError(f"{checkpoint / 'config.json'}: no max_position_embeddings") from None
+    limit = positions - max_tokens
+    name = f"the model's max_position_embeddings={positions} less --max-tokens={max_tokens}"
+    asked = [text for text in overrides if text.startswith("data.max_seq_len=")]
+    if asked:
+        _, value = config.parse_override(asked[-1])
+        if isinstance(value, int) and 0 < value < limit:
+            limit, name = value, f"data.max_seq_len={value} (given on the command line)"
+    return limit, name
+
+
 def run(args: argparse.Namespace) -> Path:
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_dir():
         raise GenerateError(f"{checkpoint}: checkpoint directory does not exist")
-    data = data_settings(checkpoint, args.overrides, args.n_dsus)
+    try:  # a reference checkpoint's settings come from its torchtune_config.yaml, under the command line's
+        from_reference, sources = reference_run.generation_settings(checkpoint, args.overrides, args.n_dsus)
+    except reference_run.ReferenceError as error:
+        raise GenerateError(str(error)) from None
+    data = data_settings(checkpoint, from_reference + args.overrides, args.n_dsus)
+    for line in reference_run.describe_settings(data, sources):
+        print(f"generate: {line}", file=sys.stderr)
     tok = load_tokenizer(checkpoint, data)
     data_path = resolve_data_path(args.data, args.split, data, checkpoint)
     out_dir = Path(args.out) if args.out else default_out_dir(checkpoint, data_path, args.split)
@@ -363,11 +395,11 @@ def run(args: argparse.Namespace) -> Path:
                             args.seed)
     except ValueError as error:
         raise GenerateError(str(error)) from None
-    rows = load_rows(data_path, n_dsus=data["n_dsus"], fields=ASR_FIELDS)
+    rows = load_rows(Source(data_path, args.split, data.get("columns")), n_dsus=data["n_dsus"], fields=ASR_FIELDS)
     if not rows:
         raise DataError(f"{data_path}: no rows")
     try:
-        prompts = build_prompts(rows, tok, data)
+        prompts = build_prompts(rows, tok, data, *prompt_limit(checkpoint, args.overrides, args.max_tokens))
     except GenerateError as error:
         raise GenerateError(f"{data_path}: {error}") from None
     if data["task"] != "sft" and (checkpoint / TRAINING_CONFIG).is_file():
@@ -426,10 +458,13 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Test data: --data PATH when given; otherwise <split>.jsonl in the directory of the training\n"
         "config's data.train (so --split test reads test.jsonl beside the training file).\n"
-        "A checkpoint with no training_config.json (e.g. from extend.py or the reference implementation)\n"
-        "needs --data and --n-dsus; its other data settings take the defaults of the training schema\n"
-        "(deduplicate, modality tokens, system prompt, max_seq_len; python train.py --help-config) unless\n"
-        "overridden with data.key=value.",
+        "A reference implementation checkpoint takes n_dsus, deduplicate, modality tokens and the system\n"
+        "prompt from its run's torchtune_config.yaml, and its data from the local hub cache when there.\n"
+        "Another checkpoint with no training_config.json (e.g. from extend.py) needs --data and --n-dsus;\n"
+        "its other data settings take the training schema's defaults (python train.py --help-config)\n"
+        "unless overridden with data.key=value.\n"
+        "Prompts are never cut; past the model's max_position_embeddings (or data.max_seq_len=N when\n"
+        "given on the command line) they are an error.",
     )
     parser.add_argument("checkpoint",
                         help="checkpoint directory (Hugging Face layout), e.g. run/checkpoints/step_0001000")

@@ -39,7 +39,8 @@ from tqdm import tqdm
 
 import kernels
 from config import ConfigError, describe, load_config, model_tokenizer
-from data.dataset import ASR_FIELDS, SCHEMA_FIELDS, DataError
+from data import reference_run
+from data.dataset import ASR_FIELDS, SCHEMA_FIELDS, DataError, Source
 from data.samples import IGNORE, Interleave, Pieces, SampleBuilder
 from data.store import RowStore, open_store, store_path
 from data.tokenizer import Tokenizer
@@ -141,7 +142,10 @@ def load_data(cfg: dict, tokenizer: Tokenizer) -> tuple[Sequences, Sequences | N
     run_dir = Path(cfg["run_dir"])
     cache_dir = Path(data_cfg["cache_dir"] or run_dir / "data_cache")
     options = store_options(data_cfg)
-    sources = [data_cfg["train"]] + ([data_cfg["dev"]] if data_cfg["dev"] else [])
+    # a dataset directory gives train its train split and dev its validation split, never a mix
+    sources = [Source(data_cfg["train"], "train", data_cfg["columns"])]
+    if data_cfg["dev"]:
+        sources.append(Source(data_cfg["dev"], "validation", data_cfg["columns"]))
     first_here = int(os.environ.get("LOCAL_RANK", "0")) == 0
     created = [p for p in (run_dir, cache_dir, *cache_dir.parents) if not p.exists()]
     stores = []
@@ -405,6 +409,10 @@ def resolve_resume(cfg: dict, run_dir: Path) -> tuple[Path | None, dict | None]:
     resume=auto takes the newest intact checkpoint, naming each damaged one it passes over; a run
     directory whose checkpoints are all damaged is refused rather than silently started over."""
     resume, found = cfg["resume"], checkpoint_dirs(run_dir)
+    try:  # a reference run is never continued inexactly, nor started over beside
+        reference_run.refuse_to_resume(run_dir, resume)
+    except reference_run.ReferenceError as error:
+        raise ConfigError(str(error)) from None
     if not resume:
         if found:
             raise ConfigError(

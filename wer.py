@@ -5,6 +5,12 @@
 Input: one JSON object per line with `id`, `text` (the hypothesis) and `reference`, or, with
 `--references`, references joined by `id` from a dataset file (field `transcript`). `--by FIELD`
 also scores each value of that dataset field on its own (e.g. `--by speaker`: WER per voice).
+The reference implementation's generations (vLLM `RequestOutput` records: text in
+`outputs[0].text`, no ids) are read too; their references come from `--dataset PATH --split S`
+(a dataset directory, or a name found in the local hub cache; both inferred from the file's
+`<dataset>/<split>/` directories when not given) or `--references FILE`, joined by row order, and
+the counts must agree. The reference's flag names (`--dataset`, `--split`,
+`--gt_transcript_colname`, `--normalizer`) work here, and give the same WER on the same files.
 
 Scoring: hypotheses and references go through the same normaliser (Whisper's English normaliser,
 as the reference implementation uses, or `none`), then whitespace is collapsed. WER and CER are
@@ -28,7 +34,8 @@ import jiwer
 import numpy as np
 from whisper_normalizer.english import EnglishTextNormalizer
 
-from data.dataset import DataError, load_rows
+from data import reference_run
+from data.dataset import DataError, Source, load_rows
 
 NORMALIZERS = ("whisper", "none")
 CONFIDENCE = 0.95
@@ -158,7 +165,7 @@ def score(hyps: list[str], refs: list[str], normalizer: str = "whisper", *, ids:
 def read_generations(path: Path, need_reference: bool) -> list[dict]:
     """The generations file's records as {id, text[, reference], line}, checked field by field."""
     required = ("id", "text", "reference") if need_reference else ("id", "text")
-    records, first_line_of = [], {}
+    records, first_line_of, kinds = [], {}, set()
     try:
         with open(path, "rb") as file:
             for line_number, raw in enumerate(file, start=1):
@@ -173,6 +180,14 @@ def read_generations(path: Path, need_reference: bool) -> list[dict]:
                     raise InputError(f"{where}: not valid JSON ({error.msg})") from None
                 if not isinstance(obj, dict):
                     raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+                if "outputs" in obj and "text" not in obj:  # a vLLM record, from the reference's generate.py
+                    try:
+                        records.append({"id": None, "text": reference_run.vllm_text(obj, where)})
+                    except reference_run.ReferenceError as error:
+                        raise InputError(str(error)) from None
+                    kinds.add("vLLM")
+                    continue
+                kinds.add("id")
                 for field in required:
                     if field not in obj:
                         raise InputError(f"{where}: missing field '{field}'")
@@ -186,7 +201,60 @@ def read_generations(path: Path, need_reference: bool) -> list[dict]:
         raise InputError(f"{path}: cannot read ({error.strerror})") from None
     if not records:
         raise InputError(f"{path}: no generations (the file is empty)")
+    if len(kinds) > 1:
+        raise InputError(f"{path}: mixes vLLM records (no ids) with {{id, text}} records")
+    if kinds == {"vLLM"} and need_reference:
+        raise InputError(f"{path}: vLLM records carry no reference transcript; pass --dataset PATH [--split S] "
+                         "or --references FILE (joined by row order)")
     return records
+
+
+def reference_source(args, infer: bool) -> Source | None:
+    """Where references come from: --references, or --dataset and --split (the reference's flags;
+    a name not on disk is looked up in the hub cache). With `infer` (generations without
+    references) and neither flag, the dataset named by the file's directories, if the cache has it."""
+    columns = {"transcript": args.gt_transcript_colname} if args.gt_transcript_colname else None
+    split = args.split or reference_run.infer_split(args.generations)
+    if args.references is not None:
+        if args.dataset is not None:
+            raise InputError("give --references or --dataset, not both")
+        return Source(args.references, split, columns)
+    dataset = args.dataset
+    if dataset is None:
+        if not infer:
+            return None
+        inferred = args.generations.absolute().parent.parent.name
+        found = reference_run.hub_cache_dataset(inferred) if split else None
+        return Source(found, split, columns) if found else None
+    if not Path(dataset).exists():
+        found = reference_run.hub_cache_dataset(dataset)
+        if found is None:
+            raise InputError(f"--dataset {dataset}: no such file or directory, nor a dataset of that name in the "
+                             "Hugging Face hub cache; pass the dataset's path")
+        dataset = found
+    if split is None:
+        raise InputError(f"--dataset {args.dataset}: pass --split (train, validation or test)")
+    return Source(dataset, split, columns)
+
+
+def references_by_row(records: list[dict], generations: Path, source: Source,
+                      by: str | None = None) -> tuple[list[str], list[str] | None, list[str]]:
+    """References for generations without ids, in the dataset's row order: transcripts, the `by`
+    field as strings (None without `by`) and the rows' ids (to name utterances in the report)."""
+    try:
+        rows = load_rows(source, fields=("transcript",))
+    except DataError as error:
+        raise InputError(str(error)) from None
+    where = f"{source}" + (f" (split {source.split})" if source.split else "")
+    if len(rows) != len(records):
+        raise InputError(f"{generations} has {len(records)} generations but {where} has {len(rows)} rows: "
+                         "without ids they are joined by row order, so the counts must be equal")
+    if by is not None:
+        lacking = [row["id"] for row in rows if by not in row]
+        if lacking:
+            raise InputError(f"{where}: {len(lacking)} row(s) have no field '{by}': {id_list(lacking)}")
+    groups = [str(row[by]) for row in rows] if by is not None else None
+    return [row["transcript"] for row in rows], groups, [row["id"] for row in rows]
 
 
 def id_list(ids: list[str], shown: int = 10) -> str:
@@ -199,7 +267,7 @@ def join_references(records: list[dict], generations_path: Path, references_path
     """The dataset's transcripts in the order of `records`, and the rows' `by` field as strings
     (None without `by`); every id must be on both sides, and every row must have `by`."""
     try:
-        rows = load_rows(str(references_path), fields=("transcript",))  # checks ids are unique
+        rows = load_rows(references_path, fields=("transcript",))  # checks ids are unique
     except DataError as error:
         raise InputError(str(error)) from None
     if not rows:
@@ -296,26 +364,30 @@ def main(argv=None) -> int:
     try:
         if out.exists() and not args.overwrite:
             raise InputError(f"{out} already exists; pass --overwrite to replace it")
-        if args.by is not None and args.references is None:
+        references = reference_source(args, infer=reference_run.holds_vllm_records(args.generations))
+        if args.by is not None and references is None:
             raise InputError("--by needs --references (the dataset whose field it names)")
-        records = read_generations(args.generations, need_reference=args.references is None)
-        if args.references is None:
+        records = read_generations(args.generations, need_reference=references is None)
+        ids = [record["id"] for record in records]
+        if references is None:
             refs, groups = [record["reference"] for record in records], None
+        elif ids[0] is None:
+            refs, groups, ids = references_by_row(records, args.generations, references, args.by)
         else:
-            refs, groups = join_references(records, args.generations, args.references, args.by)
+            refs, groups = join_references(records, args.generations, references, args.by)
         try:
-            result = score([record["text"] for record in records], refs, args.normalizer,
-                           ids=[record["id"] for record in records],
+            result = score([record["text"] for record in records], refs, args.normalizer, ids=ids,
                            bootstrap=args.bootstrap, seed=args.seed, worst=args.worst)
         except ValueError as error:
-            raise InputError(f"{args.references or args.generations}: {error}") from None
+            raise InputError(f"{references or args.generations}: {error}") from None
         if groups is not None:
             hyps = [record["text"] for record in records]
             result = {**result, "by": args.by, "groups": score_groups(hyps, refs, groups, args.normalizer)}
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    references = str(args.references) if args.references else None
+    if references is not None:
+        references = str(references) + (f" (split {references.split})" if references.split else "")
     result = {"input": str(args.generations), "references": references, **result}
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomically(out, result)
@@ -335,9 +407,15 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("generations", type=Path, help="generations.jsonl: one {id, text, reference} object per line")
     parser.add_argument("--references", type=Path, help="dataset file (JSONL or Parquet) whose `transcript` is joined by `id`")
+    parser.add_argument("--dataset", help="reference transcripts from this dataset (directory, file, or a name in the "
+                        "local hub cache), in row order for generations without ids; the reference's flag")
+    parser.add_argument("--split", help="the --dataset split (train, validation or dev, test); default: the name of "
+                        "the generations file's directory, as the reference infers it")
+    parser.add_argument("--gt_transcript_colname", "--gt-transcript-colname", metavar="COLUMN",
+                        help="the reference transcripts' column (default: transcript)")
     parser.add_argument("--by", metavar="FIELD",
                         help="also score each value of this --references field on its own, e.g. speaker")
-    parser.add_argument("--normalizer", choices=NORMALIZERS, default="whisper",
+    parser.add_argument("--normalizer", "--normaliser", choices=NORMALIZERS, default="whisper",
                         help="text normaliser applied to hypotheses and references (default: whisper)")
     parser.add_argument("--out", type=Path, help="report JSON path (default: wer.json beside the input)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report")

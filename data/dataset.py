@@ -1,7 +1,16 @@
 """Streaming, validated loading of speech-text rows in the reference's schema (DESIGN.md, "Data").
 
-A source is a JSON Lines file (`.jsonl` or `.json`), a Parquet file, a directory holding such
-files, or a glob pattern. Rows are read file by file (JSONL line by line, Parquet one record batch
+A source is a JSON Lines file (`.jsonl` or `.json`), a Parquet file, an Arrow file (`.arrow`, as
+`datasets` writes), a directory holding such files, or a glob pattern. Dataset directories as the
+Hugging Face hub and `datasets` lay them out are read too, one split at a time (`Source`, below):
+- hub layout: the directory, or its `data/` directory, holds files named by split
+  (`train-00000-of-00004.parquet`, `validation-*`, `test-*`; also `dev`/`valid` for validation);
+- a hub cache entry (`datasets--owner--name`, or one of its `snapshots/<revision>` directories,
+  whose files are symlinks);
+- `datasets`' `save_to_disk` output: a `DatasetDict` directory (`dataset_dict.json` and one
+  directory per split) or a `Dataset` directory (`state.json` naming its `.arrow` files).
+Such a directory given without a split is refused: rows of two splits are only ever mixed by
+naming their files (or a glob matching them). Rows are read file by file (JSONL line by line, Parquet one record batch
 at a time) and checked as they stream, so a bad row fails with a `DataError` that names the file,
 the line (JSONL, 1-based) or row (Parquet, 0-based), and the field at fault.
 
@@ -10,11 +19,16 @@ checked nor returned, and Parquet does not even read their columns):
 - CPT interleaved: all of `SCHEMA_FIELDS` (word times pick the DSUs under each word span);
 - CPT concatenated, SFT (ASR) training and generation prompts: `ASR_FIELDS`;
 - WER references: `("transcript",)`.
+
+The utterance id is the `id` column, else `ID` (the reference's hub datasets), else derived.
+Columns named differently from the schema are mapped with `Source(columns={field: column})`.
 """
 
 import glob
 import json
 import math
+import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -37,6 +51,14 @@ TIME_FIELDS = ("aligned_token_start_time", "aligned_token_end_time")
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
+ARROW_SUFFIXES = (".arrow",)
+DATA_SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES
+# Split names and the file-name prefixes that the hub takes for each of them.
+SPLIT_PREFIXES = {"train": ("train",), "validation": ("validation", "valid", "dev", "val"), "test": ("test",)}
+SPLIT_NAME = re.compile(r"^(train|validation|valid|dev|val|test)(?=[-_.]|$)", re.IGNORECASE)
+MAPPABLE_FIELDS = ("id",) + SCHEMA_FIELDS
+# JSON files that `datasets` and the hub keep beside the data: never rows.
+METADATA_FILES = ("dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json")
 PARQUET_BATCH_ROWS = 1024
 
 
@@ -44,14 +66,83 @@ class DataError(ValueError):
     """Bad input data; the message names the file, the line or row, and the field."""
 
 
+class Source(str):
+    """A source path narrowed to one split of a dataset directory and/or with columns renamed.
+
+    It is a str, so that code which only passes sources along (`data.store`) keeps working.
+    `split` is a split name (`train`, `validation` or `dev`, `test`; ignored for plain files,
+    directories of shards and globs); `columns` maps schema fields (and `id`) to column names.
+    """
+
+    split: str | None
+    columns: dict[str, str]
+
+    def __new__(cls, path, split: str | None = None, columns: dict | None = None):
+        self = super().__new__(cls, str(path))
+        self.split = _split_key(split) if split else None
+        self.columns = _checked_columns(columns or {})
+        return self
+
+    def __repr__(self) -> str:
+        return f"Source({str(self)!r}, split={self.split!r}, columns={self.columns!r})"
+
+
+def canonical_split(name: str) -> str:
+    """`dev`, `valid` and `val` are the validation split, as the reference and the hub take them."""
+    for split, prefixes in SPLIT_PREFIXES.items():
+        if name.lower() in prefixes:
+            return split
+    raise DataError(f"unknown split {name!r}: expected train, validation (or dev) or test")
+
+
+def _split_key(name: str) -> str:
+    """A known split's canonical name; any other name as it is (a save_to_disk split may have one)."""
+    try:
+        return canonical_split(name)
+    except DataError:
+        return name
+
+
+def _checked_columns(columns: dict) -> dict[str, str]:
+    """The non-null entries of a {schema field: column name} mapping, checked."""
+    if not isinstance(columns, dict):
+        raise DataError(f"data.columns: expected an object of field: column name, got {columns!r}")
+    out = {}
+    for field, column in columns.items():
+        if field not in MAPPABLE_FIELDS:
+            raise DataError(f"data.columns: unknown field {field!r}; choose from {', '.join(MAPPABLE_FIELDS)}")
+        if column is None or column == field:
+            continue
+        if not isinstance(column, str) or not column:
+            raise DataError(f"data.columns.{field}: expected a column name, got {column!r}")
+        out[field] = column
+    return out
+
+
 def resolve_files(source: str) -> list[Path]:
-    """The data files of `source`: a file, a directory (its data files, sorted) or a glob (sorted)."""
+    """The data files of `source`: a file, a directory (its data files, sorted, or one split's
+    files in a dataset layout; see the module docstring) or a glob (sorted)."""
     path = Path(source)
+    split = source.split if isinstance(source, Source) else None
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and _is_data_file(p))
-        if not files:
-            raise DataError(f"{source}: no {', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES)} files in directory")
-        return files
+        path = _hub_cache_snapshot(path)
+        if (path / "state.json").is_file():  # a save_to_disk Dataset: one split already
+            return _save_to_disk_files(path)
+        by_split = split_files(path)
+        if by_split is None:
+            files = sorted(p for p in path.iterdir() if p.is_file() and _is_data_file(p))
+            if not files:
+                raise DataError(f"{source}: no {', '.join(DATA_SUFFIXES)} files in directory")
+            return files
+        if split is None:
+            counts = ", ".join(f"{name} ({len(files)} file(s))" for name, files in by_split.items())
+            raise DataError(
+                f"{source}: a dataset directory with splits {counts}; one split is read at a time "
+                "(data.train reads train, data.dev validation, generate.py --split, default test)"
+            )
+        if not by_split.get(split):
+            raise DataError(f"{source}: no {split} split (it has {', '.join(by_split) or 'none'})")
+        return by_split[split]
     if path.is_file():
         files = [path]
     else:
@@ -61,10 +152,94 @@ def resolve_files(source: str) -> list[Path]:
     for file in files:
         if not _is_data_file(file):
             raise DataError(
-                f"{file}: unknown extension {file.suffix!r} "
-                f"(expected one of {', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES)})"
+                f"{file}: unknown extension {file.suffix!r} (expected one of {', '.join(DATA_SUFFIXES)})"
             )
     return files
+
+
+def split_files(directory: Path) -> dict[str, list[Path]] | None:
+    """{split: files} when `directory` is a dataset laid out by split, else None (a plain directory
+    of shards). A `save_to_disk` `Dataset` directory counts as a plain one, its files as `state.json` lists."""
+    directory = _hub_cache_snapshot(directory)
+    if (directory / "dataset_dict.json").is_file():
+        return _save_to_disk_splits(directory)
+    if (directory / "state.json").is_file():
+        return None
+    data_dir = directory / "data"
+    if not any(_is_data_file(p) for p in directory.iterdir() if p.is_file()) and data_dir.is_dir():
+        directory = data_dir
+    files = sorted(p for p in directory.iterdir() if p.is_file() and _is_data_file(p))
+    named = {p: SPLIT_NAME.match(p.name) for p in files}
+    if not any(named.values()):
+        return None
+    unnamed = [p.name for p, match in named.items() if not match]
+    if unnamed:
+        raise DataError(
+            f"{directory}: files named by split sit beside files of no split ({', '.join(unnamed[:5])}); "
+            "name the files to read instead"
+        )
+    out: dict[str, list[Path]] = {}
+    for p, match in named.items():
+        out.setdefault(canonical_split(match.group(1)), []).append(p)
+    return out
+
+
+def _hub_cache_snapshot(directory: Path) -> Path:
+    """A hub cache entry (`datasets--owner--name`) stands for the snapshot its `refs/main` names."""
+    ref = directory / "refs" / "main"
+    if directory.name.startswith("datasets--") and ref.is_file() and (directory / "snapshots").is_dir():
+        snapshot = directory / "snapshots" / ref.read_text().strip()
+        if not snapshot.is_dir():
+            raise DataError(f"{ref}: names snapshot {snapshot.name}, which is not in {directory / 'snapshots'}")
+        return snapshot
+    return directory
+
+
+def _save_to_disk_splits(directory: Path) -> dict[str, list[Path]]:
+    where = directory / "dataset_dict.json"
+    try:
+        splits = json.loads(where.read_text())["splits"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise DataError(f"{where}: expected a JSON object with a 'splits' list") from None
+    out = {}
+    for name in splits:
+        files = _save_to_disk_files(directory / name)
+        try:
+            out.setdefault(canonical_split(name), []).extend(files)
+        except DataError:
+            out[name] = files  # a split of another name: readable by naming its directory
+    return out
+
+
+def _save_to_disk_files(directory: Path) -> list[Path]:
+    """The `.arrow` files a `save_to_disk` `Dataset` directory's `state.json` lists, in its order."""
+    where = directory / "state.json"
+    try:
+        names = [entry["filename"] for entry in json.loads(where.read_text())["_data_files"]]
+    except FileNotFoundError:
+        raise DataError(f"{where}: missing (a save_to_disk split directory has one)") from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise DataError(f"{where}: expected a JSON object whose '_data_files' list names the .arrow files") from None
+    files = [directory / name for name in names]
+    for file in files:
+        if not file.is_file():
+            raise DataError(f"{where}: lists {file.name}, which is missing")
+    return files
+
+
+def dataset_name(source: str) -> str:
+    """The dataset's name for output paths: the hub repository's name for a hub cache entry, else the
+    directory holding the data, passing over `data/`, split and snapshot directories."""
+    parts = Path(os.path.abspath(source)).parts  # no symlink resolution: hub cache files link into blobs/
+    for part in reversed(parts):
+        if part.startswith("datasets--") and part.count("--") >= 2:
+            return part.split("--", 2)[2]
+    path = Path(*parts)
+    if not path.is_dir():
+        path = path.parent
+    while path.name and (path.name.lower() == "data" or SPLIT_NAME.fullmatch(path.name)):
+        path = path.parent
+    return path.name or "dataset"
 
 
 def iter_rows(
@@ -77,13 +252,14 @@ def iter_rows(
 ) -> Iterator[dict]:
     """Yield the validated rows of `source`, lazily, in file order then row order.
 
-    Each row holds `id` (given, or derived as "<file stem>:<row index>"), the requested `fields`
+    Each row holds `id` (given, as `id` or `ID`, or derived as "<file stem>:<row index>"), the requested `fields`
     (`speech_tokens` as a numpy int64 array) and any non-schema fields of the source unchanged.
     DSU ids must lie in [0, n_dsus), or in [0, MAX_DSUS) when `n_dsus` is None.
     With `frame_rate` (DSU frames per second) and word times, no word may end more than one frame
     past the row's speech tokens: its DSU span would be cut short.
     Ids must be unique across the whole source; every id is kept in memory to check that, unless
     `unique_ids` is False (`data.store` checks them itself, in less memory).
+    A `Source` picks the split of a dataset directory and renames columns (`Source.columns`).
     """
     unknown = [f for f in fields if f not in SCHEMA_FIELDS]
     if unknown:
@@ -93,8 +269,12 @@ def iter_rows(
     dsu_limit = MAX_DSUS if n_dsus is None else n_dsus
     fields = tuple(fields)
     first_seen: dict[str, str] = {}
+    columns = source.columns if isinstance(source, Source) else {}
     for path in resolve_files(source):
-        raw_rows = _iter_parquet(path, fields) if _is_parquet(path) else _iter_jsonl(path)
+        if _is_parquet(path) or _is_arrow(path):
+            raw_rows = _iter_table(path, fields, columns)
+        else:
+            raw_rows = _renamed(_iter_jsonl(path), fields, columns)
         for index, (where, row) in enumerate(raw_rows):
             row = _checked_row(row, where, fields, dsu_limit, frame_rate)
             if row.get("id") is None:
@@ -120,6 +300,8 @@ def count_rows(source: str) -> int:
     for path in resolve_files(source):
         if _is_parquet(path):
             total += _open_parquet(path).metadata.num_rows
+        elif _is_arrow(path):
+            total += sum(batch.num_rows for batch in _arrow_batches(path))
         else:
             with open(path, "rb") as f:
                 total += sum(1 for line in f if line.strip())
@@ -131,7 +313,11 @@ def _is_parquet(path: Path) -> bool:
 
 
 def _is_data_file(path: Path) -> bool:
-    return path.suffix.lower() in JSONL_SUFFIXES + PARQUET_SUFFIXES
+    return path.suffix.lower() in DATA_SUFFIXES and path.name not in METADATA_FILES
+
+
+def _is_arrow(path: Path) -> bool:
+    return path.suffix.lower() in ARROW_SUFFIXES
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
@@ -158,13 +344,70 @@ def _open_parquet(path: Path) -> pq.ParquetFile:
         raise DataError(f"{path}: not a readable Parquet file: {e}") from None
 
 
-def _iter_parquet(path: Path, fields: tuple[str, ...]) -> Iterator[tuple[str, dict]]:
-    parquet = _open_parquet(path)
+def _arrow_batches(path: Path) -> Iterator[pa.RecordBatch]:
+    """The record batches of an Arrow IPC stream (what `datasets` writes) or IPC file, memory-mapped."""
+    try:
+        mapped = pa.memory_map(str(path))
+        try:
+            reader = pa.ipc.open_stream(mapped)
+        except pa.ArrowInvalid:
+            mapped.seek(0)
+            reader = pa.ipc.open_file(mapped)
+            yield from (reader.get_batch(i) for i in range(reader.num_record_batches))
+            return
+        yield from reader
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Arrow file: {e}") from None
+
+
+def _column_plan(names: Sequence[str], fields: tuple[str, ...], columns: dict[str, str]) -> dict[str, str]:
+    """{column to read: name it takes in the row}: mapped columns take their field's name, `ID`
+    becomes `id` when there is no `id`, and unrequested schema fields are left unread."""
+    mapping = dict(columns)
+    if "id" not in mapping and "id" not in names and "ID" in names:
+        mapping["id"] = "ID"
+    field_of = {column: field for field, column in mapping.items()}
+    plan = {}
+    for name in names:
+        if name in field_of:
+            plan[name] = field_of[name]
+        elif name not in mapping:  # a column bearing a field's name that is mapped elsewhere is dropped
+            plan[name] = name
+    return {c: f for c, f in plan.items() if f not in SCHEMA_FIELDS or f in fields}
+
+
+def _check_mapped_columns(where: str, names, fields: tuple[str, ...], columns: dict[str, str]) -> None:
+    for field, column in columns.items():
+        if (field == "id" or field in fields) and column not in names:
+            raise DataError(f"{where}: no column {column!r} (data.columns maps '{field}' to it)")
+
+
+def _renamed(rows: Iterator[tuple[str, dict]], fields, columns: dict[str, str]) -> Iterator[tuple[str, dict]]:
+    for where, row in rows:
+        if columns or ("ID" in row and "id" not in row):
+            _check_mapped_columns(where, row, fields, columns)
+            row = {name: row[column] for column, name in _column_plan(list(row), fields, columns).items()}
+        yield where, row
+
+
+def _iter_table(path: Path, fields: tuple[str, ...], columns: dict[str, str]) -> Iterator[tuple[str, dict]]:
+    """Rows of a Parquet or Arrow file, read a record batch at a time."""
+    if _is_parquet(path):
+        parquet = _open_parquet(path)
+        names = parquet.schema_arrow.names
+    else:
+        names = next(_arrow_batches(path), pa.record_batch([])).schema.names
+    _check_mapped_columns(str(path), names, fields, columns)
     # Unrequested schema columns (often the heavy DSU lists) are never read; a requested column
     # that the file lacks shows up as a missing field in row 0.
-    columns = [c for c in parquet.schema_arrow.names if c not in SCHEMA_FIELDS or c in fields]
+    plan = _column_plan(names, fields, columns)
+    if _is_parquet(path):
+        batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=list(plan))
+    else:
+        batches = (batch.select(list(plan)) for batch in _arrow_batches(path))
     row_number = 0
-    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+    for batch in batches:
+        batch = batch.rename_columns([plan[name] for name in batch.schema.names])
         dsus = _dsu_slices(batch.column("speech_tokens")) if "speech_tokens" in batch.schema.names else None
         other = batch.drop_columns(["speech_tokens"]) if dsus is not None else batch
         for i, row in enumerate(other.to_pylist()):

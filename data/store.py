@@ -86,7 +86,9 @@ def store_key(source: str, fields, n_dsus: int, frame_rate: float | None = None)
     the frame rate that word times are checked against."""
     files = [Path(f).resolve() for f in resolve_files(source)]
     described = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    payload = json.dumps([FORMAT_VERSION, described, sorted(fields), n_dsus] + ([frame_rate] if frame_rate else []))
+    renamed = getattr(source, "columns", None)  # a data.dataset.Source's column mapping changes the rows
+    extra = ([frame_rate] if frame_rate else []) + ([renamed] if renamed else [])
+    payload = json.dumps([FORMAT_VERSION, described, sorted(fields), n_dsus] + extra)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 

@@ -10,6 +10,7 @@ import pytest
 from data.dataset import (
     ASR_FIELDS,
     DataError,
+    Source,
     count_rows,
     iter_rows,
     load_rows,
@@ -121,10 +122,10 @@ def test_count_rows_skips_blank_lines_and_reads_parquet_metadata(tmp_path, sampl
 def test_missing_ids_are_derived_from_file_stem_and_row_index(tmp_path, samples):
     for s in samples:
         del s["id"]
-    write_jsonl(tmp_path / "dev.jsonl", samples, blank_lines=True)
-    write_parquet(tmp_path / "test.parquet", samples)
+    write_jsonl(tmp_path / "part_a.jsonl", samples, blank_lines=True)
+    write_parquet(tmp_path / "part_b.parquet", samples)
     ids = [r["id"] for r in iter_rows(str(tmp_path))]
-    assert ids == [f"dev:{i}" for i in range(4)] + [f"test:{i}" for i in range(4)]
+    assert ids == [f"part_a:{i}" for i in range(4)] + [f"part_b:{i}" for i in range(4)]
 
 
 @pytest.mark.parametrize("second_file", ["b.jsonl", "b.parquet"])
@@ -294,3 +295,52 @@ def test_rows_stream_lazily_before_a_late_error(tmp_path, samples):
     with pytest.raises(DataError, match=r"long\.jsonl:1000: malformed JSON"):
         next(stream)
 
+
+
+# --- dataset directories: one split at a time --------------------------------------------------
+
+
+def test_split_named_files_are_read_one_split_at_a_time(tmp_path, samples):
+    write_jsonl(tmp_path / "train.jsonl", samples[:2])
+    write_jsonl(tmp_path / "dev.jsonl", samples[2:3])
+    write_parquet(tmp_path / "test-00000-of-00001.parquet", samples[3:])
+    with pytest.raises(DataError, match="one split is read at a time"):
+        load_rows(str(tmp_path))
+    assert [r["id"] for r in load_rows(Source(tmp_path, "train"))] == [s["id"] for s in samples[:2]]
+    assert [r["id"] for r in load_rows(Source(tmp_path, "validation"))] == [samples[2]["id"]]
+    assert [r["id"] for r in load_rows(Source(tmp_path, "dev"))] == [samples[2]["id"]]  # the reference's name
+    assert count_rows(Source(tmp_path, "test")) == 1
+    assert load_rows(Source(tmp_path / "train.jsonl", "test"))[0]["id"] == samples[0]["id"]  # a file is what it is
+
+
+def test_split_named_files_beside_others_are_refused(tmp_path, samples):
+    write_jsonl(tmp_path / "train.jsonl", samples[:2])
+    write_jsonl(tmp_path / "extra.jsonl", samples[2:])
+    with pytest.raises(DataError, match=r"extra\.jsonl"):
+        load_rows(Source(tmp_path, "train"))
+
+
+def test_arrow_ipc_file_format_and_stream_format_read_alike(tmp_path, samples):
+    table = pa.Table.from_pylist(samples)
+    with pa.OSFile(str(tmp_path / "file.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=3)
+    with pa.OSFile(str(tmp_path / "stream.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=3)
+    for name in ("file.arrow", "stream.arrow"):
+        assert_same_rows(load_rows(str(tmp_path / name), n_dsus=N_DSUS), samples)
+        assert count_rows(str(tmp_path / name)) == len(samples)
+    (tmp_path / "bad.arrow").write_bytes(b"not arrow")
+    with pytest.raises(DataError, match=r"bad\.arrow: not a readable Arrow file"):
+        load_rows(str(tmp_path / "bad.arrow"))
+
+
+def test_a_hub_cache_entry_reads_the_snapshot_its_ref_names(tmp_path, samples):
+    entry = tmp_path / "datasets--someone--corpus"
+    (entry / "refs").mkdir(parents=True)
+    (entry / "snapshots" / "r1" / "data").mkdir(parents=True)
+    write_parquet(entry / "snapshots" / "r1" / "data" / "test-00000-of-00001.parquet", samples)
+    (entry / "refs" / "main").write_text("r2\n")
+    with pytest.raises(DataError, match="names snapshot r2"):
+        load_rows(Source(entry, "test"))
+    (entry / "refs" / "main").write_text("r1\n")
+    assert len(load_rows(Source(entry, "test"))) == len(samples)

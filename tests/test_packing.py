@@ -412,8 +412,8 @@ def test_packed_run_logs_full_rows_of_real_tokens(packed_reference):
 
 
 def test_packed_resume_continues_with_identical_losses(assets, packed_reference, tmp_path):
-    states = {step: torch.load(packed_reference / "checkpoints" / f"step_{step:07d}" / train.STATE_FILE,
-                               weights_only=False)["packer"] for step in (2, 4, 6, 8, 10)}
+    states = {step: train.read_training_state(packed_reference / "checkpoints" / f"step_{step:07d}")["packer"]
+              for step in (2, 4, 6, 8, 10)}
     mid_epoch = [s for s, state in states.items() if state["open_rows"] and 0 < state["position"] < 64]
     assert len(mid_epoch) >= 2 and states[10]["epoch"] == 1, states
     for step in mid_epoch[:2]:
