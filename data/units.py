@@ -78,17 +78,21 @@ def read_inputs(inputs: list[str], need_transcript: bool = True) -> list[Utteran
         elif suffix in (".jsonl", ".json"):
             utterances += _jsonl_manifest(path)
         elif suffix == ".tsv":
-            utterances += _tsv_manifest(path)
+            utterances += read_tsv_manifest(path)
         else:
             raise InputError(f"{path}: unknown input type {suffix!r} (expected {', '.join(AUDIO_SUFFIXES)}, .jsonl or .tsv)")
     if not utterances:
         raise InputError("no utterances in the inputs")
+    check_unique_ids(utterances)
+    return utterances
+
+
+def check_unique_ids(utterances: list[Utterance]) -> None:
     seen = {}
     for u in utterances:
         if u.id in seen:
             raise InputError(f"{u.where}: id {u.id!r} repeats {seen[u.id]}")
         seen[u.id] = u.where
-    return utterances
 
 
 def _bare_audio(path: Path, need_transcript: bool) -> Utterance:
@@ -144,7 +148,9 @@ def _jsonl_manifest(path: Path) -> list[Utterance]:
     return out
 
 
-def _tsv_manifest(path: Path) -> list[Utterance]:
+def read_tsv_manifest(path: Path) -> list[Utterance]:
+    """`path<TAB>transcript` lines, or columns named by a header line (`id`, `path`, `transcript`);
+    the id defaults to the audio file's stem."""
     lines = _read_lines(path)
     columns = ["path", "transcript"]
     first = lines[0].split("\t") if lines else []
