@@ -229,8 +229,8 @@ def read_textgrid(path: Path) -> tuple[list[str], list[float], list[float]]:
     text = "\n".join(_read_lines(path))
     # Both formats reduce to the same sequence of quoted strings and numbers once the long format's
     # labels and "[n]" indices are set aside.
-    tokens = [s.replace('""', '"') if s is not None else (float(n) if n is not None else flag)
-              for s, n, flag in _TEXTGRID_TOKEN.findall(re.sub(r"\[\d*\]", "", text))]
+    tokens = [m[1].replace('""', '"') if m.lastindex == 1 else float(m[2]) if m.lastindex == 2 else m[3]
+              for m in _TEXTGRID_TOKEN.finditer(re.sub(r"\[\d*\]", "", text))]
     tiers, i = {}, 0
     try:
         if tokens[:2] != ["ooTextFile", "TextGrid"]:
@@ -312,6 +312,7 @@ def _transformers():
         import transformers
     except ImportError:
         raise InputError(f"this encoder needs the transformers package: {AUDIO_EXTRA}") from None
+    transformers.utils.logging.disable_progress_bar()  # ours is the one that counts utterances
     return transformers
 
 
