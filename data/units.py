@@ -776,6 +776,17 @@ def overrides(info: dict) -> list[str]:
             f"data.cpt.downsampling_ratio={info['downsampling_ratio']}"]
 
 
+def overrides_for(out_dir: str | os.PathLike) -> list[str]:
+    """data.train and the settings of an encoding's output directory, for train.py's command line."""
+    meta = Path(out_dir) / "units.json"
+    if not meta.exists():
+        raise InputError(f"{out_dir}: no units.json (not an output of 'encode')")
+    info = json.loads(meta.read_text())
+    if not info.get("complete"):
+        raise InputError(f"{out_dir}: the encoding there is unfinished; complete it with 'encode ... --resume'")
+    return [f"data.train={Path(out_dir) / 'data'}", *overrides(info)]
+
+
 # ---------------------------------------------------------------------------------------------
 # k-means
 
@@ -900,10 +911,7 @@ def main(argv: list[str] | None = None) -> int:
             return learn_kmeans(args)
         if args.command == "convert-kmeans":
             return convert_kmeans(args)
-        meta = Path(args.out_dir) / "units.json"
-        if not meta.exists():
-            raise InputError(f"{args.out_dir}: no units.json (not an output of 'encode')")
-        print(" ".join([f"data.train={Path(args.out_dir) / 'data'}", *overrides(json.loads(meta.read_text()))]))
+        print(" ".join(overrides_for(args.out_dir)))
         return 0
     except (InputError, features.FeatureError) as err:
         print(f"error: {err}", file=sys.stderr)

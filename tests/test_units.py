@@ -290,8 +290,7 @@ def test_units_json_records_the_encoding(encoded, kmeans):
 
 
 def train_args(model, out, run_dir, config, *extra):
-    settings = subprocess.run([sys.executable, "-m", "data.units", "overrides", str(out)], cwd=ROOT,
-                              capture_output=True, text=True, check=True).stdout.split()
+    settings = units.overrides_for(out)  # what `python -m data.units overrides OUT` prints
     return [str(ROOT / "configs" / config), f"run_dir={run_dir}", f"model.path={model}", *settings,
             "train.max_steps=2", "train.save_steps=2", "train.eval_steps=2", "train.log_steps=1", *extra]
 
