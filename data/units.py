@@ -76,7 +76,7 @@ def read_inputs(inputs: list[str], need_transcript: bool = True) -> list[Utteran
         if suffix in AUDIO_SUFFIXES:
             utterances.append(_bare_audio(path, need_transcript))
         elif suffix in (".jsonl", ".json"):
-            utterances += _jsonl_manifest(path)
+            utterances += _jsonl_manifest(path, need_transcript)
         elif suffix == ".tsv":
             utterances += read_tsv_manifest(path)
         else:
@@ -113,7 +113,7 @@ def _read_lines(path: Path) -> list[str]:
         raise InputError(f"{path}: cannot read ({e})") from None
 
 
-def _jsonl_manifest(path: Path) -> list[Utterance]:
+def _jsonl_manifest(path: Path, need_transcript: bool = True) -> list[Utterance]:
     out = []
     for lineno, line in enumerate(_read_lines(path), 1):
         if not line.strip():
@@ -128,6 +128,8 @@ def _jsonl_manifest(path: Path) -> list[Utterance]:
         audio = row.get("path", row.get("audio"))
         if not isinstance(audio, str) or not audio:
             raise InputError(f"{where}: field 'path' (or 'audio'): missing or not a string")
+        if not need_transcript:
+            row.setdefault("transcript", "")
         if not isinstance(row.get("transcript"), str):
             raise InputError(f"{where}: field 'transcript': missing or not a string")
         audio_path = path.parent / audio
