@@ -335,10 +335,15 @@ def assign(x, centroids: np.ndarray, device=None) -> np.ndarray:
         return features.assign(np.asarray(x, dtype=np.float64), centroids)
     import torch
 
+    if _DEVICE_CENTROIDS.get("array") is not centroids or _DEVICE_CENTROIDS["device"] != device:
+        c = torch.as_tensor(centroids, device=device, dtype=torch.float64)  # once, not once per batch
+        _DEVICE_CENTROIDS.update(array=centroids, device=device, c=c, norms=(c * c).sum(1))
+    c, norms = _DEVICE_CENTROIDS["c"], _DEVICE_CENTROIDS["norms"]
     x = torch.as_tensor(x, device=device).double()
-    c = torch.as_tensor(centroids, device=device)
-    d = (x * x).sum(1, keepdim=True) - 2 * x @ c.T + (c * c).sum(1)
-    return d.argmin(1).cpu().numpy()
+    return ((x * x).sum(1, keepdim=True) - 2 * x @ c.T + norms).argmin(1).cpu().numpy()
+
+
+_DEVICE_CENTROIDS: dict = {}
 
 
 class Encoder:
@@ -365,7 +370,7 @@ class Encoder:
     def set_centroids(self, path: str, allow_pickle: bool, dim: int, settings: dict | None = None) -> None:
         if not path:
             raise InputError(f"the {self.name} encoder needs --kmeans (learn one with 'learn-kmeans')")
-        self.centroids = features.load_centroids(path, allow_pickle, settings if path.endswith(".npz") else None, dim)
+        self.centroids = features.load_centroids(path, allow_pickle, settings, dim)  # settings: .npz files only
         if len(self.centroids) > MAX_DSUS:
             raise InputError(f"{path}: {len(self.centroids)} centroids, more than the {MAX_DSUS} DSUs a tokenizer can hold")
         self.n_dsus = len(self.centroids)
@@ -682,6 +687,9 @@ def encode(args) -> int:
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
+    out, data_dir = Path(args.out_dir), Path(args.out_dir) / "data"
+    if out.exists() and not args.resume:
+        raise InputError(f"{out}: already exists; choose a new output directory, or pass --resume to continue an encoding there")
     utterances = read_inputs(args.inputs)
     if args.alignments:
         attach_alignments(utterances, args.alignments)
@@ -716,10 +724,7 @@ def encode(args) -> int:
         "batch_size": encoder.batch_size,
         "device": str(getattr(encoder, "device", "cpu")),
     }
-    out, data_dir = Path(args.out_dir), Path(args.out_dir) / "data"
     meta_path = out / "units.json"
-    if out.exists() and not args.resume:
-        raise InputError(f"{out}: already exists; choose a new output directory, or pass --resume to continue an encoding there")
     if args.resume:
         if not meta_path.exists():
             raise InputError(f"--resume {out}: no units.json there, so nothing to resume")
@@ -801,6 +806,8 @@ def learn_kmeans(args) -> int:
         raise InputError(f"{out}: the centroids are written as a plain .npy file; name it *.npy")
     if not 1 <= args.k <= MAX_DSUS:
         raise InputError(f"--k must be in [1, {MAX_DSUS}], got {args.k}")
+    if args.encoder not in ("hubert", "mfcc", "logmel"):
+        raise InputError(f"the {args.encoder} encoder has its own codebook; k-means applies to hubert, mfcc and logmel")
     utterances = read_inputs(args.inputs, need_transcript=False)
     encoder = make_encoder(args, need_kmeans=False)
     _check_audio(utterances, encoder)
