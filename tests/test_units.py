@@ -483,3 +483,24 @@ def test_resynthesised_bundled_audio_gives_the_bundled_units(tmp_path):
     fields = ["id", "transcript", "tokenized", "aligned_token_start_time", "aligned_token_end_time", "speech_tokens"]
     assert shard_rows(out) == [{f: row[f] for f in fields} for row in bundled]
     assert json.loads((out / "units.json").read_text())["n_dsus"] == meta["n_dsus"]
+
+
+def test_manifests_and_bare_files(tmp_path, capsys):
+    for name in ("a.wav", "b.flac"):
+        soundfile.write(tmp_path / name, noise(0.5, 16000, 0), 16000)
+    (tmp_path / "a.txt").write_text("hello  there\n")
+    (tmp_path / "plain.tsv").write_text("a.wav\thello there\nb.flac\tgood bye\n")
+    (tmp_path / "header.tsv").write_text("transcript\tid\tpath\nhi\tx1\ta.wav\n")
+    found = units.read_inputs([str(tmp_path / "header.tsv"), str(tmp_path / "a.wav")])
+    assert [(u.id, u.path.name, u.transcript) for u in found] == [("x1", "a.wav", "hi"), ("a", "a.wav", "hello there")]
+    assert [(u.id, u.transcript) for u in units.read_inputs([str(tmp_path / "plain.tsv")])] == [
+        ("a", "hello there"), ("b", "good bye")]
+    with pytest.raises(units.InputError, match="a.wav: id 'a' repeats .*plain.tsv:1"):
+        units.read_inputs([str(tmp_path / "plain.tsv"), str(tmp_path / "a.wav")])
+    # learn-kmeans needs no transcripts, and only encoders whose units are k-means clusters.
+    assert units.read_inputs([str(tmp_path / "b.flac")], need_transcript=False)[0].transcript == ""
+    out = tmp_path / "km.npy"
+    refused(["learn-kmeans", str(out), "--encoder", "mimi", "--k", "4", str(tmp_path / "b.flac")], out, capsys,
+            "own codebook")
+    assert main(["learn-kmeans", str(out), "--encoder", "logmel", "--k", "4", "--quiet", str(tmp_path / "b.flac")]) == 0
+    assert np.load(out).shape == (4, features.LOGMEL_DIM)
