@@ -10,7 +10,9 @@ resampled to 16 kHz (windowed sinc, `data.features.resample`), trimmed to the sa
 frames reach -40 dB of the word's loudest frame, and the words are joined with seeded random
 pauses; the word times are the trimmed words' first and last sample. The utterance is peak
 normalised, faint seeded noise is added, and it is quantised to 16-bit, which is exactly what
-`--save-wav` writes and what `encode` would read back. DSUs: see `data.features`.
+`--save-wav` writes and what `encode` would read back. DSUs: the MFCC encoder of `data.units`
+(features and k-means in `data.features`), the one encoding path of this project: `encode` here
+and `python -m data.units encode --encoder mfcc --kmeans kmeans.npz` give the same units.
 
 Requires the `espeak-ng` program (Debian/Ubuntu package `espeak-ng`).
 """
@@ -30,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data import features
+from data import features, units
 from data.tokenizer import MAX_DSUS
 
 # Speakers: an espeak-ng voice spec (language voice + variant) with its own speed (words per
@@ -65,6 +67,7 @@ TEST_ONLY_SPEAKERS = {
 }
 SPEAKERS = {**TRAIN_SPEAKERS, **DEV_ONLY_SPEAKERS, **TEST_ONLY_SPEAKERS}
 SPLITS = ("train", "dev", "test")
+MFCC = units.SpectralEncoder("mfcc", None)  # features only: build fits its own centroids
 COMPACT = (",", ":")  # JSON separators of the rows: no spaces, a fifth smaller
 SPEED_JITTER = 10  # per-utterance speed is the speaker's +- this, so repeated words differ in length
 PITCH_JITTER = 4
@@ -277,15 +280,14 @@ def _make_utterance(task: tuple) -> dict:
         "aligned_token_end_time": ends,
         "speaker": speaker,
     }
-    return {"split": split, "row": row, "features": features.mfcc_features(pcm / 32768.0)}
+    return {"split": split, "row": row, "features": MFCC.features([pcm / 32768.0])[0]}
 
 
 # ---------------------------------------------------------------------------------------------
 # WAV files
 
 
-class InputError(ValueError):
-    pass
+InputError = units.InputError  # one error type for the corpus tool and data.units
 
 
 def read_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
@@ -385,7 +387,7 @@ def _build_into(work: Path, out_dir: Path, n_train, n_dev, n_test, k, seed, jobs
         rows = []
         for u in made:
             if u["split"] == split:
-                rows.append({**u["row"], "speech_tokens": features.assign(u["features"], centroids).tolist()})
+                rows.append({**u["row"], "speech_tokens": units.assign(u["features"], centroids).tolist()})
         with open(work / f"{split}.jsonl", "w") as f:
             f.writelines(json.dumps(row, separators=COMPACT) + "\n" for row in rows)
         sizes[split] = {"utterances": len(rows), "frames": sum(len(r["speech_tokens"]) for r in rows)}
@@ -460,53 +462,27 @@ Files: `train.jsonl`, `dev.jsonl`, `test.jsonl` (fields `id`, `transcript`, `tok
 # Encode
 
 
-def read_wav_list(tsv_path: str | os.PathLike) -> list[tuple[int, Path, str]]:
-    """(line number, wav path, transcript) of each `path<TAB>transcript` line; relative paths are
-    taken relative to the list file's directory."""
-    tsv_path = Path(tsv_path)
-    try:
-        lines = tsv_path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{tsv_path}: cannot read ({e})") from None
-    entries = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        path, tab, transcript = line.partition("\t")
-        if not tab or not path.strip() or not transcript.strip():
-            raise InputError(f"{tsv_path}:{lineno}: expected 'path<TAB>transcript', got {line!r}")
-        entries.append((lineno, tsv_path.parent / path.strip(), transcript.strip()))
-    if not entries:
-        raise InputError(f"{tsv_path}: no entries")
-    return entries
-
-
 def encode(kmeans_path: str | os.PathLike, out_path: str | os.PathLike, tsv_path: str | os.PathLike) -> None:
-    """Encode the wav files listed in `tsv_path` with saved k-means into JSONL rows (no word times)."""
+    """Encode the audio files listed in `tsv_path` (`path<TAB>transcript`) with saved k-means into
+    JSONL rows (no word times), through `data.units`' MFCC encoder: the same reading, resampling
+    and encoding as `python -m data.units encode --encoder mfcc`, which writes Parquet shards."""
     out_path = Path(out_path)
     if out_path.exists():
         raise InputError(f"{out_path}: already exists; choose a new output file")
-    centroids = features.load_kmeans(kmeans_path)
-    entries = read_wav_list(tsv_path)
-    rows, ids = [], {}
-    for lineno, wav_path, transcript in tqdm(entries, desc="encoding", unit="file"):
-        utt_id = wav_path.stem
-        if utt_id in ids:
-            raise InputError(f"{tsv_path}:{lineno}: id '{utt_id}' (the file stem) repeats line {ids[utt_id]}")
-        ids[utt_id] = lineno
+    encoder = units.SpectralEncoder("mfcc", str(kmeans_path))
+    entries = units.read_tsv_manifest(Path(tsv_path))
+    units.check_unique_ids(entries)
+    rows = []
+    for u in tqdm(entries, desc="encoding", unit="utt"):
         try:
-            audio, rate = read_wav(wav_path)
+            audio = units.read_audio(u.path, encoder.sampling_rate)
         except InputError as e:
-            raise InputError(f"{tsv_path}:{lineno}: {e}") from None
-        audio = features.resample(audio, rate, features.SAMPLE_RATE)
-        if features.frame_count(len(audio)) == 0:
-            raise InputError(f"{tsv_path}:{lineno}: {wav_path}: shorter than one 25 ms window")
-        rows.append({
-            "id": utt_id,
-            "transcript": transcript,
-            "tokenized": transcript.split(),
-            "speech_tokens": features.speech_tokens(audio, centroids),
-        })  # fmt: skip
+            raise InputError(f"{u.where}: {e}") from None
+        if encoder.frames(len(audio)) == 0:
+            raise InputError(f"{u.where}: {u.path}: shorter than one 25 ms window")
+        dsus = units.encode_audios(encoder, [audio], chunk_seconds=0)[0]
+        rows.append({"id": u.id, "transcript": u.transcript, "tokenized": u.transcript.split(),
+                     "speech_tokens": dsus.tolist()})
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
     try:
@@ -537,8 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--save-wav", action="store_true", help="also keep the audio as OUT_DIR/wav/SPLIT/ID.wav")
     e = commands.add_parser(
         "encode",
-        help="encode your own wav files with a saved k-means",
-        description="Encode wav files (integer PCM, any rate: resampled to 16 kHz; channels averaged) "
+        help="encode your own audio with a saved k-means (data.units encode --encoder mfcc does it into Parquet shards)",
+        description="Encode wav or flac files (any rate: resampled to 16 kHz with soxr; channels averaged) "
         "listed as 'path<TAB>transcript' lines (relative paths are relative to the list file) into JSONL "
         "rows with id (the file stem), transcript, tokenized (the transcript split on whitespace) and "
         "speech_tokens. Without word times the rows have no aligned_token_* fields: they suit SFT/ASR "
@@ -546,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     e.add_argument("kmeans", help="kmeans.npz written by 'build'")
     e.add_argument("out", help="output JSONL; must not exist")
-    e.add_argument("wav_list", help="TSV of path<TAB>transcript")
+    e.add_argument("wav_list", help="TSV of path<TAB>transcript (or with a header line naming id, path, transcript)")
     args = parser.parse_args(argv)
     try:
         if args.command == "build":

@@ -440,7 +440,8 @@ def _checked_row(row: dict, where: str, fields: tuple[str, ...], dsu_limit: int,
     checked = {k: v for k, v in row.items() if k not in SCHEMA_FIELDS}
     for field in fields:
         if row.get(field) is None:
-            raise _field_error(where, field, "missing")
+            why = " (interleaved CPT needs word times; data without them trains with SFT or concatenated CPT)"
+            raise _field_error(where, field, "missing" + (why if field in TIME_FIELDS else ""))
         checked[field] = row[field]
 
     if "transcript" in fields and not isinstance(row["transcript"], str):

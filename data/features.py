@@ -1,6 +1,7 @@
-"""Audio features and k-means for the synthetic corpus: the small DSP a speech tokenizer needs.
+"""Audio features and k-means: the small DSP a speech tokenizer needs, and the k-means every
+k-means encoder of `data.units` (MFCC, log-mel, HuBERT) shares.
 
-Audio -> MFCC frames -> nearest k-means centroid per frame = discrete speech units (DSUs).
+Audio -> MFCC (or log-mel) frames -> nearest k-means centroid per frame = discrete speech units (DSUs).
 
 Frames: 16 kHz audio, 400-sample (25 ms) Hann windows every 320 samples (20 ms, 50 frames/s),
 no padding, so `n_samples` samples give `1 + (n_samples - 400) // 320` frames (the same count as
@@ -17,6 +18,7 @@ to save; `kmeans.npz` stores the centroids and these settings, and `load_kmeans`
 whose settings differ from the code's.
 """
 
+import hashlib
 import io
 import os
 import zipfile
@@ -53,6 +55,10 @@ FEATURE_SETTINGS = {
     "normalisation": "utterance mean/variance of the MFCCs, before stacking",
 }
 FEATURE_DIM = (2 * CONTEXT + 1) * N_MFCC
+# The log-mel variant: the same frames, floor and normalisation, without the DCT.
+LOGMEL_SETTINGS = {**{k: v for k, v in FEATURE_SETTINGS.items() if k != "n_mfcc"},
+                   "features": "log-mel", "normalisation": "utterance mean/variance of the log-mels, before stacking"}
+LOGMEL_DIM = (2 * CONTEXT + 1) * N_MELS
 
 ASSIGN_CHUNK = 32768  # frames per distance block: bounds memory at chunk x K doubles
 
@@ -139,8 +145,8 @@ def stack_context(x: np.ndarray) -> np.ndarray:
     return np.concatenate([padded[i : i + len(x)] for i in range(2 * CONTEXT + 1)], axis=1)
 
 
-def mfcc_features(audio: np.ndarray) -> np.ndarray:
-    """(frame_count(len(audio)), FEATURE_DIM) features of 16 kHz audio with samples in [-1, 1]."""
+def _log_mel(audio: np.ndarray) -> np.ndarray:
+    """(frames, N_MELS) natural-log mel energies, floored FLOOR_DB below the loudest."""
     audio = np.asarray(audio, dtype=np.float64)
     if frame_count(len(audio)) == 0:
         raise FeatureError(f"audio of {len(audio)} samples is shorter than one {WIN_LENGTH}-sample window")
@@ -148,9 +154,21 @@ def mfcc_features(audio: np.ndarray) -> np.ndarray:
     frames = np.lib.stride_tricks.sliding_window_view(emphasised, WIN_LENGTH)[::HOP_LENGTH]
     mel = (np.abs(np.fft.rfft(frames * _HANN, n=N_FFT)) ** 2) @ _MEL.T
     floor = max(mel.max() * 10 ** (-FLOOR_DB / 10), LOG_FLOOR)
-    cepstra = np.log(np.maximum(mel, floor)) @ _DCT.T
-    cepstra = (cepstra - cepstra.mean(axis=0)) / np.maximum(cepstra.std(axis=0), 1e-8)
-    return stack_context(cepstra)
+    return np.log(np.maximum(mel, floor))
+
+
+def _normalised(x: np.ndarray) -> np.ndarray:
+    return (x - x.mean(axis=0)) / np.maximum(x.std(axis=0), 1e-8)
+
+
+def mfcc_features(audio: np.ndarray) -> np.ndarray:
+    """(frame_count(len(audio)), FEATURE_DIM) features of 16 kHz audio with samples in [-1, 1]."""
+    return stack_context(_normalised(_log_mel(audio) @ _DCT.T))
+
+
+def logmel_features(audio: np.ndarray) -> np.ndarray:
+    """(frame_count(len(audio)), LOGMEL_DIM) stacked, normalised log-mel features (as MFCC, without the DCT)."""
+    return stack_context(_normalised(_log_mel(audio)))
 
 
 def _squared_distances(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -207,10 +225,62 @@ def fit_kmeans(x: np.ndarray, k: int, seed: int, max_iter: int = 100, max_frames
     return centroids
 
 
-def save_kmeans(path: str | os.PathLike, centroids: np.ndarray) -> None:
-    """An .npz of the centroids and FEATURE_SETTINGS. Written entry by entry with a fixed
+def fit_kmeans_torch(x: np.ndarray, k: int, seed: int, max_iter: int = 100, tol: float = 1e-4,
+                     device: str = "cpu", chunk: int = 8192) -> np.ndarray:
+    """(k, dim) float32 centroids: k-means++ then Lloyd iterations, in float32 with torch (on a GPU
+    when `device` is one), until the assignments stop changing or the inertia improves by less than
+    `tol` (relative). `data.units learn-kmeans` uses it: float64 `fit_kmeans` (the corpus recipe)
+    takes minutes per iteration at HuBERT sizes on a CPU. Deterministic given `seed` and device."""
+    import torch
+
+    if len(x) < k:
+        raise FeatureError(f"k-means needs at least k={k} frames, got {len(x)}")
+    generator = torch.Generator().manual_seed(seed)
+    points = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=device)
+    norms = (points * points).sum(1)
+
+    def nearest(centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each point's nearest centroid and squared distance, a chunk of points at a time."""
+        c_norms = (centroids * centroids).sum(1)
+        labels, dists = [], []
+        for first in range(0, len(points), chunk):
+            d = norms[first : first + chunk, None] - 2 * points[first : first + chunk] @ centroids.T + c_norms
+            best = d.min(1)
+            labels.append(best.indices)
+            dists.append(best.values.clamp_min(0))
+        return torch.cat(labels), torch.cat(dists)
+
+    chosen = [int(torch.randint(len(points), (1,), generator=generator))]
+    d2 = ((points - points[chosen[0]]) ** 2).sum(1)
+    for _ in range(1, k):
+        weights = d2.double().cpu()
+        pick = int(torch.multinomial(weights, 1, generator=generator)) if weights.sum() > 0 else \
+            int(torch.randint(len(points), (1,), generator=generator))
+        chosen.append(pick)
+        d2 = torch.minimum(d2, ((points - points[pick]) ** 2).sum(1))
+    centroids = points[chosen].clone()
+
+    labels, inertia = None, None
+    for _ in range(max_iter):
+        new_labels, dists = nearest(centroids)
+        new_inertia = float(dists.double().sum())
+        if labels is not None and (torch.equal(new_labels, labels) or inertia - new_inertia <= tol * inertia):
+            break
+        labels, inertia = new_labels, new_inertia
+        counts = torch.bincount(labels, minlength=k)
+        sums = torch.zeros_like(centroids).index_add_(0, labels, points)
+        empty = torch.nonzero(counts == 0).flatten()
+        if len(empty):  # re-seed empty clusters on the points farthest from their centroid
+            far = dists.topk(len(empty)).indices
+            sums[empty], counts[empty] = points[far], 1
+        centroids = sums / counts[:, None]
+    return centroids.cpu().numpy()
+
+
+def save_kmeans(path: str | os.PathLike, centroids: np.ndarray, settings: dict = FEATURE_SETTINGS) -> None:
+    """An .npz of the centroids and feature `settings`. Written entry by entry with a fixed
     timestamp (np.savez stamps the current time), so that a rebuild gives the same bytes."""
-    arrays = {"centroids": centroids, **{name: np.asarray(value) for name, value in FEATURE_SETTINGS.items()}}
+    arrays = {"centroids": centroids, **{name: np.asarray(value) for name, value in settings.items()}}
     with zipfile.ZipFile(path, "w") as archive:
         for name, array in arrays.items():
             buffer = io.BytesIO()
@@ -218,22 +288,80 @@ def save_kmeans(path: str | os.PathLike, centroids: np.ndarray) -> None:
             archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buffer.getvalue())
 
 
-def load_kmeans(path: str | os.PathLike) -> np.ndarray:
-    """Centroids from a `kmeans.npz`, after checking its feature settings match this code's."""
+def _read_pickled_centroids(path: str | os.PathLike) -> np.ndarray:
+    """Centroids of a pickled k-means: a scikit-learn (Mini)BatchKMeans, as fairseq's and
+    textlesslib's learn_kmeans save with joblib, or a bare array. Runs the pickle's code: callers
+    check the user allowed it."""
     try:
-        with np.load(path, allow_pickle=False) as saved:
-            stored = {name: saved[name] for name in saved.files}
-    except (OSError, ValueError) as e:
-        raise FeatureError(f"{path}: not a readable kmeans .npz file ({e})") from None
-    for name, value in {"centroids": None, **FEATURE_SETTINGS}.items():
-        if name not in stored:
-            raise FeatureError(f"{path}: field '{name}' is missing")
-        if value is not None and stored[name].item() != value:
-            raise FeatureError(f"{path}: field '{name}' is {stored[name].item()!r}, this code computes {value!r}")
-    centroids = stored["centroids"]
-    if centroids.ndim != 2 or centroids.shape[1] != FEATURE_DIM or len(centroids) == 0:
-        raise FeatureError(f"{path}: field 'centroids' has shape {centroids.shape}, expected (K, {FEATURE_DIM})")
+        import joblib  # comes with scikit-learn; reads plain pickles too
+        loaded = joblib.load(path)
+    except ImportError:
+        import pickle
+        with open(path, "rb") as f:
+            loaded = pickle.load(f)
+    except Exception as e:
+        raise FeatureError(f"{path}: cannot read as a pickled k-means ({type(e).__name__}: {e})") from None
+    centroids = getattr(loaded, "cluster_centers_", loaded)
+    if not isinstance(centroids, np.ndarray):
+        raise FeatureError(f"{path}: the pickle holds a {type(loaded).__name__} with no cluster_centers_ array")
+    return centroids
+
+
+def load_centroids(path: str | os.PathLike, allow_pickle: bool = False, settings: dict | None = None,
+                   dim: int | None = None) -> np.ndarray:
+    """(K, dim) float64 centroids from a `.npy`, a `.npz` (field `centroids`; when `settings` are
+    given, the file's feature settings must all be there and equal them) or, only with
+    `allow_pickle`, a pickled scikit-learn / fairseq k-means. The format is told by the file's
+    first bytes, never by its name, so that a pickle renamed `.npy` is still refused."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise FeatureError(f"{path}: cannot read ({e.strerror})") from None
+    if magic == b"\x93NUMPY":
+        try:
+            centroids = np.load(path, allow_pickle=False)
+        except ValueError as e:
+            raise FeatureError(f"{path}: not a plain numeric .npy array ({e})") from None
+    elif magic.startswith(b"PK\x03\x04"):
+        try:
+            with np.load(path, allow_pickle=False) as saved:
+                stored = {name: saved[name] for name in saved.files}
+        except (OSError, ValueError) as e:
+            raise FeatureError(f"{path}: not a readable kmeans .npz file ({e})") from None
+        for name, value in {"centroids": None, **(settings or {})}.items():
+            if name not in stored:
+                raise FeatureError(f"{path}: field '{name}' is missing")
+            if value is not None and stored[name].item() != value:
+                raise FeatureError(f"{path}: field '{name}' is {stored[name].item()!r}, this code computes {value!r}")
+        centroids = stored["centroids"]
+    elif not allow_pickle:
+        raise FeatureError(
+            f"{path}: not a .npy or .npz file; a pickled k-means (scikit-learn, fairseq) can run any code when "
+            f"loaded, so it is read only with --allow-pickle. Convert it once, if you trust it: "
+            f"python -m data.units convert-kmeans {path} OUT.npy --allow-pickle")
+    else:
+        centroids = _read_pickled_centroids(path)
+    if centroids.ndim != 2 or len(centroids) == 0 or centroids.dtype.kind not in "fiu":
+        raise FeatureError(f"{path}: centroids have shape {centroids.shape} and dtype {centroids.dtype}, expected (K, dim) numbers")
+    if dim is not None and centroids.shape[1] != dim:
+        raise FeatureError(f"{path}: centroids have shape {centroids.shape}, expected (K, {dim}) for these features")
+    if not np.isfinite(centroids).all():
+        raise FeatureError(f"{path}: centroids hold NaN or infinite values")
     return centroids.astype(np.float64)
+
+
+def load_kmeans(path: str | os.PathLike) -> np.ndarray:
+    """MFCC centroids from a `kmeans.npz`, after checking its feature settings match this code's."""
+    return load_centroids(path, settings=FEATURE_SETTINGS, dim=FEATURE_DIM)
+
+
+def centroids_sha256(centroids: np.ndarray) -> str:
+    """A hash of the centroid values (float64, little-endian) and shape: the same k-means hashes
+    alike whichever file format it came in."""
+    digest = hashlib.sha256(repr(tuple(centroids.shape)).encode())
+    digest.update(np.ascontiguousarray(centroids, dtype="<f8").tobytes())
+    return digest.hexdigest()
 
 
 def speech_tokens(audio: np.ndarray, centroids: np.ndarray) -> list[int]:
