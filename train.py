@@ -40,7 +40,7 @@ import kernels
 from data.dataset import ASR_FIELDS, SCHEMA_FIELDS, DataError
 from data.samples import IGNORE, Interleave, Pieces, SampleBuilder
 from data.store import RowStore, open_store
-from data.tokenizer import Tokenizer
+from data.tokenizer import Tokenizer, dsu_bpe_files
 from model import DTYPES, Llama, ModelConfig
 
 # -- configuration -----------------------------------------------------------------------------
@@ -416,7 +416,7 @@ def packed_micro_batches(stream: PackedStream, cfg: dict, rank: int, world: int,
 def token_kinds(inputs: torch.Tensor, tok: Tokenizer, pad_id: int) -> dict[str, int]:
     """How many real (non-pad) input tokens are text, DSU, or special (Llama specials and modality)."""
     real = inputs[inputs != pad_id]
-    dsu = ((real >= tok.dsu_offset) & (real < tok.dsu_offset + tok.n_dsus)).sum().item()
+    dsu = tok.is_speech(real).sum().item()
     modality = sum((real == i).sum().item() for i in (tok.speech_id, tok.text_id) if i is not None)
     special = (real >= tok.n_file_tokens).sum().item() + modality
     return {"text_tokens": real.numel() - dsu - special, "dsu_tokens": dsu, "special_tokens": special}
@@ -456,7 +456,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, cfg: 
     hf_config["torch_dtype"] = cfg["model"]["dtype"]  # what the weights are stored as
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     shutil.copy(model_src / "generation_config.json", tmp / "generation_config.json")
-    for name in ("tokenizer.model", "params.json"):
+    for name in ("tokenizer.model", "params.json", *dsu_bpe_files(model_src / "original")):
         shutil.copy(model_src / "original" / name, tmp / "original" / name)
     save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "training_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
@@ -575,6 +575,8 @@ def check_vocabulary(model_path: Path, tok: Tokenizer, cfg: dict) -> None:
         problems.append(f"the tokenizer has {tok.n_dsus} DSUs but data.n_dsus is {n_dsus}")
     if cfg["data"]["modality_tokens"] and not tok.has_modality_tokens:
         problems.append("data.modality_tokens is true but the tokenizer has no modality tokens")
+    if tok.dsu_bpe_mismatch(cfg["data"]["deduplicate"]):
+        problems.append(tok.dsu_bpe_mismatch(cfg["data"]["deduplicate"]))
     if problems:
         raise ConfigError(f"{model_path}: " + "; ".join(problems) + " (extend the model with extend.py --n-dsus N)")
 
