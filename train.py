@@ -40,7 +40,7 @@ import kernels
 from data.dataset import ASR_FIELDS, SCHEMA_FIELDS, DataError
 from data.samples import IGNORE, Interleave, Pieces, SampleBuilder
 from data.store import RowStore, open_store
-from data.tokenizer import Tokenizer, dsu_bpe_files
+from data.tokenizer import Tokenizer, TokenizerFileError, dsu_bpe_files
 from model import DTYPES, Llama, ModelConfig
 
 # -- configuration -----------------------------------------------------------------------------
@@ -801,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         train(cfg)
-    except (ConfigError, DataError) as error:
+    except (ConfigError, DataError, TokenizerFileError) as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
     return 0
