@@ -60,7 +60,7 @@ def mini(tmp_path_factory):
         "plain": extend.extend(base, MINI_DSUS, out_dir=root / "plain", seed=0),
         "bpe": extend.extend(base, MINI_DSUS, out_dir=root / "bpe", seed=0, dsu_bpe=MINI_MERGES, dsu_bpe_data=data),
         "raw": extend.extend(base, MINI_DSUS, out_dir=root / "raw", seed=0, dsu_bpe=MINI_MERGES, dsu_bpe_data=data,
-                             dsu_bpe_keep_repeats=True),
+                             dsu_bpe_keep_repeats=True, dsu_bpe_init="mean"),
         "rows": {split: load_rows(str(MINI / f"{split}.jsonl")) for split in ("train", "dev", "test")},
     }
 
@@ -102,17 +102,27 @@ def test_layout_appends_the_merged_tokens_after_the_modality_tokens(mini):
         assert config[key] == json.loads((mini["plain"] / "config.json").read_text())[key] + MINI_MERGES
 
 
-def test_embedding_rows_plain_rows_unchanged_merged_rows_the_mean_of_their_units(mini):
-    plain, bpe = tokenizer(mini["plain"]), tokenizer(mini["bpe"])
-    with safe_open(mini["plain"] / "model.safetensors", "pt") as f:
-        old = f.get_tensor("model.embed_tokens.weight")
-    with safe_open(mini["bpe"] / "model.safetensors", "pt") as f:
-        new = f.get_tensor("model.embed_tokens.weight")
+def embeddings(model_dir: Path) -> torch.Tensor:
+    with safe_open(model_dir / "model.safetensors", "pt") as f:
+        return f.get_tensor("model.embed_tokens.weight")
+
+
+@pytest.mark.parametrize("init", ["gaussian", "mean"])
+def test_embedding_rows_plain_rows_unchanged_merged_rows_new(mini, init):
+    model = mini["bpe" if init == "gaussian" else "raw"]  # the default init, and --dsu-bpe-init mean
+    plain, bpe = tokenizer(mini["plain"]), tokenizer(model)
+    old, new = embeddings(mini["plain"]), embeddings(model)
     first = bpe.merged_offset
     assert torch.equal(new[:first], old[:first]) and torch.equal(new[first + MINI_MERGES :], old[first:])
-    for k, piece in enumerate(bpe.dsu_bpe.merged):
-        units = torch.tensor([plain.dsu_offset + ord(c) - 0xF0000 for c in piece])
-        torch.testing.assert_close(new[first + k], old[units].mean(0))
+    merged, dsus = new[first : first + MINI_MERGES], old[plain.dsu_offset : plain.dsu_offset + MINI_DSUS]
+    if init == "mean":
+        for k, piece in enumerate(bpe.dsu_bpe.merged):
+            units = torch.tensor([plain.dsu_offset + ord(c) - 0xF0000 for c in piece])
+            torch.testing.assert_close(merged[k], old[units].mean(0))
+    else:  # drawn around the same mean as the DSU rows, with their spread, each row its own draw
+        torch.testing.assert_close(merged.mean(0), dsus.mean(0), atol=4 * dsus.std(0).max().item(), rtol=0)
+        assert 0.5 < merged.std(0).mean() / dsus.std(0).mean() < 2
+        assert len(torch.unique(merged, dim=0)) == MINI_MERGES
 
 
 def test_the_bpe_is_learnt_the_same_way_every_time(mini, tmp_path):
