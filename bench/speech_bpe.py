@@ -59,17 +59,24 @@ def tokenizer_with_bpe(merges: int | None) -> Tokenizer:
 
 def lengths(args) -> None:
     rows = load_rows(str(MINI / "test.jsonl"))
+    unseen = set(json.loads((MINI / "corpus.json").read_text())["voices"]["test_only"])
     raw = np.mean([len(r["speech_tokens"]) for r in rows])
     dedup = np.mean([len(deduplicate_runs(r["speech_tokens"])) for r in rows])
     print(f"test split, {len(rows)} utterances: {raw:.1f} units raw, {dedup:.1f} deduplicated ({raw / dedup:.2f}x)")
-    print("| merges | read data + learn (s) | speech tokens / utt. | vs deduplicated | vs raw |\n|---|---|---|---|---|")
-    print(f"| none | | {dedup:.1f} | 1.00x | {raw / dedup:.2f}x |")
+    print("| merges | read data + learn (s) | speech tokens / utt. | vs deduplicated | vs raw | "
+          "vs dedup., heard voices | vs dedup., unseen voices |\n|---|---|---|---|---|---|---|")
+    print(f"| none | | {dedup:.1f} | 1.00x | {raw / dedup:.2f}x | 1.00x | 1.00x |")
     for merges in args.merges:
         started = time.perf_counter()
         tok = tokenizer_with_bpe(merges)
         learnt = time.perf_counter() - started
-        n = np.mean([len(tok.speech_ids(deduplicate_runs(r["speech_tokens"]))) for r in rows])
-        print(f"| {merges} | {learnt:.1f} | {n:.1f} | {dedup / n:.2f}x | {raw / n:.2f}x |")
+        units = [len(deduplicate_runs(r["speech_tokens"])) for r in rows]
+        ids = [len(tok.speech_ids(deduplicate_runs(r["speech_tokens"]))) for r in rows]
+        ratio = {want: sum(u for u, r in zip(units, rows) if (r["speaker"] in unseen) == want)
+                 / sum(n for n, r in zip(ids, rows) if (r["speaker"] in unseen) == want) for want in (False, True)}
+        n = np.mean(ids)
+        print(f"| {merges} | {learnt:.1f} | {n:.1f} | {dedup / n:.2f}x | {raw / n:.2f}x | {ratio[False]:.2f}x | "
+              f"{ratio[True]:.2f}x |")
 
 
 def construction(args) -> None:
