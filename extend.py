@@ -456,10 +456,10 @@ def print_summary(plan: Plan, total_size: int, seconds: float) -> None:
     print(f"tokenizer: {first_new} ranks + {plan.n_dsus} DSUs at {first_new}..{first_new + plan.n_dsus - 1}, "
           + (modality if plan.modality_tokens else "no modality tokens"))
     if plan.bpe is not None:
-        first = first_new + layout.n_new
+        first, settings = first_new + layout.n_new, plan.bpe.settings
+        learnt = f"{settings['sequences']} {'deduplicated' if settings['deduplicated'] else 'raw'} sequences"
         print(f"speech BPE: {layout.n_merged} merged tokens at {first}..{first + layout.n_merged - 1} "
-              f"(learnt from {plan.bpe.settings['sequences']} {'deduplicated' if plan.bpe.settings['deduplicated'] else 'raw'} "
-              f"sequences; embedding rows: {plan.bpe.init})")
+              f"(learnt from {learnt}; embedding rows: {plan.bpe.init})")
     print(f"vocab_size: {layout.old_size} -> {layout.new_size}")
     for field in TOKEN_ID_FIELDS:
         if plan.config.get(field) is not None:

@@ -102,11 +102,13 @@ def construction(args) -> None:
                     batch = [pieces_of(i) for i in range(first, min(first + 64, len(rows)))]
                     packed = kernels.pack([[p] for p in batch], tok.dsu_offset, True, 2048, pad)
                     real = packed.tokens[packed.document_ids >= 0]
-                    n_seq, n_tok, n_speech = n_seq + len(batch), n_tok + real.numel(), n_speech + int(tok.is_speech(real).sum())
+                    n_seq, n_tok = n_seq + len(batch), n_tok + real.numel()
+                    n_speech += int(tok.is_speech(real).sum())
                     if time.perf_counter() - started >= args.seconds:
                         break
             seconds = time.perf_counter() - started
-            print(f"| {kind} | {merges or 'none'} | {n_seq / seconds:,.0f} | {n_tok / seconds:,.0f} | {n_speech / n_seq:.1f} |")
+            print(f"| {kind} | {merges or 'none'} | {n_seq / seconds:,.0f} | {n_tok / seconds:,.0f} | "
+                  f"{n_speech / n_seq:.1f} |")
 
 
 def run_figures(demo: Path) -> dict:
@@ -149,7 +151,8 @@ def compare(args) -> None:
     heard = {row["id"]: row["speaker"] not in unseen for row in test}
     figures = [run_figures(Path(d)) for d in args.demos]
     errors = [utterance_errors(f["generations"]) for f in figures]
-    print("| run | steps | tokens/step | tokens/s | epoch | training | voices | WER (95% CI) | vs first run (paired 95% CI) |")
+    print("| run | steps | tokens/step | tokens/s | epoch | training | voices | WER (95% CI) | "
+          "vs first run (paired 95% CI) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for demo, fig, errs in zip(args.demos, figures, errors):
         for voices, want in (("heard", True), ("unseen", False)):

@@ -185,7 +185,8 @@ def tiny_bpe(tmp_path_factory):
     """The training tests' tiny model (tests/tiny.py) with a BPE of 48 merges learnt from its training rows."""
     root = tmp_path_factory.mktemp("tiny_bpe")
     train_file = tiny.write_jsonl(root / "train.jsonl", tiny.rows(64, seed=2, prefix="train"))
-    model = extend.extend(base_model(root, hidden=64), tiny.N_DSUS, out_dir=root / "extended", seed=0, dsu_bpe=TINY_MERGES,
+    model = extend.extend(base_model(root, hidden=64), tiny.N_DSUS, out_dir=root / "extended", seed=0,
+                          dsu_bpe=TINY_MERGES,
                           dsu_bpe_data=train_file)
     return {"root": root, "model": model, "train": train_file}
 
