@@ -4,6 +4,7 @@ BIN := $(VENV)/bin
 DEMO ?= runs/demo
 MINI := data/mini
 STEPS ?= 5000
+DSU_BPE ?=
 
 .PHONY: test demo espeak-ng
 
@@ -39,8 +40,9 @@ demo: $(VENV)/.deps
 	@echo "== 1/5 a small Llama 3-layout base model, BPE learnt from the training transcripts"
 	$(BIN)/python -m data.tiny_model $(DEMO)/base --transcripts $(MINI)/train.jsonl \
 		--vocab-size 384 --hidden 96 --layers 4 --heads 3 --kv-heads 1 --intermediate 256 --rope-theta 10000
-	@echo "== 2/5 extend its vocabulary by the corpus's 128 DSUs"
-	$(BIN)/python extend.py --base $(DEMO)/base --n-dsus 128 --out $(DEMO)/extended
+	@echo "== 2/5 extend its vocabulary by the corpus's 128 DSUs$(if $(DSU_BPE), and a speech BPE of $(DSU_BPE) merged units)"
+	$(BIN)/python extend.py --base $(DEMO)/base --n-dsus 128 --out $(DEMO)/extended \
+		$(if $(DSU_BPE),--dsu-bpe $(DSU_BPE) --dsu-bpe-data $(MINI)/train.jsonl)
 	@echo "== 3/5 the untrained model transcribes the test split"
 	$(BIN)/python generate.py $(DEMO)/extended --data $(MINI)/test.jsonl --n-dsus 128 --max-tokens 32 \
 		--out $(DEMO)/untrained data.sft.system_prompt="Transcribe the speech."

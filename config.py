@@ -300,6 +300,9 @@ def model_tokenizer(model_dir: Path, data: dict) -> Tokenizer:
         problems.append(f"the tokenizer has {tok.n_dsus} DSUs but data.n_dsus is {data['n_dsus']}")
     if data["modality_tokens"] and not tok.has_modality_tokens:
         problems.append("data.modality_tokens is true but the tokenizer has no modality tokens")
+    bpe_mismatch = tok.dsu_bpe_mismatch(data["deduplicate"])
+    if bpe_mismatch:
+        problems.append(bpe_mismatch)
     if problems:
         raise ConfigError(f"{model_dir}: " + "; ".join(problems) + " (extend the model with extend.py --n-dsus N)")
     return tok

@@ -43,7 +43,7 @@ from data import reference_run
 from data.dataset import ASR_FIELDS, SCHEMA_FIELDS, DataError, Source
 from data.samples import IGNORE, Interleave, Pieces, SampleBuilder
 from data.store import RowStore, open_store, store_path
-from data.tokenizer import Tokenizer
+from data.tokenizer import Tokenizer, dsu_bpe_files
 from model import DTYPES, Llama, check_weights, write_safetensors
 
 # -- processes ---------------------------------------------------------------------------------
@@ -294,7 +294,7 @@ def packed_micro_batches(stream: PackedStream, cfg: dict, rank: int, world: int,
 def token_kinds(inputs: torch.Tensor, tok: Tokenizer, pad_id: int) -> dict[str, int]:
     """How many real (non-pad) input tokens are text, DSU, or special (Llama specials and modality)."""
     real = inputs[inputs != pad_id]
-    dsu = ((real >= tok.dsu_offset) & (real < tok.dsu_offset + tok.n_dsus)).sum().item()
+    dsu = tok.is_speech(real).sum().item()
     modality = sum((real == i).sum().item() for i in (tok.speech_id, tok.text_id) if i is not None)
     special = (real >= tok.n_file_tokens).sum().item() + modality
     return {"text_tokens": real.numel() - dsu - special, "dsu_tokens": dsu, "special_tokens": special}
@@ -358,7 +358,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, cfg: 
     hf_config["torch_dtype"] = cfg["model"]["dtype"]  # what the weights are stored as
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     shutil.copy(model_src / "generation_config.json", tmp / "generation_config.json")
-    for name in ("tokenizer.model", "params.json"):
+    for name in ("tokenizer.model", "params.json", *dsu_bpe_files(model_src / "original")):
         shutil.copy(model_src / "original" / name, tmp / "original" / name)
     write_safetensors(weights, tmp / "model.safetensors")
     (tmp / "training_config.json").write_text(json.dumps(cfg, indent=2) + "\n")

@@ -9,6 +9,9 @@ the golden vectors and on random rows, with modality tokens on and off.
 A builder first describes a sample as `Pieces` (literal token runs and raw DSU runs, each with a
 loss mask, plus the truncation rule); `assemble` turns that into tokens and labels. The fused
 kernel in `kernels/` assembles (and packs) whole batches of `Pieces` the same way.
+
+With a speech BPE (the tokenizer's `dsu_bpe`), each DSU run is deduplicated (if asked) and
+encoded here, before the ops, into a literal run of DSU and merged-unit token ids.
 """
 
 import re
@@ -114,6 +117,9 @@ class SampleBuilder:
     def __init__(self, tokenizer: Tokenizer, *, deduplicate: bool, modality_tokens: bool, max_seq_len: int | None):
         if modality_tokens and not tokenizer.has_modality_tokens:
             raise ValueError(f"{tokenizer.path}: modality tokens asked for, but the tokenizer has none")
+        mismatch = tokenizer.dsu_bpe_mismatch(deduplicate)
+        if mismatch:
+            raise ValueError(mismatch)
         self.tok = tokenizer
         self.deduplicate = deduplicate
         self.modality_tokens = modality_tokens
@@ -148,6 +154,14 @@ class SampleBuilder:
             ids += word_ids
         return ids
 
+    def _units(self, out: Pieces, units, masked: bool = False) -> None:
+        """A DSU run: raw, for assembly to deduplicate and offset, or encoded now by the speech BPE."""
+        if self.tok.dsu_bpe is None:
+            out.add(units, masked=masked, is_dsu=True)
+        else:
+            units = deduplicate_runs(units) if self.deduplicate else units
+            out.add(self.tok.speech_ids(units).tolist(), masked=masked)
+
     def assemble(self, pieces: Pieces) -> tuple[np.ndarray, np.ndarray]:
         return assemble(pieces, self.tok.dsu_offset or 0, self.deduplicate)
 
@@ -176,7 +190,7 @@ class SampleBuilder:
             head = head + [self.tok.speech_id] + self.space
         if head:
             out.add(head)
-        out.add(units, is_dsu=True)
+        self._units(out, units)
 
     def _cpt_pieces(self) -> Pieces:
         # The reference truncates CPT sequences to max_seq_len - 1, keeping no end token.
@@ -233,7 +247,7 @@ class SampleBuilder:
         out = Pieces(limit=self.max_seq_len, force_last=None if inference else tok.eos_id)
         out.add(self._sft_prefix(system_prompt), masked=True)
         out.add(self._user_header + ([tok.speech_id] if self.modality_tokens else []), masked=not train_on_input)
-        out.add(row["speech_tokens"], masked=not train_on_input, is_dsu=True)
+        self._units(out, row["speech_tokens"], masked=not train_on_input)
         out.add(([tok.text_id] if self.modality_tokens else []) + [tok.eot_id], masked=not train_on_input)
         if inference:
             out.add(self._assistant_header)

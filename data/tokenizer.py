@@ -4,9 +4,15 @@ File format (`tokenizer.model`): one line per BPE rank, `base64(token bytes) ran
 The 256 Llama 3 special tokens are not in the file; they take ids V..V+255. Extension appends
 DSU characters (and optionally the two modality characters) as new ranks, so the special tokens
 move up behind them. See DESIGN.md, "Token layout".
+
+A speech BPE (optional, `extend.py --dsu-bpe M`) adds M merged-unit tokens after the modality
+tokens: the sentencepiece model `dsu_bpe.model` and its settings `dsu_bpe.json` sit beside
+`tokenizer.model`, which holds each merged token as the string of its units. `Tokenizer` loads
+them when they are there and then encodes speech with the BPE (`speech_ids`).
 """
 
 import base64
+import json
 import os
 from functools import cached_property
 
@@ -17,6 +23,8 @@ DSU_BASE = 0xF0000  # DSU i is chr(DSU_BASE + i): Supplementary Private Use Area
 MAX_DSUS = 65534  # U+F0000 .. U+FFFFD
 MODALITY_SPEECH = "\ue000"
 MODALITY_TEXT = "\ue001"
+DSU_BPE_MODEL = "dsu_bpe.model"  # beside tokenizer.model
+DSU_BPE_SETTINGS = "dsu_bpe.json"
 
 LLAMA3_SPECIAL_TOKENS = [
     "<|begin_of_text|>",
@@ -101,6 +109,83 @@ def extended_tokenizer_bytes(base: bytes, n_base_ranks: int, n_dsus: int, modali
     return base + bpe_lines(extension_tokens(n_dsus, modality_tokens), n_base_ranks)
 
 
+def units_text(units) -> str:
+    """DSU indices as one string of their private-use characters: what the speech BPE reads."""
+    return (np.asarray(units, dtype=np.int64) + DSU_BASE).astype("<u4").tobytes().decode("utf-32-le")
+
+
+def dsu_bpe_files(directory: str | os.PathLike) -> list[str]:
+    """The speech-BPE files present in `directory` (an extended model's `original/`)."""
+    return [name for name in (DSU_BPE_MODEL, DSU_BPE_SETTINGS) if os.path.isfile(os.path.join(directory, name))]
+
+
+class DsuBpe:
+    """A sentencepiece BPE over DSU sequences (`extend.py --dsu-bpe`), checked against its settings.
+
+    Piece 0 is sentencepiece's unknown piece; every other piece is a string of DSU characters:
+    each of the n_dsus units alone, and `merges` merged pieces, in piece order, which become the
+    merged-unit tokens. `deduplicated`: the BPE was learnt from sequences without repeats, so the
+    sequences it encodes must be deduplicated too.
+    """
+
+    def __init__(self, model: bytes, settings: dict, where: str):
+        import sentencepiece  # imported here: only models with a speech BPE need it
+
+        for key, kind in (("n_dsus", int), ("merges", int), ("deduplicated", bool)):
+            if type(settings.get(key)) is not kind:
+                raise TokenizerFileError(f"{where}: {DSU_BPE_SETTINGS} field '{key}' must be {kind.__name__}, "
+                                         f"got {settings.get(key)!r}")
+        self.n_dsus, self.deduplicated = settings["n_dsus"], settings["deduplicated"]
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_proto=model)
+        except RuntimeError as e:
+            raise TokenizerFileError(f"{where}: not a sentencepiece model ({e})") from None
+        self._piece_units, singles, self.merged = [np.zeros(0, dtype=np.int64)], set(), []
+        for i in range(1, self._sp.get_piece_size()):
+            piece = self._sp.id_to_piece(i)
+            units = np.frombuffer(piece.encode("utf-32-le"), dtype="<u4").astype(np.int64) - DSU_BASE
+            if not piece or units.min() < 0 or units.max() >= self.n_dsus:
+                raise TokenizerFileError(f"{where}: piece {i} {piece!r} is not a string of DSUs 0..{self.n_dsus - 1} "
+                                         f"(the BPE does not match n_dsus={self.n_dsus})")
+            self._piece_units.append(units)
+            if len(units) == 1:
+                singles.add(int(units[0]))
+            else:
+                self.merged.append(piece)
+        if not self._sp.is_unknown(0) or len(singles) != self.n_dsus or len(self.merged) != settings["merges"]:
+            raise TokenizerFileError(
+                f"{where}: expected the unknown piece, the {self.n_dsus} DSUs and {settings['merges']} merged pieces "
+                f"({DSU_BPE_SETTINGS}), found {len(singles)} DSUs and {len(self.merged)} merged pieces")
+
+    @classmethod
+    def load(cls, directory: str) -> "DsuBpe":
+        where = os.path.join(directory, DSU_BPE_MODEL)
+        try:
+            with open(os.path.join(directory, DSU_BPE_SETTINGS)) as f:
+                settings = json.load(f)
+            with open(where, "rb") as f:
+                model = f.read()
+        except (OSError, ValueError) as e:
+            raise TokenizerFileError(f"{where}: cannot read the speech BPE or its {DSU_BPE_SETTINGS} ({e})") from None
+        if not isinstance(settings, dict):
+            raise TokenizerFileError(f"{os.path.join(directory, DSU_BPE_SETTINGS)}: expected a JSON object")
+        return cls(model, settings, where)
+
+    def token_table(self, dsu_offset: int, merged_offset: int) -> np.ndarray:
+        """Token id of every piece id: DSU pieces map to their DSU tokens, merged pieces to theirs in
+        order; the unknown piece to -1."""
+        table = np.full(len(self._piece_units), -1, dtype=np.int64)
+        merged = 0
+        for i, units in enumerate(self._piece_units[1:], 1):
+            table[i] = dsu_offset + units[0] if len(units) == 1 else merged_offset + merged
+            merged += len(units) > 1
+        return table
+
+    def encode(self, units) -> list[int]:
+        """Piece ids of a DSU sequence."""
+        return self._sp.encode(units_text(units))
+
+
 class Tokenizer:
     """A Llama 3 tokenizer file, with its DSU and modality tokens when it has been extended."""
 
@@ -128,6 +213,8 @@ class Tokenizer:
                 self.n_dsus += 1
         self.speech_id = ranks.get(MODALITY_SPEECH.encode())
         self.text_id = ranks.get(MODALITY_TEXT.encode())
+        self.dsu_bpe, self.merged_offset, self.n_merged = None, None, 0
+        self._load_dsu_bpe(ranks)
 
         self._encoding = tiktoken.Encoding(
             name=os.path.basename(self.path),
@@ -135,6 +222,44 @@ class Tokenizer:
             mergeable_ranks=ranks,
             special_tokens=self.special_ids,
         )
+
+    def _load_dsu_bpe(self, ranks: dict[bytes, int]) -> None:
+        """The speech BPE beside the file, whose merged pieces must be the file's last ranks, right
+        after the DSUs and modality tokens; without one, the file must hold no merged tokens."""
+        directory = os.path.dirname(self.path)
+        has_bpe = os.path.isfile(os.path.join(directory, DSU_BPE_MODEL))
+        if self.dsu_offset is None:
+            if has_bpe:
+                raise TokenizerFileError(f"{self.path}: has no DSU tokens, but a {DSU_BPE_MODEL} sits beside it")
+            return
+        ends = [self.dsu_offset + self.n_dsus - 1] + [i for i in (self.speech_id, self.text_id) if i is not None]
+        self.merged_offset = max(ends) + 1
+        tail = sorted((rank, token) for token, rank in ranks.items() if rank >= self.merged_offset)
+        if not has_bpe:
+            for rank, token in tail:
+                text = token.decode("utf-8", errors="replace")
+                if len(text) > 1 and all(DSU_BASE <= ord(c) < DSU_BASE + MAX_DSUS for c in text):
+                    raise TokenizerFileError(f"{self.path}: rank {rank} is a merged DSU token, but there is no "
+                                             f"{DSU_BPE_MODEL} beside the file to encode speech with")
+            return
+        bpe = DsuBpe.load(directory)
+        if bpe.n_dsus != self.n_dsus:
+            raise TokenizerFileError(f"{os.path.join(directory, DSU_BPE_MODEL)}: learnt over {bpe.n_dsus} DSUs, "
+                                     f"but {self.path} has {self.n_dsus}")
+        if [token for _, token in tail] != [piece.encode() for piece in bpe.merged]:
+            raise TokenizerFileError(f"{self.path}: ranks {self.merged_offset}.. are not the {len(bpe.merged)} "
+                                     f"merged pieces of {DSU_BPE_MODEL}, in its order")
+        self.dsu_bpe, self.n_merged = bpe, len(bpe.merged)
+        self._bpe_tokens = bpe.token_table(self.dsu_offset, self.merged_offset)
+
+    def dsu_bpe_mismatch(self, deduplicate: bool) -> str | None:
+        """Why sequences built with `deduplicate` cannot use this tokenizer's speech BPE (None: they can)."""
+        if self.dsu_bpe is None or self.dsu_bpe.deduplicated == deduplicate:
+            return None
+        learnt = "deduplicated" if self.dsu_bpe.deduplicated else "raw (repeats kept)"
+        return (f"the speech BPE beside {self.path} was learnt from {learnt} units, but deduplication is "
+                f"{'on' if deduplicate else 'off'} (set data.deduplicate={str(self.dsu_bpe.deduplicated).lower()}, "
+                "or extend again with the matching --dsu-bpe-keep-repeats setting)")
 
     @property
     def has_modality_tokens(self) -> bool:
@@ -151,6 +276,23 @@ class Tokenizer:
             raise ValueError(f"{self.path}: tokenizer has no DSU tokens (was it extended?)")
         return np.asarray(units, dtype=np.int64) + self.dsu_offset
 
+    def speech_ids(self, units) -> np.ndarray:
+        """Token ids of a DSU sequence: merged by the speech BPE when there is one, else one per
+        unit. Deduplicate before, as the BPE was learnt (`dsu_bpe_mismatch`)."""
+        if self.dsu_bpe is None:
+            return self.dsu_ids(units)
+        ids = self._bpe_tokens[self.dsu_bpe.encode(units)]
+        if ids.size and ids.min() < 0:
+            raise ValueError(f"{self.path}: DSUs outside 0..{self.n_dsus - 1} in {list(units)[:20]}...")
+        return ids
+
+    def is_speech(self, ids):
+        """Mask of the DSU and merged-unit tokens in `ids` (a NumPy array or a torch tensor)."""
+        mask = (ids >= self.dsu_offset) & (ids < self.dsu_offset + self.n_dsus)
+        if self.n_merged:
+            mask = mask | ((ids >= self.merged_offset) & (ids < self.merged_offset + self.n_merged))
+        return mask
+
     @cached_property
     def _is_special(self) -> np.ndarray:
         mask = np.zeros(self.vocab_size, dtype=bool)
@@ -165,11 +307,23 @@ class Tokenizer:
         return self._encoding.decode(ids, errors="replace")
 
     def units(self, ids) -> list[int]:
-        """DSU indices of the DSU tokens in `ids`, in order; other tokens are skipped."""
+        """DSU indices of the DSU tokens in `ids`, in order, merged-unit tokens spelt out as their
+        units; other tokens are skipped."""
         if self.dsu_offset is None:
             return []
-        arr = np.asarray(list(ids), dtype=np.int64) - self.dsu_offset
+        arr = np.asarray(list(ids), dtype=np.int64)
+        if self.dsu_bpe is not None:
+            arr = arr[self.is_speech(arr)]
+            merged = arr >= self.merged_offset  # the merged block lies above the DSU block
+            pieces = self._merged_units
+            return [u for i, m in zip(arr.tolist(), merged.tolist())
+                    for u in (pieces[i - self.merged_offset] if m else (i - self.dsu_offset,))]
+        arr = arr - self.dsu_offset
         return arr[(arr >= 0) & (arr < self.n_dsus)].tolist()
+
+    @cached_property
+    def _merged_units(self) -> list[list[int]]:
+        return [[ord(c) - DSU_BASE for c in piece] for piece in self.dsu_bpe.merged]
 
     def header(self, role: str) -> list[int]:
         """`<|start_header_id|>role<|end_header_id|>\\n\\n`, the Llama 3 chat message header."""

@@ -14,6 +14,9 @@ Input: S samples, each a `data.samples.Pieces`, flattened by `flatten` into
                                         one, masked; negative: none
 and two scalars: dsu_offset, the token id of DSU 0, and deduplicate, which drops consecutive
 repeats inside each DSU piece (never across pieces).
+With a speech BPE (data.tokenizer.DsuBpe), the builders deduplicate and encode each speech span
+before the ops, so its tokens arrive as literal pieces and the ops need no BPE of their own
+(bench/RESULTS.md, "Speech BPE", has that encoding's cost).
 
 Ops (torch.ops.speech_llama, each exactly what `data.samples.assemble` gives per sample):
 - `measure` -> each sample's length (S,), after deduplication and its limit: what a packer places.
