@@ -1,14 +1,16 @@
 """Generation: transcribe a test split with a trained checkpoint, one JSON line per utterance.
 
     python generate.py run/checkpoints/step_0010000 [--data test.jsonl] [--backend auto] [data.key=value ...]
+    python generate.py run [...]       (every checkpoint of the run, skipping those already generated)
 
 The prompt is the SFT (ASR) chat prompt up to the assistant header, built exactly as in training
 from the checkpoint's training_config.json (n_dsus, deduplication, modality tokens, system prompt,
 max_seq_len); `data.key=value` arguments override that data section. Generation is greedy unless
 --temperature > 0 and stops at <|eot_id|>, <|eom_id|>, <|end_of_text|> or --max-tokens.
 
-Backends: vLLM when it is installed and a GPU is visible (`--backend auto`), else a built-in
-PyTorch engine (model.py with a KV cache; fp32 on CPU, bf16 on GPU).
+Backends: vLLM where it imports and has its device (its CPU build on a CPU, its CUDA build with a
+GPU visible; `make vllm` installs it in .venv-vllm), else a built-in PyTorch engine (model.py with a
+KV cache); both fp32 on CPU, bf16 on GPU. `--backend auto` prints which it took and why.
 
 Output: generations.jsonl ({id, reference, text, token_ids, finish_reason, prompt_len} per
 utterance, in data order; token_ids exclude the stop token) and generation_config.json, in
@@ -332,7 +334,7 @@ def load_model(checkpoint: Path, device: torch.device) -> Llama:
 # -- vLLM --------------------------------------------------------------------------------------
 
 VLLM_BLOCK = 128  # tokens per KV-cache block: vLLM's CPU default, and a multiple of its GPU one (16)
-VLLM_MAX_SEQS = 256  # vLLM's default max_num_seqs: the sequences it decodes at once
+VLLM_MAX_SEQS = 256  # sequences vLLM decodes at once (its default on CPUs and smaller GPUs)
 
 
 def quiet_vllm() -> None:
@@ -372,7 +374,7 @@ def vllm_device() -> str:
 
 
 def kv_cache_bytes(checkpoint: Path, prompts: list[list[int]], sampling: Sampling, dtype: torch.dtype) -> int:
-    """KV-cache memory for every sequence of the run at once (up to vLLM's max_num_seqs), each
+    """KV-cache memory for every sequence of the run at once (up to VLLM_MAX_SEQS of them), each
     rounded up to whole blocks plus one: vLLM's default of 92% of the machine's memory is refused on
     a CPU with anything else running, and on a GPU leaves nothing to other processes."""
     try:
@@ -401,6 +403,7 @@ def start_vllm(checkpoint: Path, prompts: list[list[int]], sampling: Sampling, k
         seed=sampling.seed,
         max_model_len=max(map(len, prompts)) + sampling.max_tokens,
         kv_cache_memory_bytes=kv_bytes,
+        max_num_seqs=VLLM_MAX_SEQS,  # what kv_cache_bytes counts on
         enforce_eager=enforce_eager,  # no compilation: start-up on a CPU drops from minutes to under one
         use_tqdm_on_load=False,
     )
@@ -419,7 +422,9 @@ def vllm_generate(llm, prompts: list[list[int]], sampling: Sampling, stop_ids) -
         repetition_penalty=sampling.repetition_penalty,
         presence_penalty=sampling.presence_penalty,
         frequency_penalty=sampling.frequency_penalty,
-        seed=sampling.seed if sampling.temperature > 0 else None,
+        # A seed per request where it works; vLLM 0.32's CPU build crashes on one ("CPU Generator does not
+        # use offset") when a prompt is prefilled in chunks, so there the engine's seed (start_vllm) alone.
+        seed=sampling.seed if sampling.temperature > 0 and vllm_device() != "cpu" else None,
         max_tokens=sampling.max_tokens,
         stop_token_ids=sorted(stop_ids),
         detokenize=False,
