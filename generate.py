@@ -445,7 +445,17 @@ def generate_vllm(checkpoint: Path, prompts: list[list[int]], sampling: Sampling
     started = time.perf_counter()
     llm = start_vllm(checkpoint, prompts, sampling, kv_cache_mib, enforce_eager)
     startup = time.perf_counter() - started
-    return vllm_generate(llm, prompts, sampling, stop_ids), startup
+    try:
+        return vllm_generate(llm, prompts, sampling, stop_ids), startup
+    finally:
+        stop_vllm(llm)
+
+
+def stop_vllm(llm) -> None:
+    """End the engine's processes now, not at exit: a run's next checkpoint would start its engine beside them."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None:
+        core.shutdown()
 
 
 # -- the stage ---------------------------------------------------------------------------------
