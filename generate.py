@@ -343,6 +343,7 @@ def quiet_vllm() -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # its CPU worker's NUMA notice
     warnings.filterwarnings("ignore", category=FutureWarning, module="vllm")  # deprecated torch names it probes
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")  # ... in its engine processes too
 
 
 def vllm_status(device: str = "auto") -> tuple[bool, str]:
