@@ -5,8 +5,10 @@ DEMO ?= runs/demo
 MINI := data/mini
 STEPS ?= 5000
 DSU_BPE ?=
+VLLM_VENV := .venv-vllm
+VLLM ?= -r requirements-vllm.txt
 
-.PHONY: test demo espeak-ng
+.PHONY: test demo espeak-ng vllm
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,6 +31,26 @@ espeak-ng:
 
 test: $(VENV)/.test-deps espeak-ng
 	$(BIN)/python -m pytest -q -rs tests
+
+# vLLM in an environment of its own (see requirements-vllm.txt for why): generate.py --backend vllm runs with
+# $(VLLM_VENV)/bin/python. On failure, the reason goes to $(VLLM_VENV)/install-failed.txt, which tests/test_vllm.py
+# reports when it skips. VLLM=vllm installs the CUDA build instead of the CPU one, with the torch it needs.
+vllm: $(VLLM_VENV)/.ok
+
+$(VLLM_VENV)/.ok: requirements.txt requirements-vllm.txt
+	rm -rf $(VLLM_VENV) && $(PY) -m venv $(VLLM_VENV)
+	@echo "installing $(VLLM) into $(VLLM_VENV) (about 3.5 GB)"
+	sed '/^torch==/d' requirements.txt > $(VLLM_VENV)/runtime.txt  # vLLM pins the torch it was built for
+	@if ! $(VLLM_VENV)/bin/pip install -q -r $(VLLM_VENV)/runtime.txt $(VLLM) > $(VLLM_VENV)/install.log 2>&1; then \
+		grep -v '^WARNING: Location' $(VLLM_VENV)/install.log | tail -n 20 > $(VLLM_VENV)/install-failed.txt; \
+		cat $(VLLM_VENV)/install-failed.txt; echo "make vllm: pip could not install $(VLLM)"; exit 1; fi
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	@if ! $(VLLM_VENV)/bin/python -c 'import vllm; print("vLLM", vllm.__version__, "imports")' \
+			> $(VLLM_VENV)/import.log 2>&1; then \
+		tail -n 20 $(VLLM_VENV)/import.log > $(VLLM_VENV)/install-failed.txt; cat $(VLLM_VENV)/install-failed.txt; \
+		echo "make vllm: vLLM was installed but does not import"; exit 1; fi
+	@grep -v Triton $(VLLM_VENV)/import.log
+	touch $@
 
 # The whole pipeline on the bundled mini corpus: a small base model, extended by the corpus's 128 DSUs,
 # fine-tuned for ASR, then the test split transcribed and scored before and after training (by voice too:

@@ -1,14 +1,16 @@
 """Generation: transcribe a test split with a trained checkpoint, one JSON line per utterance.
 
     python generate.py run/checkpoints/step_0010000 [--data test.jsonl] [--backend auto] [data.key=value ...]
+    python generate.py run [...]       (every checkpoint of the run, skipping those already generated)
 
 The prompt is the SFT (ASR) chat prompt up to the assistant header, built exactly as in training
 from the checkpoint's training_config.json (n_dsus, deduplication, modality tokens, system prompt,
 max_seq_len); `data.key=value` arguments override that data section. Generation is greedy unless
 --temperature > 0 and stops at <|eot_id|>, <|eom_id|>, <|end_of_text|> or --max-tokens.
 
-Backends: vLLM when it is installed and a GPU is visible (`--backend auto`), else a built-in
-PyTorch engine (model.py with a KV cache; fp32 on CPU, bf16 on GPU).
+Backends: vLLM where it imports and has its device (its CPU build on a CPU, its CUDA build with a
+GPU visible; `make vllm` installs it in .venv-vllm), else a built-in PyTorch engine (model.py with a
+KV cache); both fp32 on CPU, bf16 on GPU. `--backend auto` prints which it took and why.
 
 Output: generations.jsonl ({id, reference, text, token_ids, finish_reason, prompt_len} per
 utterance, in data order; token_ids exclude the stop token) and generation_config.json, in
@@ -23,6 +25,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,7 +38,7 @@ from data import reference_run
 from data.dataset import ASR_FIELDS, DataError, Source, dataset_name, load_rows, split_files
 from data.samples import SampleBuilder
 from data.tokenizer import Tokenizer
-from model import KVCache, Llama
+from model import KVCache, Llama, ModelConfig
 
 STOP_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
 GENERATIONS, SETTINGS = "generations.jsonl", "generation_config.json"
@@ -49,7 +52,11 @@ class GenerateError(Exception):
 
 @dataclass(frozen=True)
 class Sampling:
-    """Decoding settings shared by both backends; temperature 0 is greedy, top_k 0 keeps every token."""
+    """Decoding settings shared by both backends; temperature 0 is greedy, top_k 0 keeps every token.
+
+    The penalties follow vLLM (and the reference, which generated with it): the repetition penalty
+    covers prompt and output tokens, presence and frequency penalties only the tokens generated so far.
+    """
 
     max_tokens: int = 256
     temperature: float = 0.0
@@ -57,6 +64,10 @@ class Sampling:
     top_k: int = 0
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or the output
     seed: int = 0
+    presence_penalty: float = 0.0  # subtracted from the logit of every token generated at least once
+    frequency_penalty: float = 0.0  # subtracted once per time a token was generated
+    stop_token_ids: tuple[int, ...] = ()  # stop tokens besides STOP_TOKENS
+    n: int = 1  # samples per prompt
 
     def __post_init__(self):
         problems = [
@@ -65,6 +76,12 @@ class Sampling:
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k must be >= 0"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (all(i >= 0 for i in self.stop_token_ids), "stop token ids must be >= 0"),
+            (self.n >= 1, "n must be at least 1"),
+            (self.n == 1 or self.temperature > 0,
+             "n > 1 needs temperature > 0: greedy decoding would give n identical candidates"),
         ]
         for ok, message in problems:
             if not ok:
@@ -181,12 +198,16 @@ def build_prompts(rows: list[dict], tok: Tokenizer, data: dict, limit: int | Non
 # -- built-in engine ---------------------------------------------------------------------------
 
 
-def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator, seen: torch.Tensor | None):
-    """(B,) next ids from fp32 (B, V) logits: repetition penalty, then greedy, or temperature,
+def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator, seen: torch.Tensor | None,
+                counts: torch.Tensor | None = None):
+    """(B,) next ids from fp32 (B, V) logits: repetition penalty (`seen`: prompt and output tokens),
+    frequency and presence penalties (`counts`: output tokens), then greedy, or temperature,
     top-k and top-p (the smallest set of most likely tokens whose probability reaches top_p)."""
     if seen is not None:
         penalized = torch.where(logits > 0, logits / sampling.repetition_penalty, logits * sampling.repetition_penalty)
         logits = torch.where(seen, penalized, logits)
+    if counts is not None:
+        logits = logits - sampling.frequency_penalty * counts - sampling.presence_penalty * (counts > 0)
     if sampling.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / sampling.temperature
@@ -218,11 +239,14 @@ def generate_batch(model: Llama, prompts: list[list[int]], sampling: Sampling, s
         seen = torch.zeros(len(prompts), model.config.vocab_size, dtype=torch.bool, device=device)
         for row, prompt in enumerate(prompts):
             seen[row, prompt] = True
+    counts = None
+    if sampling.presence_penalty or sampling.frequency_penalty:
+        counts = torch.zeros(len(prompts), model.config.vocab_size, device=device)
 
     outputs = [Generation([], "length") for _ in prompts]
     live = list(range(len(prompts)))  # the prompt index of each row still in the batch
     for step in range(sampling.max_tokens):
-        chosen = next_tokens(model.logits(hidden).float(), sampling, generator, seen)
+        chosen = next_tokens(model.logits(hidden).float(), sampling, generator, seen, counts)
         keep = []
         for row, (index, token) in enumerate(zip(live, chosen.tolist())):
             if token in stop_ids:
@@ -237,18 +261,23 @@ def generate_batch(model: Llama, prompts: list[list[int]], sampling: Sampling, s
             cache.keep(rows)
             chosen = chosen[rows]
             seen = None if seen is None else seen[rows]
+            counts = None if counts is None else counts[rows]
             live = [live[row] for row in keep]
         if seen is not None:
             seen[torch.arange(len(live), device=device), chosen] = True
+        if counts is not None:
+            counts[torch.arange(len(live), device=device), chosen] += 1
         hidden = model(chosen[:, None], cache=cache)[:, -1]
     return outputs
 
 
 def generate(model: Llama, prompts: list[list[int]], sampling: Sampling, stop_ids, batch_size: int = 32,
              progress: tqdm | None = None) -> list[Generation]:
-    """Generations for `prompts`, in their order, from batches of prompts of similar length."""
+    """sampling.n generations for each of `prompts`, prompt by prompt (all n of the first prompt, then
+    the second's, ...), from batches of prompts of similar length; n > 1 repeats each prompt n times."""
     generator = torch.Generator(device=model.head_weight.device).manual_seed(sampling.seed)
     stop_ids = set(stop_ids)
+    prompts = [prompt for prompt in prompts for _ in range(sampling.n)]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: memory errors come early
     results: list[Generation | None] = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
@@ -271,56 +300,145 @@ def load_model(checkpoint: Path, device: torch.device) -> Llama:
 
 # -- vLLM --------------------------------------------------------------------------------------
 
+VLLM_BLOCK = 128  # tokens per KV-cache block: vLLM's CPU default, and a multiple of its GPU one (16)
+VLLM_MAX_SEQS = 256  # sequences vLLM decodes at once (its default on CPUs and smaller GPUs)
 
-def vllm_usable() -> bool:
+
+def quiet_vllm() -> None:
+    """vLLM's log lines (hundreds, warnings about optional CPU libraries among them) bury ours:
+    errors only, unless VLLM_LOGGING_LEVEL is set. Before vLLM is imported; its workers inherit it."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # its CPU worker's NUMA notice
+    warnings.filterwarnings("ignore", category=FutureWarning, module="vllm")  # deprecated torch names it probes
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")  # ... in its engine processes too
+
+
+def vllm_status(device: str = "auto") -> tuple[bool, str]:
+    """Whether vLLM imports and has a device to run on here (its CPU build on a CPU, its CUDA
+    build on a visible GPU), and why, in words."""
+    quiet_vllm()
     try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
+        import vllm
+        from vllm.platforms import current_platform
+    except ImportError as error:
+        return False, f"vLLM is not installed ({error}); 'make vllm' makes an environment with it, .venv-vllm"
+    except Exception as error:  # e.g. a torchvision wheel built for another torch: see requirements-vllm.txt
+        return False, f"vLLM does not import: {type(error).__name__}: {error}"
+    version = getattr(vllm, "__version__", "?")
+    if current_platform.is_cpu():
+        if device == "cuda":
+            return False, f"--device cuda, but vLLM {version} is its CPU build"
+        return True, f"vLLM {version}, CPU build"
+    if current_platform.is_cuda_alike() and torch.cuda.is_available():
+        if device == "cpu":
+            return False, f"--device cpu, but vLLM {version} is a GPU build"
+        return True, f"vLLM {version} on {torch.cuda.get_device_name()}"
+    return False, f"vLLM {version} is a GPU build and no GPU is visible"
 
 
-def generate_vllm(checkpoint: Path, prompts: list[list[int]], sampling: Sampling, stop_ids) -> list[Generation]:
-    """All prompts in one vLLM call, as token ids (no tokenizer: ours is not a Hugging Face one)."""
-    from vllm import LLM, SamplingParams
+def vllm_device() -> str:
+    from vllm.platforms import current_platform
+    return "cpu" if current_platform.is_cpu() else "cuda"
 
-    llm = LLM(
+
+def kv_cache_bytes(checkpoint: Path, prompts: list[list[int]], sampling: Sampling, dtype: torch.dtype) -> int:
+    """KV-cache memory for every sequence of the run at once (up to VLLM_MAX_SEQS of them), each
+    rounded up to whole blocks plus one: vLLM's default of 92% of the machine's memory is refused on
+    a CPU with anything else running, and on a GPU leaves nothing to other processes."""
+    try:
+        config = ModelConfig.from_file(checkpoint / "config.json")
+    except (ValueError, FileNotFoundError) as error:
+        raise GenerateError(str(error)) from None
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
+    lengths = sorted((len(p) + sampling.max_tokens for p in prompts for _ in range(sampling.n)), reverse=True)
+    blocks = sum(-(-length // VLLM_BLOCK) + 1 for length in lengths[:VLLM_MAX_SEQS])
+    return blocks * VLLM_BLOCK * per_token
+
+
+def start_vllm(checkpoint: Path, prompts: list[list[int]], sampling: Sampling, kv_cache_mib: int | None = None,
+               enforce_eager: bool = False):
+    """A vLLM engine for `checkpoint`, sized for `prompts` with `sampling`: its longest sequence and,
+    unless `kv_cache_mib` says otherwise, the KV cache that all of them need."""
+    quiet_vllm()
+    from vllm import LLM
+
+    dtype = torch.float32 if vllm_device() == "cpu" else torch.bfloat16  # as the built-in engine on that device
+    kv_bytes = kv_cache_mib * 2**20 if kv_cache_mib else kv_cache_bytes(checkpoint, prompts, sampling, dtype)
+    return LLM(
         model=str(checkpoint),
         skip_tokenizer_init=True,
-        dtype="bfloat16",  # as the built-in engine on GPU
+        dtype=str(dtype).removeprefix("torch."),
         seed=sampling.seed,
         max_model_len=max(map(len, prompts)) + sampling.max_tokens,
+        kv_cache_memory_bytes=kv_bytes,
+        max_num_seqs=VLLM_MAX_SEQS,  # what kv_cache_bytes counts on
+        enforce_eager=enforce_eager,  # no compilation: start-up on a CPU drops from minutes to under one
+        use_tqdm_on_load=False,
     )
+
+
+def vllm_generate(llm, prompts: list[list[int]], sampling: Sampling, stop_ids) -> list[Generation]:
+    """sampling.n generations per prompt, prompt by prompt (as `generate`), all prompts in one call
+    as token ids (no tokenizer: ours is not a Hugging Face one)."""
+    from vllm import SamplingParams
+
     params = SamplingParams(
-        n=1,
+        n=sampling.n,
         temperature=sampling.temperature,
         top_p=sampling.top_p,
         top_k=sampling.top_k or -1,  # -1: every token, in every vLLM version
         repetition_penalty=sampling.repetition_penalty,
-        seed=sampling.seed if sampling.temperature > 0 else None,
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        # A seed per request where it works; vLLM 0.32's CPU build crashes on one ("CPU Generator does not
+        # use offset") when a prompt is prefilled in chunks, so there the engine's seed (start_vllm) alone.
+        seed=sampling.seed if sampling.temperature > 0 and vllm_device() != "cpu" else None,
         max_tokens=sampling.max_tokens,
         stop_token_ids=sorted(stop_ids),
         detokenize=False,
     )
     results = []
-    for output in llm.generate([{"prompt_token_ids": prompt} for prompt in prompts], params):
-        completion = output.outputs[0]
-        ids = list(completion.token_ids)
-        if ids and ids[-1] in stop_ids:
-            ids.pop()  # vLLM returns the stop token; the built-in engine does not
-        results.append(Generation(ids, "stop" if completion.finish_reason == "stop" else "length"))
+    for output in llm.generate([{"prompt_token_ids": prompt} for prompt in prompts], params, use_tqdm=False):
+        for completion in sorted(output.outputs, key=lambda c: c.index):
+            ids = list(completion.token_ids)
+            if ids and ids[-1] in stop_ids:
+                ids.pop()  # vLLM returns the stop token; the built-in engine does not
+            results.append(Generation(ids, "stop" if completion.finish_reason == "stop" else "length"))
     return results
+
+
+def generate_vllm(checkpoint: Path, prompts: list[list[int]], sampling: Sampling, stop_ids,
+                  kv_cache_mib: int | None = None, enforce_eager: bool = False) -> tuple[list[Generation], float]:
+    """`vllm_generate` with an engine started for the purpose, and that engine's start-up seconds."""
+    started = time.perf_counter()
+    llm = start_vllm(checkpoint, prompts, sampling, kv_cache_mib, enforce_eager)
+    startup = time.perf_counter() - started
+    try:
+        return vllm_generate(llm, prompts, sampling, stop_ids), startup
+    finally:
+        stop_vllm(llm)
+
+
+def stop_vllm(llm) -> None:
+    """End the engine's processes now, not at exit: a run's next checkpoint would start its engine beside them."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None:
+        core.shutdown()
 
 
 # -- the stage ---------------------------------------------------------------------------------
 
 
-def choose_backend(name: str) -> str:
-    if name == "auto":
-        return "vllm" if vllm_usable() else "torch"
-    if name == "vllm" and not vllm_usable():
-        raise GenerateError("--backend vllm: vLLM is not installed or no GPU is visible; use --backend torch")
-    return name
+def choose_backend(name: str, device: str = "auto") -> tuple[str, str]:
+    """The backend to run and why: --backend auto takes vLLM where it can run, else the built-in engine."""
+    if name == "torch":
+        return "torch", "--backend torch"
+    usable, why = vllm_status(device)
+    if name == "vllm" and not usable:
+        raise GenerateError(f"--backend vllm: {why}; use --backend torch for the built-in engine")
+    if usable:
+        return "vllm", why
+    return "torch", f"the built-in engine, as {why}"
 
 
 def choose_device(name: str) -> torch.device:
@@ -375,7 +493,9 @@ def prompt_limit(checkpoint: Path, overrides: list[str], max_tokens: int) -> tup
     return limit, name
 
 
-def run(args: argparse.Namespace) -> Path:
+def run(args: argparse.Namespace, skip_done: bool = False) -> Path | None:
+    """Generate for the checkpoint args.checkpoint; with `skip_done`, return None at once when its
+    output already exists (run mode), rather than refusing to overwrite it."""
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_dir():
         raise GenerateError(f"{checkpoint}: checkpoint directory does not exist")
@@ -389,12 +509,19 @@ def run(args: argparse.Namespace) -> Path:
     tok = load_tokenizer(checkpoint, data)
     data_path = resolve_data_path(args.data, args.split, data, checkpoint)
     out_dir = Path(args.out) if args.out else default_out_dir(checkpoint, data_path, args.split)
+    if skip_done and (out_dir / GENERATIONS).exists():
+        print(f"generate: {checkpoint.name}: done already ({out_dir / GENERATIONS})", file=sys.stderr)
+        return None
     check_out_dir(out_dir, args.overwrite)
     try:
         sampling = Sampling(args.max_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty,
-                            args.seed)
+                            args.seed, args.presence_penalty, args.frequency_penalty, tuple(args.stop_token_ids), args.n)
     except ValueError as error:
         raise GenerateError(str(error)) from None
+    vocab_size = ModelConfig.from_file(checkpoint / "config.json").vocab_size  # load_tokenizer checked it
+    outside = [i for i in sampling.stop_token_ids if i >= vocab_size]
+    if outside:
+        raise GenerateError(f"--stop-token-ids {outside}: outside the model's vocabulary (vocab_size {vocab_size})")
     rows = load_rows(Source(data_path, args.split, data.get("columns")), n_dsus=data["n_dsus"], fields=ASR_FIELDS)
     if not rows:
         raise DataError(f"{data_path}: no rows")
@@ -406,30 +533,33 @@ def run(args: argparse.Namespace) -> Path:
         print(f"generate.py: warning: the checkpoint was trained with data.task={data['task']!r}; "
               "prompts use the SFT (ASR) chat format", file=sys.stderr)
 
-    backend = choose_backend(args.backend)
-    stop_ids = {tok.special_ids[name] for name in STOP_TOKENS}
-    started = time.perf_counter()
+    backend, why = choose_backend(args.backend, args.device)
+    stop_ids = {tok.special_ids[name] for name in STOP_TOKENS} | set(sampling.stop_token_ids)
+    started, startup = time.perf_counter(), None
+    print(f"generate: backend {backend} ({why})", file=sys.stderr)
     print(f"generate: {len(rows)} utterances from {data_path} with {backend}, {checkpoint}", file=sys.stderr)
     if backend == "vllm":
-        device, generations = "cuda", generate_vllm(checkpoint, prompts, sampling, stop_ids)
+        device = vllm_device()
+        generations, startup = generate_vllm(checkpoint, prompts, sampling, stop_ids, args.kv_cache_mib,
+                                             args.enforce_eager)
     else:
         device = choose_device(args.device)
         model = load_model(checkpoint, device)
-        with tqdm(total=len(prompts), desc="generate", unit="utt", dynamic_ncols=True) as progress:
+        with tqdm(total=len(prompts) * sampling.n, desc="generate", unit="seq", dynamic_ncols=True) as progress:
             generations = generate(model, prompts, sampling, stop_ids, args.batch_size, progress)
     elapsed = time.perf_counter() - started
 
-    records = [
-        {
-            "id": row["id"],
-            "reference": row["transcript"],
-            "text": tok.decode(result.token_ids, keep_special=False).strip(),
-            "token_ids": result.token_ids,
-            "finish_reason": result.finish_reason,
-            "prompt_len": len(prompt),
-        }
-        for row, prompt, result in zip(rows, prompts, generations)
-    ]
+    def fields(result: Generation) -> dict:
+        return {"text": tok.decode(result.token_ids, keep_special=False).strip(), "token_ids": result.token_ids,
+                "finish_reason": result.finish_reason}
+
+    records = []
+    for index, (row, prompt) in enumerate(zip(rows, prompts)):
+        mine = generations[index * sampling.n : (index + 1) * sampling.n]
+        record = {"id": row["id"], "reference": row["transcript"], **fields(mine[0]), "prompt_len": len(prompt)}
+        if sampling.n > 1:  # all n samples; the first is also the record's text
+            record["candidates"] = [fields(result) for result in mine]
+        records.append(record)
     settings = {
         "checkpoint": str(checkpoint.resolve()),
         "data_path": str(Path(data_path).resolve()),
@@ -443,14 +573,55 @@ def run(args: argparse.Namespace) -> Path:
         "n_utterances": len(records),
         "generated_tokens": sum(len(r.token_ids) for r in generations),
         "elapsed_s": round(elapsed, 3),
+        "engine_startup_s": None if startup is None else round(startup, 3),
+        "enforce_eager": args.enforce_eager if backend == "vllm" else None,
     }
     write_outputs(out_dir, records, settings, args.overwrite)
-    print(f"generate: wrote {out_dir / GENERATIONS} ({settings['generated_tokens']} tokens in {elapsed:.1f} s)",
-          file=sys.stderr)
+    print(f"generate: wrote {out_dir / GENERATIONS} ({settings['generated_tokens']} tokens in {elapsed:.1f} s"
+          + ("" if startup is None else f", of which {startup:.1f} s engine start-up") + ")", file=sys.stderr)
     return out_dir
 
 
+def run_checkpoints(run_dir: Path) -> list[Path]:
+    """A run's checkpoints in step order: this project's <run>/checkpoints/step_N and the
+    reference's <run>/checkpoints/epoch_E/global_step_N."""
+    found = []
+    for path in (run_dir / "checkpoints").glob("*"):
+        if re.fullmatch(r"step_\d+", path.name):
+            found.append((int(path.name[5:]), path))
+        elif re.fullmatch(r"epoch_\d+", path.name):
+            found += [(int(p.name[12:]), p) for p in path.glob("global_step_*") if re.fullmatch(r"global_step_\d+", p.name)]
+    return [path for _, path in sorted(found) if path.is_dir()]
+
+
+def run_all(args: argparse.Namespace) -> None:
+    """Every checkpoint of the run args.checkpoint, oldest first, skipping those with generations:
+    run it again after a crash (or after training saved more checkpoints) and it goes on from there."""
+    run_dir = Path(args.checkpoint)
+    if args.out:
+        raise GenerateError("--out names one checkpoint's output; a run's go to <run>/generations/<step>/...")
+    if args.overwrite:
+        raise GenerateError("--overwrite with a run directory: remove the generations to redo instead")
+    checkpoints = run_checkpoints(run_dir)
+    if not checkpoints:
+        raise GenerateError(f"{run_dir}: no checkpoints (checkpoints/step_N or checkpoints/epoch_E/global_step_N)")
+    print(f"generate: {len(checkpoints)} checkpoints in {run_dir}", file=sys.stderr)
+    for checkpoint in checkpoints:
+        run(argparse.Namespace(**{**vars(args), "checkpoint": str(checkpoint)}), skip_done=True)
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "checkpoints").is_dir() and not (path / "config.json").exists()
+
+
 # -- command line ------------------------------------------------------------------------------
+
+
+def id_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -467,7 +638,8 @@ def main(argv: list[str] | None = None) -> int:
         "given on the command line) they are an error.",
     )
     parser.add_argument("checkpoint",
-                        help="checkpoint directory (Hugging Face layout), e.g. run/checkpoints/step_0001000")
+                        help="checkpoint directory (Hugging Face layout), e.g. run/checkpoints/step_0001000, or a run "
+                        "directory: every checkpoint of it, skipping those already generated")
     parser.add_argument("overrides", nargs="*", help="data.key=value overrides of the training config's data section")
     parser.add_argument("--data",
                         help="test data (JSONL or Parquet file, directory or glob); see below for the default")
@@ -475,7 +647,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="split name, for the default data file and output directory (default: test)")
     parser.add_argument("--out", help="output directory (default: <run_dir>/generations/<step>/<dataset>/<split>)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
-                        help="auto: vLLM when installed with a GPU, else the built-in engine (default: auto)")
+                        help="auto: vLLM where it imports and has its device (CPU build, or CUDA build and a GPU), "
+                        "else the built-in engine (default: auto)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="device of the built-in engine (default: auto)")
     parser.add_argument("--batch-size", type=int, default=32, help="prompts per batch, built-in engine (default: 32)")
@@ -485,17 +658,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=0,
                         help="sample among the k most likely tokens; 0: all (default: 0)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 is none (default: 1)")
+    parser.add_argument("--presence-penalty", type=float, default=0.0,
+                        help="subtracted from the logits of tokens generated so far, in [-2, 2] (default: 0)")
+    parser.add_argument("--frequency-penalty", type=float, default=0.0,
+                        help="subtracted per time a token was generated so far, in [-2, 2] (default: 0)")
+    parser.add_argument("--stop-token-ids", type=id_list, default=[], metavar="ID,ID",
+                        help="more token ids that end a generation, comma-separated, besides <|eot_id|>, "
+                        "<|eom_id|> and <|end_of_text|>")
+    parser.add_argument("--n", type=int, default=1,
+                        help="samples per utterance, with --temperature > 0; all go in 'candidates' (default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    parser.add_argument("--kv-cache-mib", type=int,
+                        help="vLLM's KV-cache memory in MiB (default: what this run's sequences need)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="vLLM without torch.compile: a faster start (about 1 min less on a 2-core CPU), "
+                        "slower decoding")
     parser.add_argument("--n-dsus", type=int,
                         help="number of DSUs, same as data.n_dsus=N (required without training_config.json)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing generations.jsonl")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    if args.kv_cache_mib is not None and args.kv_cache_mib < 1:
+        parser.error("--kv-cache-mib must be at least 1")
     if not re.fullmatch(r"[\w.-]+", args.split):
         parser.error("--split must be a plain name (letters, digits, '_', '-', '.')")
     try:
-        run(args)
+        if is_run_dir(Path(args.checkpoint)):
+            run_all(args)
+        else:
+            run(args)
     except (GenerateError, DataError) as error:
         print(f"generate.py: error: {error}", file=sys.stderr)
         return 2

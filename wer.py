@@ -1,6 +1,7 @@
 """Score generations against reference transcripts: corpus WER and CER, a bootstrap interval, the worst utterances.
 
     python wer.py run/.../generations.jsonl [--references DATASET [--by FIELD]] [--normalizer whisper|none]
+    python wer.py RUN_DIR                  (every checkpoint's generations: a table and a plot of WER by step)
 
 Input: one JSON object per line with `id`, `text` (the hypothesis) and `reference`, or, with
 `--references`, references joined by `id` from a dataset file (field `transcript`). `--by FIELD`
@@ -21,12 +22,18 @@ nothing to the reference word count.
 
 Output: a printed report and `wer.json` beside the input (`--out` to change; never overwritten
 without `--overwrite`). Bad input exits with status 2 and writes nothing.
+
+A run directory (as `generate.py RUN_DIR` fills it: <run>/generations/<step>/<dataset>/<split>/, or the
+reference's generations/epoch_E/global_step_N/<dataset>/<split>/) is scored checkpoint by checkpoint:
+`wer_by_step.tsv` (step, dataset/split, utterances, WER, CER, interval) and `wer_by_step.png`
+(WER against step, one line per dataset/split) in the run directory, or in `--out DIR`.
 """
 
 import argparse
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -358,8 +365,113 @@ def write_json_atomically(path: Path, data: dict) -> None:
     os.replace(temporary, path)
 
 
+# -- a whole run -----------------------------------------------------------------------------------
+
+RUN_TABLE, RUN_PLOT = "wer_by_step.tsv", "wer_by_step.png"
+
+
+def run_generations(run_dir: Path) -> list[tuple[int, str, Path]]:
+    """(step, "<dataset>/<split>", generations.jsonl) of every checkpoint's generations in a run, by step."""
+    root = run_dir / "generations"
+    found = []
+    for path in root.rglob("generations.jsonl"):
+        parts = path.relative_to(root).parts[:-1]
+        if len(parts) == 3 and parts[0].isdigit():
+            step = int(parts[0])
+        elif len(parts) == 4 and re.fullmatch(r"epoch_\d+", parts[0]) and re.fullmatch(r"global_step_\d+", parts[1]):
+            step = int(parts[1].removeprefix("global_step_"))
+        else:
+            continue  # not a checkpoint's (e.g. an untrained model's, generated elsewhere)
+        found.append((step, "/".join(parts[-2:]), path))
+    return sorted(found)
+
+
+def score_run(run_dir: Path, normalizer: str, bootstrap: int, seed: int) -> list[dict]:
+    """WER and CER of each checkpoint's generations, one row per (step, dataset/split)."""
+    found = run_generations(run_dir)
+    if not found:
+        raise InputError(f"{run_dir}: no generations/<step>/<dataset>/<split>/generations.jsonl "
+                         "(generate.py RUN_DIR writes them)")
+    rows = []
+    for step, name, path in found:
+        records = read_generations(path, need_reference=True)
+        try:
+            result = score([r["text"] for r in records], [r["reference"] for r in records], normalizer,
+                           bootstrap=bootstrap, seed=seed, worst=0)
+        except ValueError as error:
+            raise InputError(f"{path}: {error}") from None
+        interval = result["wer_interval"] or {"low": None, "high": None}
+        rows.append({"step": step, "set": name, "n_utterances": result["n_utterances"], "wer": result["wer"],
+                     "cer": result["cer"], "wer_low": interval["low"], "wer_high": interval["high"]})
+    return rows
+
+
+def format_run_table(rows: list[dict], sep: str | None = None) -> str:
+    """The rows as TSV (`sep="\\t"`, full precision) or as aligned text for people (WER in %)."""
+    columns = ["step", "set", "n_utterances", "wer", "cer", "wer_low", "wer_high"]
+    if sep is not None:
+        return "\n".join([sep.join(columns)] + [sep.join("" if r[c] is None else str(r[c]) for c in columns)
+                                                  for r in rows]) + "\n"
+    width = max(len(r["set"]) for r in rows)
+    lines = [f"{'step':>8}  {'set':<{width}}  {'utts':>5}  {'WER':>7}  {'CER':>7}  95% CI of WER"]
+    for r in rows:
+        ci = f"[{percent(r['wer_low'])}, {percent(r['wer_high'])}]" if r["wer_low"] is not None else ""
+        lines.append(f"{r['step']:>8}  {r['set']:<{width}}  {r['n_utterances']:>5}  {percent(r['wer']):>7}  "
+                     f"{percent(r['cer']):>7}  {ci}")
+    return "\n".join(lines)
+
+
+def plot_run(rows: list[dict], png_path: Path, title: str) -> None:
+    """WER (%) against step, a line per dataset/split, with its bootstrap interval as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in sorted({r["set"] for r in rows}):
+        mine = [r for r in rows if r["set"] == name]
+        steps = [r["step"] for r in mine]
+        ax.plot(steps, [100 * r["wer"] for r in mine], "o-", markersize=4, label=f"{name} WER")
+        if all(r["wer_low"] is not None for r in mine):
+            ax.fill_between(steps, [100 * r["wer_low"] for r in mine], [100 * r["wer_high"] for r in mine], alpha=0.2)
+    ax.set(xlabel="checkpoint (optimizer step)", ylabel="WER (%)", title=title)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def main_run(args) -> int:
+    """wer.py RUN_DIR: the table and the plot, or exit status 2 and nothing written."""
+    out_dir = args.out or args.generations
+    table, png = out_dir / RUN_TABLE, out_dir / RUN_PLOT
+    try:
+        if args.references is not None or args.by is not None:
+            raise InputError("--references and --by score one generations file, not a run directory")
+        existing = [str(path) for path in (table, png) if path.exists()]
+        if existing and not args.overwrite:
+            raise InputError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
+        rows = score_run(args.generations, args.normalizer, args.bootstrap, args.seed)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    out_dir.mkdir(parents=True, exist_ok=True)
+    temporary = table.with_name(table.name + ".tmp")
+    temporary.write_text(format_run_table(rows, sep="\t"), encoding="utf-8")
+    os.replace(temporary, table)
+    plot_run(rows, png, f"{args.generations.resolve().name}: WER by checkpoint ({args.normalizer} normaliser)")
+    print(format_run_table(rows))
+    print(f"\nwrote {table} and {png}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.generations.is_dir():
+        return main_run(args)
     out = args.out or args.generations.with_name("wer.json")
     try:
         if out.exists() and not args.overwrite:
@@ -405,7 +517,8 @@ def non_negative_int(text: str) -> int:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("generations", type=Path, help="generations.jsonl: one {id, text, reference} object per line")
+    parser.add_argument("generations", type=Path, help="generations.jsonl: one {id, text, reference} object per line; "
+                        "or a run directory: every checkpoint's generations, scored by step")
     parser.add_argument("--references", type=Path, help="dataset file (JSONL or Parquet) whose `transcript` is joined by `id`")
     parser.add_argument("--dataset", help="reference transcripts from this dataset (directory, file, or a name in the "
                         "local hub cache), in row order for generations without ids; the reference's flag")
@@ -417,7 +530,8 @@ def parse_args(argv):
                         help="also score each value of this --references field on its own, e.g. speaker")
     parser.add_argument("--normalizer", "--normaliser", choices=NORMALIZERS, default="whisper",
                         help="text normaliser applied to hypotheses and references (default: whisper)")
-    parser.add_argument("--out", type=Path, help="report JSON path (default: wer.json beside the input)")
+    parser.add_argument("--out", type=Path, help="report JSON path (default: wer.json beside the input); for a run "
+                        "directory, the directory of wer_by_step.tsv and .png (default: the run directory)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report")
     parser.add_argument("--bootstrap", type=non_negative_int, default=1000, help="bootstrap resamples, 0 to skip (default: 1000)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")

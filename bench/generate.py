@@ -1,12 +1,16 @@
-"""Greedy generation on CPU: the built-in engine (generate.py) vs transformers' `generate()`.
+"""Greedy generation on CPU: the built-in engine (generate.py) vs transformers' `generate()`, and vLLM
+where it imports (run with .venv-vllm/bin/python after `make vllm`).
 
-    python bench/generate.py [--threads 2] [--prompts 64] [--new-tokens 64] [--batch-size 32]
+    python bench/generate.py [--threads 2] [--prompts 64] [--new-tokens 64] [--batch-size 32] [--enforce-eager]
 
 Both run the same randomly initialised Llama checkpoint (a few million parameters, fp32) on the
 same prompts (random ids, 150-300 tokens, like SFT ASR prompts), batched the same way: sorted by
 length, longest first, left-padded with an attention mask. No stop token, so every prompt gets
 exactly --new-tokens tokens. Prints tokens/s for each and their ratio, and checks that both
 produced the same tokens (fp differences can flip an argmax tie, so mismatches are counted, not fatal).
+vLLM gets all prompts in one call (it schedules them itself), fp32 like the others; its engine
+start-up (loading, compiling unless --enforce-eager, KV-cache allocation) is timed on its own, apart
+from its tokens/s, and its tokens are compared with the built-in engine's.
 """
 
 import argparse
@@ -22,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
-from generate import Sampling, generate  # noqa: E402
+from generate import Sampling, generate, start_vllm, vllm_generate, vllm_status  # noqa: E402
 from model import Llama, ModelConfig, init_weights, num_params, save_safetensors  # noqa: E402
 
 
@@ -94,17 +98,19 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each; the fastest counts")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     generator = torch.Generator().manual_seed(args.seed)
     lengths = torch.randint(args.min_len, args.max_len + 1, (args.prompts,), generator=generator).tolist()
     prompts = [torch.randint(0, args.vocab, (n,), generator=generator).tolist() for n in lengths]
-    with tempfile.TemporaryDirectory() as tmp:
-        config = random_checkpoint(Path(tmp), args)
-        model = Llama.from_pretrained(tmp, dtype=torch.float32).eval()
-        hf = LlamaForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+    tmp = tempfile.TemporaryDirectory()
+    config = random_checkpoint(Path(tmp.name), args)
+    model = Llama.from_pretrained(tmp.name, dtype=torch.float32).eval()
+    hf = LlamaForCausalLM.from_pretrained(tmp.name, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None  # like ours here: no stop token
+    use_vllm, why = vllm_status("cpu")
 
     print(f"model: {num_params(config) / 1e6:.1f} M parameters, hidden {config.hidden_size}, "
           f"{config.num_hidden_layers} layers, vocab {config.vocab_size}; {args.prompts} prompts of "
@@ -120,9 +126,28 @@ def main() -> None:
     print(f"built-in engine:          {total / ours_s:10.1f} tokens/s ({ours_s:.2f} s)")
     print(f"transformers generate():  {total / hf_s:10.1f} tokens/s ({hf_s:.2f} s)")
     print(f"ratio: {hf_s / ours_s:.2f}x")
-    same = sum(a == b for a, b in zip(ours_ids, hf_ids))
-    same_tokens = sum(x == y for a, b in zip(ours_ids, hf_ids) for x, y in zip(a, b))
-    print(f"identical generations: {same}/{len(prompts)} ({same_tokens}/{total} tokens)")
+    compare("transformers", hf_ids, ours_ids)
+    if not use_vllm:
+        print(f"vLLM: skipped ({why})")
+        return
+    started = time.perf_counter()
+    greedy = Sampling(max_tokens=args.new_tokens)
+    llm = start_vllm(Path(tmp.name), prompts, greedy, enforce_eager=args.enforce_eager)
+    startup_s = time.perf_counter() - started
+    vllm_generate(llm, warm, Sampling(max_tokens=2), set())
+    vllm_s, vllm_ids = best_time(lambda: [g.token_ids for g in vllm_generate(llm, prompts, greedy, set())], args.repeats)
+    vllm_total = sum(map(len, vllm_ids))  # counted, not assumed: vLLM would stop at an EOS in config.json
+    print(f"vLLM ({why}{', eager' if args.enforce_eager else ''}): {vllm_total / vllm_s:10.1f} tokens/s "
+          f"({vllm_s:.2f} s); engine start-up {startup_s:.1f} s, not included")
+    print(f"ratio vLLM / built-in: {ours_s / vllm_s:.2f}x")
+    compare("vLLM", vllm_ids, ours_ids)
+
+
+def compare(name: str, theirs: list[list[int]], ours: list[list[int]]) -> None:
+    same = sum(a == b for a, b in zip(ours, theirs))
+    same_tokens = sum(x == y for a, b in zip(ours, theirs) for x, y in zip(a, b))
+    total = sum(map(len, ours))
+    print(f"{name}: identical generations to the built-in engine's: {same}/{len(ours)} ({same_tokens}/{total} tokens)")
 
 
 if __name__ == "__main__":

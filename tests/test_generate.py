@@ -1,6 +1,7 @@
 """generate.py: the KV-cached engine against uncached greedy decoding, sampling, prompts against the
 golden vectors, a memorised training run transcribed back, outputs, errors, and what vLLM loads."""
 
+import contextlib
 import json
 import random
 import shutil
@@ -18,7 +19,7 @@ import train
 from data.tiny_model import make_tiny_model
 from data.tokenizer import Tokenizer
 from generate import Sampling, build_prompts, next_tokens
-from model import Llama
+from model import Llama, ModelConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 N_DSUS = 64
@@ -175,6 +176,21 @@ def test_top_p_keeps_the_smallest_set_reaching_p_and_the_penalty_demotes_seen_to
     seen = torch.tensor([[True, False, False], [True, False, False]])
     chosen = next_tokens(scores, Sampling(repetition_penalty=1.2), generator, seen)
     assert chosen.tolist() == [1, 1]  # 2.0 / 1.2 < 1.9, and -1.0 * 1.2 < -1.1
+
+
+def test_presence_and_frequency_penalties_count_output_tokens():
+    scores = torch.tensor([[3.0, 2.5, 2.0, 0.0]])
+    counts = torch.tensor([[2.0, 1.0, 0.0, 0.0]])  # token 0 generated twice, token 1 once
+    generator = torch.Generator()
+
+    def pick(**penalties):
+        return int(next_tokens(scores, Sampling(**penalties), generator, None, counts)[0])
+
+    assert pick() == 0
+    assert pick(presence_penalty=0.6) == 0  # once per token seen: 2.4, 1.9, 2.0
+    assert pick(frequency_penalty=0.6) == 2  # once per time seen: 1.8, 1.9, 2.0
+    assert pick(presence_penalty=1.1) == 2  # 1.9, 1.4, 2.0
+    assert pick(presence_penalty=-1.0) == 0 and pick(frequency_penalty=-0.5) == 0  # negative ones reward
 
 
 # -- prompts -----------------------------------------------------------------------------------
@@ -371,65 +387,179 @@ def test_checkpoint_carries_what_vllms_llama_loader_reads(trained):
 class FakeVLLM:
     """Stands in for the `vllm` module with its documented interface: `LLM(...).generate(prompts,
     params)` returns one RequestOutput per prompt, in order, whose `outputs[0]` has `token_ids`
-    (the stop token included) and `finish_reason`."""
+    (the stop token included) and `finish_reason`; `vllm.platforms.current_platform` says whether
+    it is the CPU or a CUDA build."""
 
-    def __init__(self, answers: dict[tuple, list[int]]):
+    def __init__(self, answers: dict[tuple, list[int]], cpu_build: bool = False):
         self.answers, self.calls = answers, []  # answer ids by prompt ids
+        self.__version__ = "0.0-fake"
         fake = self
 
         class LLM:
             def __init__(self, **kwargs):
                 fake.llm_kwargs = kwargs
 
-            def generate(self, prompts, params):
+            def generate(self, prompts, params, use_tqdm=True):
                 fake.calls.append((prompts, params))
                 return [SimpleNamespace(outputs=[fake.completion(p["prompt_token_ids"], params)]) for p in prompts]
 
         self.LLM, self.SamplingParams = LLM, lambda **kwargs: SimpleNamespace(**kwargs)
+        platform = SimpleNamespace(is_cpu=lambda: cpu_build, is_cuda_alike=lambda: not cpu_build)
+        self.platforms = SimpleNamespace(current_platform=platform)
 
     def completion(self, prompt, params):
         ids = self.answers[tuple(prompt)][: params.max_tokens]
         stopped = bool(ids) and ids[-1] in params.stop_token_ids
-        return SimpleNamespace(token_ids=ids, finish_reason="stop" if stopped else "length")
+        return SimpleNamespace(index=0, token_ids=ids, finish_reason="stop" if stopped else "length")
+
+    def install(self, monkeypatch) -> None:
+        monkeypatch.setitem(sys.modules, "vllm", self)
+        monkeypatch.setitem(sys.modules, "vllm.platforms", self.platforms)
 
 
-def test_vllm_backend_submits_token_prompts_once_and_normalises_outputs(trained, tmp_path, monkeypatch):
+def memorised_answers(trained) -> tuple[Tokenizer, list[list[int]], dict]:
     tok, prompts = tokenizer_and_prompts(trained)
-    answers = {tuple(p): tok.encode(row["transcript"]) + [tok.eot_id] for p, row in zip(prompts, trained["rows"])}
+    return tok, prompts, {tuple(p): tok.encode(row["transcript"]) + [tok.eot_id] for p, row in zip(prompts, trained["rows"])}
+
+
+def test_vllm_backend_submits_token_prompts_once_and_normalises_outputs(trained, tmp_path, monkeypatch, capsys):
+    tok, prompts, answers = memorised_answers(trained)
     fake = FakeVLLM(answers)
-    monkeypatch.setitem(sys.modules, "vllm", fake)
+    fake.install(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "Fake GPU")
     out = tmp_path / "out"
     args = [str(trained["checkpoint"]), "--data", str(trained["test"]), "--out", str(out), "--max-tokens", "40"]
     assert generate.main(args) == 0  # --backend auto picks vLLM when it imports and a GPU is visible
+    assert "backend vllm (vLLM 0.0-fake on Fake GPU)" in capsys.readouterr().err
 
     assert len(fake.calls) == 1
     submitted, params = fake.calls[0]
     assert submitted == [{"prompt_token_ids": p} for p in prompts]
-    assert fake.llm_kwargs["model"] == str(trained["checkpoint"]) and fake.llm_kwargs["skip_tokenizer_init"]
-    assert (params.temperature, params.top_k, params.max_tokens, params.detokenize) == (0.0, -1, 40, False)
+    kwargs = fake.llm_kwargs
+    assert kwargs["model"] == str(trained["checkpoint"]) and kwargs["skip_tokenizer_init"]
+    assert kwargs["dtype"] == "bfloat16" and kwargs["max_model_len"] == max(map(len, prompts)) + 40
+    assert kwargs["kv_cache_memory_bytes"] == generate.kv_cache_bytes(trained["checkpoint"], prompts,
+                                                                      Sampling(max_tokens=40), torch.bfloat16)
+    assert (params.temperature, params.top_k, params.max_tokens, params.detokenize, params.n) == (0.0, -1, 40, False, 1)
+    assert (params.presence_penalty, params.frequency_penalty) == (0, 0)
     assert sorted(params.stop_token_ids) == sorted(tok.special_ids[t] for t in generate.STOP_TOKENS)
     records = read_generations(out)
     assert [r["text"] for r in records] == [row["transcript"] for row in trained["rows"]]
     assert all(r["finish_reason"] == "stop" and tok.eot_id not in r["token_ids"] for r in records)
-    assert json.loads((out / "generation_config.json").read_text())["backend"] == "vllm"
+    settings = json.loads((out / "generation_config.json").read_text())
+    assert (settings["backend"], settings["device"]) == ("vllm", "cuda") and settings["engine_startup_s"] >= 0
 
 
-def vllm_and_gpu() -> str | None:
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return "vLLM is not installed"
-    return None if torch.cuda.is_available() else "no CUDA GPU"
+def test_auto_takes_vllms_cpu_build_on_a_cpu_in_float32_with_the_options(trained, tmp_path, monkeypatch, capsys):
+    tok, prompts, answers = memorised_answers(trained)
+    fake = FakeVLLM(answers, cpu_build=True)
+    fake.install(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "out"
+    args = [str(trained["checkpoint"]), "--data", str(trained["test"]), "--out", str(out), "--max-tokens", "40",
+            "--presence-penalty", "0.5", "--frequency-penalty", "0.25", "--stop-token-ids", "7,9",
+            "--kv-cache-mib", "3"]
+    assert generate.main(args) == 0
+    assert "backend vllm (vLLM 0.0-fake, CPU build)" in capsys.readouterr().err
+    assert fake.llm_kwargs["dtype"] == "float32" and fake.llm_kwargs["kv_cache_memory_bytes"] == 3 * 2**20
+    params = fake.calls[0][1]
+    assert (params.presence_penalty, params.frequency_penalty) == (0.5, 0.25)
+    assert {7, 9} < set(params.stop_token_ids)
+    assert json.loads((out / "generation_config.json").read_text())["device"] == "cpu"
+    # --device cuda asks for what this build cannot do: auto falls back to the built-in engine and says why.
+    assert generate.choose_backend("auto", "cuda") == (
+        "torch", "the built-in engine, as --device cuda, but vLLM 0.0-fake is its CPU build")
 
 
-@pytest.mark.skipif(vllm_and_gpu() is not None, reason=f"needs vLLM and a GPU: {vllm_and_gpu()}")
-def test_vllm_greedy_equals_the_builtin_engine(trained, tmp_path):
-    common = [str(trained["checkpoint"]), "--data", str(trained["test"]), "--max-tokens", "24"]
-    assert generate.main(common + ["--backend", "torch", "--out", str(tmp_path / "torch")]) == 0
-    torch.cuda.empty_cache()  # vLLM sizes its KV cache from the free GPU memory
-    assert generate.main(common + ["--backend", "vllm", "--out", str(tmp_path / "vllm")]) == 0
-    ours, theirs = read_generations(tmp_path / "torch"), read_generations(tmp_path / "vllm")
-    assert [(r["token_ids"], r["finish_reason"]) for r in theirs] == [
-        (r["token_ids"], r["finish_reason"]) for r in ours
-    ]
+def test_without_vllm_auto_says_why_it_takes_the_builtin_engine_and_vllm_is_refused(trained, tmp_path, monkeypatch,
+                                                                                     capsys):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
+    args = [str(trained["checkpoint"]), "--data", str(trained["test"]), "--max-tokens", "1"]
+    assert generate.main(args + ["--out", str(tmp_path / "auto")]) == 0
+    assert "backend torch (the built-in engine, as vLLM is not installed" in capsys.readouterr().err
+    assert generate.main(args + ["--out", str(tmp_path / "vllm"), "--backend", "vllm"]) == 2
+    err = capsys.readouterr().err
+    assert "--backend vllm: vLLM is not installed" in err and "make vllm" in err
+    assert not (tmp_path / "vllm").exists()
+
+
+def test_kv_cache_holds_every_sequence_at_once_in_whole_blocks(trained):
+    config = ModelConfig.from_file(trained["checkpoint"] / "config.json")
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
+    prompts = [[1] * 100, [1] * 300, [1] * 37]
+    sampling = Sampling(max_tokens=28, temperature=1.0, n=2)
+    needed = 2 * sum(len(p) + 28 for p in prompts) * per_token
+    got = generate.kv_cache_bytes(trained["checkpoint"], prompts, sampling, torch.float32)
+    assert got % (generate.VLLM_BLOCK * per_token) == 0
+    assert needed < got <= needed + 2 * 2 * len(prompts) * generate.VLLM_BLOCK * per_token
+
+
+# -- options, and a whole run --------------------------------------------------------------------
+
+
+def test_extra_stop_tokens_and_n_samples_with_the_builtin_engine(trained, tmp_path):
+    common = [str(trained["checkpoint"]), "--data", str(trained["test"]), "--backend", "torch", "--max-tokens", "24"]
+    assert generate.main(common + ["--out", str(tmp_path / "plain")]) == 0
+    plain = read_generations(tmp_path / "plain")
+    stop = plain[0]["token_ids"][1]  # the first utterance's second token ends every generation that reaches it
+    assert generate.main(common + ["--out", str(tmp_path / "stop"), "--stop-token-ids", f"{stop}"]) == 0
+    for before, after in zip(plain, read_generations(tmp_path / "stop")):
+        cut = before["token_ids"].index(stop) if stop in before["token_ids"] else None
+        assert after["token_ids"] == before["token_ids"][:cut]
+        assert after["finish_reason"] == ("stop" if cut is not None else before["finish_reason"])
+    settings = json.loads((tmp_path / "stop" / "generation_config.json").read_text())
+    assert stop in settings["stop_token_ids"] and settings["stop_token_ids"] != [stop]
+
+    assert generate.main(common + ["--out", str(tmp_path / "n"), "--n", "3", "--temperature", "1.5"]) == 0
+    records = read_generations(tmp_path / "n")
+    assert all(len(r["candidates"]) == 3 and r["candidates"][0]["text"] == r["text"] for r in records)
+    assert any(len({c["text"] for c in r["candidates"]}) > 1 for r in records)  # samples, not copies
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--n", "2"], "n > 1 needs temperature > 0"),
+    (["--presence-penalty", "2.5"], "presence_penalty must be in [-2, 2]"),
+    (["--stop-token-ids", "5,99999"], "--stop-token-ids [99999]: outside the model's vocabulary"),
+    (["--kv-cache-mib", "0"], "--kv-cache-mib must be at least 1"),
+])
+def test_options_a_run_cannot_honour_are_refused(trained, tmp_path, capsys, options, message):
+    out = tmp_path / "out"
+    args = [str(trained["checkpoint"]), "--data", str(trained["test"]), "--out", str(out), "--backend", "torch"]
+    with pytest.raises(SystemExit) if options[0] == "--kv-cache-mib" else contextlib.nullcontext():
+        assert generate.main(args + options) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_run_directory_generates_every_checkpoint_and_resumes_after_a_crash(trained, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    for step in (40, 80, 120):  # the same weights under three steps: what matters here is the bookkeeping
+        shutil.copytree(trained["checkpoint"], run / "checkpoints" / f"step_{step:07d}")
+    (run / "checkpoints" / "step_0000080.tmp").mkdir()  # a checkpoint being written is no checkpoint
+    args = [str(run), "--data", str(trained["test"]), "--backend", "torch", "--max-tokens", "4"]
+    outputs = [run / "generations" / str(step) / "asr" / "test" / "generations.jsonl" for step in (40, 80, 120)]
+
+    real_generate, calls = generate.generate, []
+
+    def crash_on_the_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies mid-run
+        return real_generate(*a, **k)
+
+    monkeypatch.setattr(generate, "generate", crash_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        generate.main(args)
+    assert [path.exists() for path in outputs] == [True, False, False]
+    assert not list(outputs[1].parent.glob("*")) if outputs[1].parent.exists() else True  # nothing half-written
+    first = outputs[0].read_text()
+    capsys.readouterr()
+
+    monkeypatch.setattr(generate, "generate", real_generate)
+    assert generate.main(args) == 0
+    assert all(path.exists() for path in outputs) and outputs[0].read_text() == first
+    err = capsys.readouterr().err
+    assert "3 checkpoints" in err and "step_0000040: done already" in err
+    assert generate.main(args + ["--out", str(tmp_path / "x")]) == 2  # one output directory cannot hold a run
+    assert generate.main([str(tmp_path), "--data", str(trained["test"])]) == 2  # no checkpoints/: not a run

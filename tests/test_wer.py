@@ -233,3 +233,40 @@ def test_by_needs_references_and_the_field_on_every_row(tmp_path, capsys):
     code, _, err = run(capsys, path, "--references", dataset, "--by", "speaker")
     assert code == 2 and "'speaker'" in err and "'b'" in err
     assert not (tmp_path / "wer.json").exists()
+
+
+def test_a_run_directory_gets_a_table_and_a_plot_of_wer_by_step(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    # Step 200 fixes most step-100 errors: 4 edits in 9 words, then 1 (the last hypothesis keeps an insertion).
+    later = ["a b c d", "e f g", "h i j"]
+    for step, hyps in ((100, HYPS), (200, later)):
+        out = run_dir / "generations" / str(step) / "mini" / "test"
+        out.mkdir(parents=True)
+        write_jsonl(out / "generations.jsonl",
+                    [{"id": f"u{i}", "text": h, "reference": r} for i, (h, r) in enumerate(zip(hyps, REFS))])
+    (run_dir / "generations" / "untrained" / "mini" / "test").mkdir(parents=True)  # not a checkpoint's: ignored
+    write_jsonl(run_dir / "generations" / "untrained" / "mini" / "test" / "generations.jsonl", [{"id": "x"}])
+
+    code, out, _ = run(capsys, run_dir, "--normalizer", "none", "--bootstrap", "200")
+    assert code == 0
+    lines = (run_dir / "wer_by_step.tsv").read_text().splitlines()
+    assert lines[0].split("\t") == ["step", "set", "n_utterances", "wer", "cer", "wer_low", "wer_high"]
+    rows = [line.split("\t") for line in lines[1:]]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("100", "mini/test", "3"), ("200", "mini/test", "3")]
+    assert [float(r[3]) for r in rows] == pytest.approx([4 / 9, 1 / 9])
+    assert all(float(r[5]) <= float(r[3]) <= float(r[6]) for r in rows)
+    assert (run_dir / "wer_by_step.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "44.44%" in out and "11.11%" in out
+
+    before = (run_dir / "wer_by_step.tsv").read_text()
+    code, _, err = run(capsys, run_dir)  # never overwritten without --overwrite
+    assert code == 2 and "already exist" in err and (run_dir / "wer_by_step.tsv").read_text() == before
+    assert run(capsys, run_dir, "--overwrite", "--bootstrap", "0", "--out", tmp_path / "report")[0] == 0
+    assert (tmp_path / "report" / "wer_by_step.png").exists()
+
+
+def test_a_run_directory_without_generations_exits_2(tmp_path, capsys):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    code, _, err = run(capsys, tmp_path / "run")
+    assert code == 2 and "no generations/<step>" in err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints"]
