@@ -23,6 +23,7 @@ from data.tiny_model import make_tiny_model
 from data.tokenizer import DSU_BPE_MODEL, DSU_BPE_SETTINGS, Tokenizer, TokenizerFileError, read_bpe_file
 from model import Llama
 from tests import tiny
+from tests.test_vllm import in_vllm_env, vllm_python
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI = ROOT / "data" / "mini"
@@ -236,12 +237,15 @@ def test_cpt_interleaved_training_runs_with_the_bpe(tiny_bpe, tmp_path):
     assert train.main(args + ["data.max_seq_len=128"]) == 0
 
 
-def test_a_memorised_run_transcribes_with_the_built_in_engine(tiny_bpe, tmp_path):
+@pytest.fixture(scope="module")
+def memorised(tiny_bpe, tmp_path_factory):
+    """A run of the BPE model that memorised 8 utterances: (checkpoint, data file, rows)."""
+    root = tmp_path_factory.mktemp("memorised")
     rng = random.Random(0)
     rows = [{"id": f"utt{i}", "transcript": " ".join(rng.choice(tiny.WORDS) for _ in range(3)),
              "speech_tokens": [rng.randrange(tiny.N_DSUS) for _ in range(rng.randint(10, 16))]} for i in range(8)]
-    data = tiny.write_jsonl(tmp_path / "asr.jsonl", rows)
-    run = tmp_path / "run"
+    data = tiny.write_jsonl(root / "asr.jsonl", rows)
+    run = root / "run"
     status = train.main([
         str(ROOT / "configs" / "tiny_sft.json"), f"run_dir={run}", f"model.path={tiny_bpe['model']}",
         f"data.train={data}", f"data.n_dsus={tiny.N_DSUS}", f"data.sft.system_prompt={PROMPT}", "optim.lr=1e-2",
@@ -249,15 +253,33 @@ def test_a_memorised_run_transcribes_with_the_built_in_engine(tiny_bpe, tmp_path
         "train.eval_steps=120",
     ])
     assert status == 0
-    checkpoint = run / "checkpoints" / "step_0000120"
+    return run / "checkpoints" / "step_0000120", data, rows
+
+
+def generations(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+
+
+def test_a_memorised_run_transcribes_with_the_built_in_engine(memorised, tmp_path):
+    checkpoint, data, rows = memorised
     out = tmp_path / "gen"
     assert generate.main([str(checkpoint), "--data", str(data), "--out", str(out), "--backend", "torch",
                           "--max-tokens", "16"]) == 0
-    records = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    records = generations(out)
     builder = SampleBuilder(tokenizer(checkpoint), deduplicate=True, modality_tokens=True, max_seq_len=None)
     prompts = [builder.sft_asr(row, PROMPT, train_on_input=False, inference=True)[0] for row in rows]
     assert [r["prompt_len"] for r in records] == [len(p) for p in prompts]
     assert [r["text"] for r in records] == [r["transcript"] for r in rows]
+
+
+@pytest.mark.skipif(vllm_python()[0] is None, reason=vllm_python()[1])
+def test_vllm_generates_what_the_built_in_engine_does_with_the_bpe(memorised, tmp_path):
+    checkpoint, data, _ = memorised
+    common = [str(checkpoint), "--data", str(data), "--max-tokens", "16"]
+    assert generate.main(common + ["--backend", "torch", "--out", str(tmp_path / "torch")]) == 0
+    in_vllm_env(["generate.py", *common, "--backend", "vllm", "--enforce-eager", "--out", str(tmp_path / "vllm")])
+    ours, theirs = generations(tmp_path / "torch"), generations(tmp_path / "vllm")
+    assert [(r["token_ids"], r["text"]) for r in theirs] == [(r["token_ids"], r["text"]) for r in ours]
 
 
 # -- refusals ------------------------------------------------------------------------------------
