@@ -26,7 +26,6 @@ without `--overwrite`). Bad input exits with status 2 and writes nothing.
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from whisper_normalizer.english import EnglishTextNormalizer
 
 from data import reference_run
 from data.dataset import DataError, Source, load_rows
+from files import atomic_write
 
 NORMALIZERS = ("whisper", "none")
 CONFIDENCE = 0.95
@@ -353,9 +353,8 @@ def format_report(result: dict) -> str:
 
 
 def write_json_atomically(path: Path, data: dict) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    with atomic_write(path) as temporary:
+        temporary.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def main(argv=None) -> int:

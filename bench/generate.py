@@ -10,7 +10,6 @@ produced the same tokens (fp differences can flip an argmax tie, so mismatches a
 """
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ import torch  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
 from generate import Sampling, generate  # noqa: E402
-from model import Llama, ModelConfig, init_weights, num_params, save_safetensors  # noqa: E402
+from model import Llama, ModelConfig, init_weights, num_params, save_pretrained  # noqa: E402
 
 
 def random_checkpoint(out_dir: Path, args) -> ModelConfig:
@@ -40,8 +39,7 @@ def random_checkpoint(out_dir: Path, args) -> ModelConfig:
         for param in model.parameters():
             if param.dim() == 2:
                 param.normal_(0.0, 0.3 / (args.hidden / 64) ** 0.5, generator=generator)
-    (out_dir / "config.json").write_text(json.dumps(config.to_hf(), indent=2) + "\n")
-    save_safetensors(model, out_dir / "model.safetensors")
+    save_pretrained(out_dir, config, model.state_dict())
     return config
 
 
