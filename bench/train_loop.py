@@ -1,11 +1,11 @@
 """train.py's own training step, tokens/s, of this tree against an earlier commit's, in one run.
 
-    python bench/train_loop.py [--base 6f3a196] [--steps 120] [--rounds 2]
+    python bench/train_loop.py [--base 6f3a196] [--steps 60] [--rounds 2]
 
 Both trees train the same model on the same data with the same config (the demo's: a 96-wide,
 4-layer Llama extended by the bundled corpus's 128 DSUs, ASR fine-tuning on data/mini, batches of
 16, CPU, float32), unpacked and packed, alternating old and new `--rounds` times, each a fresh
-`python train.py` process. The base commit is checked out with `git worktree` into a temporary
+`python train.py` process. The base commit's files are extracted (`git archive`) into a temporary
 directory. A run's figure is the tokens/s train.py itself logs (metrics.jsonl) over its steps after
 the first logging window, which holds start-up and the first (slower) steps; the best round counts.
 """
@@ -42,32 +42,30 @@ def tokens_per_second(tree: Path, model: Path, run_dir: Path, steps: int, packed
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="6f3a196", help="the commit to compare against (default: before issue 12)")
-    parser.add_argument("--steps", type=int, default=120, help="optimizer steps per run (default 120)")
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run (default 60)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds (default 2)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         base_tree = tmp / "base-tree"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(base_tree), args.base],
-                       check=True, capture_output=True)
-        try:
-            run(["tiny_model.py", str(tmp / "base"), "--transcripts", str(MINI / "train.jsonl"), "--vocab-size", "384",
-                 "--hidden", "96", "--layers", "4", "--heads", "3", "--kv-heads", "1", "--intermediate", "256",
-                 "--rope-theta", "10000"], cwd=ROOT)
-            run(["extend.py", "--base", str(tmp / "base"), "--n-dsus", "128", "--out", str(tmp / "model")], cwd=ROOT)
-            best = {}
-            for round_ in range(args.rounds):
-                for packed in (False, True):
-                    for name, tree in (("before", base_tree), ("after", ROOT)):
-                        run_dir = tmp / f"run-{name}-{packed}-{round_}"
-                        value = tokens_per_second(tree, tmp / "model", run_dir, args.steps, packed)
-                        key = (packed, name)
-                        best[key] = max(best.get(key, 0.0), value)
-                        print(f"round {round_ + 1} {'packed' if packed else 'padded'} {name}: {value:,.0f} tokens/s",
-                              flush=True)
-        finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)], check=False)
+        base_tree.mkdir()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.base], check=True, capture_output=True)
+        subprocess.run(["tar", "-x", "-C", str(base_tree)], input=archive.stdout, check=True)
+        run(["tiny_model.py", str(tmp / "base"), "--transcripts", str(MINI / "train.jsonl"), "--vocab-size", "384",
+             "--hidden", "96", "--layers", "4", "--heads", "3", "--kv-heads", "1", "--intermediate", "256",
+             "--rope-theta", "10000"], cwd=ROOT)
+        run(["extend.py", "--base", str(tmp / "base"), "--n-dsus", "128", "--out", str(tmp / "model")], cwd=ROOT)
+        best = {}
+        for round_ in range(args.rounds):
+            for packed in (False, True):
+                for name, tree in (("before", base_tree), ("after", ROOT)):
+                    run_dir = tmp / f"run-{name}-{packed}-{round_}"
+                    value = tokens_per_second(tree, tmp / "model", run_dir, args.steps, packed)
+                    key = (packed, name)
+                    best[key] = max(best.get(key, 0.0), value)
+                    print(f"round {round_ + 1} {'packed' if packed else 'padded'} {name}: {value:,.0f} tokens/s",
+                          flush=True)
 
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")

@@ -61,8 +61,8 @@ import torch
 from kernels import build, reference
 from kernels.packing import IGNORE, FirstFitPacker, Packed, place
 
-__all__ = ["IGNORE", "Assembled", "FirstFitPacker", "FlatBatch", "Packed", "Pieces", "assemble", "assemble_batch",
-           "flatten", "interleave_draws", "measure", "pack", "place"]
+__all__ = ["IGNORE", "Assembled", "FirstFitPacker", "FlatBatch", "Packed", "Pieces", "assemble_batch", "flatten",
+           "interleave_draws", "measure", "pack", "place"]
 
 
 class Pieces(Protocol):
@@ -149,16 +149,11 @@ def measure(batch: FlatBatch, deduplicate: bool) -> np.ndarray:
     return np.asarray(_run("measure", batch, (), (deduplicate,), torch.device("cpu")))
 
 
-def assemble(batch: FlatBatch, dsu_offset: int, deduplicate: bool, device=None) -> Assembled:
-    """The op's flat tokens and labels, on `device`."""
-    device = torch.device(device if device is not None else "cpu")
-    outputs = _run("assemble", batch, (), (dsu_offset, deduplicate), device)
-    return Assembled(*(t.to(device) for t in outputs))
-
-
 def assemble_batch(samples: Sequence[Pieces], dsu_offset: int, deduplicate: bool, device=None) -> Assembled:
-    """Every sample's tokens and unshifted labels, flat, as `data.samples.assemble` gives them."""
-    return assemble(flatten(samples), dsu_offset, deduplicate, device)
+    """Every sample's tokens and unshifted labels, flat, on `device`, as `data.samples.assemble` gives them."""
+    device = torch.device(device if device is not None else "cpu")
+    outputs = _run("assemble", flatten(samples), (), (dsu_offset, deduplicate), device)
+    return Assembled(*(t.to(device) for t in outputs))
 
 
 def pack(rows: Sequence[Sequence[Pieces]], dsu_offset: int, deduplicate: bool, max_seq_len: int, pad_id: int,
