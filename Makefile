@@ -60,7 +60,7 @@ $(VLLM_VENV)/.ok: requirements.txt requirements-vllm.txt
 demo: $(VENV)/.deps
 	@if [ -e $(DEMO) ]; then echo "$(DEMO) already exists: remove it, or run 'make demo DEMO=another/dir'"; exit 2; fi
 	@echo "== 1/5 a small Llama 3-layout base model, BPE learnt from the training transcripts"
-	$(BIN)/python -m data.tiny_model $(DEMO)/base --transcripts $(MINI)/train.jsonl \
+	$(BIN)/python tiny_model.py $(DEMO)/base --transcripts $(MINI)/train.jsonl \
 		--vocab-size 384 --hidden 96 --layers 4 --heads 3 --kv-heads 1 --intermediate 256 --rope-theta 10000
 	@echo "== 2/5 extend its vocabulary by the corpus's 128 DSUs$(if $(DSU_BPE), and a speech BPE of $(DSU_BPE) merged units)"
 	$(BIN)/python extend.py --base $(DEMO)/base --n-dsus 128 --out $(DEMO)/extended \

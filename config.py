@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.samples import Interleave
+from data.samples import SEED, Interleave
 from data.tokenizer import MAX_DSUS, Tokenizer
 from model import ModelConfig, check_weights
 
@@ -86,12 +86,14 @@ _INTERLEAVE = Interleave()  # the interleaving defaults live with the constructi
 
 SCHEMA: dict[str, Key] = {
     "run_dir": nonempty(REQUIRED, "checkpoints, metrics.jsonl and losses.png go here (created if missing)"),
-    "seed": at_least(int, 0, 42831, "the epochs' row order and torch's RNG; the CPT interleaving draws always use "
-                     "the reference's seed 42831 (data.samples.SEED), whatever this is, so sequences match it"),
+    "seed": at_least(int, 0, SEED, "the epochs' row order and torch's RNG; the CPT interleaving draws always use "
+                     f"the reference's seed {SEED} (data.samples.SEED), whatever this is, so sequences match it"),
     "model.path": nonempty(REQUIRED, "an extended model directory (extend.py's output) or a train.py checkpoint"),
     "model.dtype": choice("bfloat16", "parameters and compute", "bfloat16", "float32"),
     "model.activation_checkpointing": Key(False, bool, "recompute layer activations in the backward pass"),
-    "model.compile": Key(False, bool, "torch.compile the model"),
+    "model.compile": Key("auto", object, "torch.compile the model (auto: on CUDA; the compile time is printed, and a "
+                         "failure falls back to the eager model with a warning)", 'true, false or "auto"',
+                         lambda v: isinstance(v, bool) or v == "auto"),
     "model.fsdp": Key(False, bool, "shard parameters, gradients and optimizer state (FSDP2) instead of replicating "
                       "them; needs torchrun"),
     "data.task": choice("cpt", "continued pre-training or ASR fine-tuning", "cpt", "sft"),

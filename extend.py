@@ -36,7 +36,6 @@ import re
 import shutil
 import struct
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +46,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from data.dataset import DataError, iter_rows
-from data.samples import deduplicate_runs
+from data.samples import SEED, deduplicate_runs
 from data.tokenizer import (
     DSU_BPE_MODEL,
     DSU_BPE_SETTINGS,
@@ -61,8 +60,9 @@ from data.tokenizer import (
     read_bpe_file,
     units_text,
 )
+from files import atomic_write
 
-DEFAULT_SEED = 42831
+DEFAULT_SEED = SEED  # the reference's seed, as for everything it draws
 COVARIANCE_SCALE = 1e-5
 STATS_CHUNK_ROWS = 8192  # rows converted to fp32 at a time for the mean and covariance
 
@@ -487,18 +487,10 @@ def extend(base_dir, n_dsus: int, modality_tokens: bool = True, out_dir=None, se
     plan = plan_extension(Path(base_dir), n_dsus, modality_tokens, None if out_dir is None else Path(out_dir), bpe_args)
     print(f"extending {plan.base_dir} -> {plan.out_dir}")
     # Written under a temporary sibling name and renamed at the end, so a failure leaves nothing behind.
-    staging = Path(tempfile.mkdtemp(prefix=f".{plan.out_dir.name}.partial-", dir=plan.out_dir.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary directory
+    with atomic_write(plan.out_dir, directory=True, replace=False) as staging:
         total_size = write_extension(plan, staging, seed)
         if plan.out_dir.exists():
             raise ExtendError(f"{plan.out_dir}: appeared while extending; refusing to overwrite it")
-        os.rename(staging, plan.out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     print_summary(plan, total_size, time.perf_counter() - started)
     return plan.out_dir
 

@@ -38,6 +38,7 @@ from data import reference_run
 from data.dataset import ASR_FIELDS, DataError, Source, dataset_name, load_rows, split_files
 from data.samples import SampleBuilder
 from data.tokenizer import Tokenizer
+from files import atomic_write
 from model import KVCache, Llama, ModelConfig
 
 STOP_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
@@ -457,7 +458,7 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 
 def write_outputs(out_dir: Path, records: list[dict], settings: dict, overwrite: bool) -> None:
-    """Both files under temporary names first, then renamed: generations.jsonl, last, marks a complete output."""
+    """Each file written atomically, generations.jsonl last: it marks a complete output."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if not overwrite and (out_dir / GENERATIONS).exists():
         raise GenerateError(f"{out_dir / GENERATIONS}: appeared while generating; refusing to overwrite it")
@@ -465,15 +466,9 @@ def write_outputs(out_dir: Path, records: list[dict], settings: dict, overwrite:
         SETTINGS: json.dumps(settings, indent=2, ensure_ascii=False) + "\n",
         GENERATIONS: "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records),
     }
-    temporary = {name: out_dir / f".{name}.tmp-{os.getpid()}" for name in contents}
-    try:
-        for name, text in contents.items():
-            temporary[name].write_text(text, encoding="utf-8")
-        for name in contents:
-            os.replace(temporary[name], out_dir / name)
-    finally:
-        for path in temporary.values():
-            path.unlink(missing_ok=True)
+    for name, text in contents.items():
+        with atomic_write(out_dir / name) as temporary:
+            temporary.write_text(text, encoding="utf-8")
 
 
 def prompt_limit(checkpoint: Path, overrides: list[str], max_tokens: int) -> tuple[int, str]:

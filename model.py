@@ -9,7 +9,8 @@ import dataclasses
 import functools
 import json
 import math
-import os
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,12 +20,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from files import atomic_write
+from kernels import IGNORE
+
 try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 except ImportError:  # older torch: packed batches use the masked SDPA path
     flex_attention = None
 
-IGNORE_INDEX = -100
+
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
@@ -418,7 +422,7 @@ class Llama(nn.Module):
         With a `cache`, tokens fill its next T slots (a left-padded prompt batch, then one token
         per step) and attend to every earlier slot; positions and mask come from the cache.
         Returns the final-normed hidden states (B, T, hidden_size), or, given labels (already
-        shifted, IGNORE_INDEX where no loss), `chunked_cross_entropy`'s (loss sum, target count).
+        shifted, IGNORE where no loss), `chunked_cross_entropy`'s (loss sum, target count).
         """
         batch, length = tokens.shape
         if cache is not None:
@@ -492,6 +496,29 @@ SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I
                            "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
+class CompiledForward:
+    """The model's forward pass through torch.compile, which compiles on the first call: its time is
+    printed, and a failure falls back to the eager model with a warning."""
+
+    def __init__(self, model, announce: bool):
+        self.eager, self.run, self.first, self.announce = model, torch.compile(model), True, announce
+
+    def __call__(self, *args, **kwargs):
+        if not self.first:
+            return self.run(*args, **kwargs)
+        self.first, start = False, time.perf_counter()
+        try:
+            out = self.run(*args, **kwargs)
+        except Exception as error:  # any compiler failure: the eager model computes the same
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            warnings.warn(f"torch.compile failed, running uncompiled: {type(error).__name__}: {first_line}")
+            self.run = self.eager
+            return self.run(*args, **kwargs)
+        if self.announce:
+            print(f"torch.compile took {time.perf_counter() - start:.1f} s (first forward pass)", flush=True)
+        return out
+
+
 def weight_files(model_dir) -> list[Path]:
     """The safetensors files of a model directory: `model.safetensors`, or the shards its index names."""
     model_dir = Path(model_dir)
@@ -562,15 +589,16 @@ def load_hf_state_dict(model_dir, device="cpu") -> dict[str, torch.Tensor]:
 def write_safetensors(state: dict[str, torch.Tensor], path) -> None:
     """One safetensors file that transformers and vLLM load, readable as any file the user creates
     (safetensors itself creates it private, mode 0600, whatever the umask)."""
-    save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(path), metadata={"format": "pt"})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    with atomic_write(path) as tmp:
+        save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(tmp), metadata={"format": "pt"})
 
 
-def save_safetensors(model: Llama, path) -> None:
-    """Writes the model's state dict; a tied head is not a parameter, so it is not written twice."""
-    write_safetensors({name: tensor.detach().to("cpu") for name, tensor in model.state_dict().items()}, path)
+def save_pretrained(directory: Path, config: ModelConfig, weights: dict[str, torch.Tensor]) -> None:
+    """`config.json` and `model.safetensors` of a Hugging Face LlamaForCausalLM directory: train.py's
+    checkpoints and the tiny base models of tiny_model.py. A tied head is not in the state dict."""
+    (Path(directory) / "config.json").write_text(json.dumps(config.to_hf(), indent=2) + "\n")
+    write_safetensors({name: tensor.detach().to("cpu") for name, tensor in weights.items()},
+                      Path(directory) / "model.safetensors")
 
 
 def init_weights(model: Llama, seed: int) -> None:
@@ -634,7 +662,7 @@ def chunked_cross_entropy(hidden, head_weight, labels, chunk_size: int = 1024):
     """Cross-entropy of the head's logits, never materialising logits for more than `chunk_size` tokens.
 
     hidden: (..., D); head_weight: (V, D); labels: (...), already aligned with hidden (callers
-    shift), IGNORE_INDEX where there is no target. Logits are upcast to fp32 per chunk.
+    shift), IGNORE where there is no target. Logits are upcast to fp32 per chunk.
     Returns (sum of token losses, fp32 scalar; number of target tokens, int64 scalar), so the
     trainer can normalise by target tokens across micro-batches and ranks.
     """
@@ -643,7 +671,7 @@ def chunked_cross_entropy(hidden, head_weight, labels, chunk_size: int = 1024):
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-    is_target = labels != IGNORE_INDEX
+    is_target = labels != IGNORE
     # Dropping ignored positions first saves their head matmuls (most of an SFT prompt).
     loss = _LinearCrossEntropy.apply(hidden[is_target], head_weight, labels[is_target], chunk_size)
     return loss, is_target.sum()

@@ -32,7 +32,6 @@ reference's generations/epoch_E/global_step_N/<dataset>/<split>/) is scored chec
 import argparse
 import json
 import math
-import os
 import re
 import sys
 from pathlib import Path
@@ -43,6 +42,7 @@ from whisper_normalizer.english import EnglishTextNormalizer
 
 from data import reference_run
 from data.dataset import DataError, Source, load_rows
+from files import atomic_write
 
 NORMALIZERS = ("whisper", "none")
 CONFIDENCE = 0.95
@@ -360,9 +360,8 @@ def format_report(result: dict) -> str:
 
 
 def write_json_atomically(path: Path, data: dict) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    with atomic_write(path) as temporary:
+        temporary.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 # -- a whole run -----------------------------------------------------------------------------------
@@ -459,10 +458,10 @@ def main_run(args) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     out_dir.mkdir(parents=True, exist_ok=True)
-    temporary = table.with_name(table.name + ".tmp")
-    temporary.write_text(format_run_table(rows, sep="\t"), encoding="utf-8")
-    os.replace(temporary, table)
-    plot_run(rows, png, f"{args.generations.resolve().name}: WER by checkpoint ({args.normalizer} normaliser)")
+    with atomic_write(table) as temporary:
+        temporary.write_text(format_run_table(rows, sep="\t"), encoding="utf-8")
+    with atomic_write(png) as temporary:
+        plot_run(rows, temporary, f"{args.generations.resolve().name}: WER by checkpoint ({args.normalizer} normaliser)")
     print(format_run_table(rows))
     print(f"\nwrote {table} and {png}")
     return 0

@@ -1,5 +1,5 @@
 """Memory of the training data path against corpus size: converting a corpus into its store
-(data.store) and streaming packed rows out of it (train.PackedStream), each in a fresh process.
+(data.store) and streaming packed rows out of it (data.batches.PackedStream), each in a fresh process.
 
     python bench/data_memory.py [--rows 20000 200000] [--pack-rows 3000] [--workdir DIR]
 
@@ -79,15 +79,16 @@ def child_convert(source: str, cache: str) -> dict:
 
 
 def child_pack(source: str, cache: str, pack_rows: int) -> dict:
-    import train
     from bench.construction import extended_llama3_tokenizer
+    from config import load_config
+    from data.batches import PackedStream, load_data
 
-    cfg = train.load_config(None, [
+    cfg = load_config(None, [
         "run_dir=unused", "model.path=unused", f"data.train={source}", f"data.n_dsus={N_DSUS}", "train.max_steps=1",
         f"data.cache_dir={cache}", "data.max_seq_len=2048", "data.packed=true",
     ])
-    seqs, _ = train.load_data(cfg, extended_llama3_tokenizer(N_DSUS))
-    stream = train.PackedStream(seqs, cfg)
+    seqs, _ = load_data(cfg["data"], Path(cfg["run_dir"]), extended_llama3_tokenizer(N_DSUS))
+    stream = PackedStream(seqs, cfg["data"]["max_seq_len"], cfg["seed"], cfg["data"]["shuffle"])
     start, tokens = time.perf_counter(), 0
     for _ in range(pack_rows):
         _, _, samples = stream.next_row()

@@ -14,7 +14,6 @@ from its tokens/s, and its tokens are compared with the built-in engine's.
 """
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ import torch  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
 from generate import Sampling, generate, start_vllm, vllm_generate, vllm_status  # noqa: E402
-from model import Llama, ModelConfig, init_weights, num_params, save_safetensors  # noqa: E402
+from model import Llama, ModelConfig, init_weights, num_params, save_pretrained  # noqa: E402
 
 
 def random_checkpoint(out_dir: Path, args) -> ModelConfig:
@@ -44,8 +43,7 @@ def random_checkpoint(out_dir: Path, args) -> ModelConfig:
         for param in model.parameters():
             if param.dim() == 2:
                 param.normal_(0.0, 0.3 / (args.hidden / 64) ** 0.5, generator=generator)
-    (out_dir / "config.json").write_text(json.dumps(config.to_hf(), indent=2) + "\n")
-    save_safetensors(model, out_dir / "model.safetensors")
+    save_pretrained(out_dir, config, model.state_dict())
     return config
 
 

@@ -30,8 +30,9 @@ import torch  # noqa: E402
 
 import kernels  # noqa: E402
 from data.samples import Pieces  # noqa: E402
-from model import IGNORE_INDEX, Llama, ModelConfig, init_weights  # noqa: E402
-from train import PACK_OPEN_ROWS  # noqa: E402
+from kernels import IGNORE  # noqa: E402
+from model import Llama, ModelConfig, init_weights  # noqa: E402
+from data.batches import PACK_OPEN_ROWS  # noqa: E402
 
 
 def bench_shapes() -> dict:
@@ -58,7 +59,7 @@ def padded_batches(samples: list[np.ndarray], batch_size: int, pad_id: int):
         group = samples[first : first + batch_size]
         width = max(map(len, group))
         tokens = torch.full((len(group), width), pad_id, dtype=torch.long)
-        targets = torch.full((len(group), width), IGNORE_INDEX, dtype=torch.long)
+        targets = torch.full((len(group), width), IGNORE, dtype=torch.long)
         for row, sample in enumerate(group):
             tokens[row, : len(sample)] = torch.from_numpy(sample)
             targets[row, : len(sample) - 1] = torch.from_numpy(sample[1:])
@@ -79,7 +80,7 @@ def packed_batches(samples: list[np.ndarray], rows_per_step: int, max_seq_len: i
 
 def real_tokens(batch) -> int:
     tokens, targets, positions, document_ids = batch
-    return int((document_ids >= 0).sum()) if document_ids is not None else int((targets != IGNORE_INDEX).sum()) + len(tokens)
+    return int((document_ids >= 0).sum()) if document_ids is not None else int((targets != IGNORE).sum()) + len(tokens)
 
 
 def run_pass(model, optimizer, batches, device) -> float:

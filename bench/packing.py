@@ -6,12 +6,12 @@ Throughput, on the golden file's samples (CPT: interleaved and concatenated both
 deduplication on and off), 16 samples per op call, rows of 2048 (no golden sample reaches it):
   string path   the reference's string + regex path (data/reference_strings.py): the baseline
   per sample    SampleBuilder *_pieces (interleaving's random draws made for all rows at once by
-                kernels.interleave_draws, as train.py makes them), each assembled on its own
+                data.batches.interleave_draws_many, as training makes them), each assembled on its own
                 by data.samples.assemble (NumPy)
   op assemble   the same pieces, assembled 16 at a time by kernels.assemble_batch
   op + packer   train.py's packed path: SampleBuilder *_pieces, kernels.measure per 64 samples
-                (train.PACK_LOOKAHEAD), a kernels.FirstFitPacker placing them as they come
-                (train.PACK_OPEN_ROWS open rows, finished at the end), and the pack op writing
+                (data.batches.PACK_LOOKAHEAD), a kernels.FirstFitPacker placing them as they come
+                (data.batches.PACK_OPEN_ROWS open rows, finished at the end), and the pack op writing
                 every 16 rows that leave (tokens, shifted targets, positions, document ids)
 All paths must produce the same number of tokens (checked before timing). The baseline is
 measured in the same run; speed-ups are against it.
@@ -19,7 +19,7 @@ measured in the same run; speed-ups are against it.
 Padding: the share of pad tokens over one epoch of samples in a fixed shuffled order, built with
 max_seq_len equal to the row length and deduplication on, when every batch of 16 samples is padded
 to its longest (as the reference trains), and when packed by a FirstFitPacker with 1 open row (next
-fit: a row is closed as soon as a sample does not fit it), 16, and train.PACK_OPEN_ROWS, as a packed
+fit: a row is closed as soon as a sample does not fit it), 16, and data.batches.PACK_OPEN_ROWS, as a packed
 training epoch is (open rows finished and flushed at its end). Workloads: the golden samples (CPT
 as above, SFT) and the bundled corpus data/mini (128 DSUs; CPT interleaved, SFT).
 """
@@ -43,7 +43,7 @@ from config import DEFAULT_SYSTEM_PROMPT  # noqa: E402
 from data import reference_strings as ref  # noqa: E402
 from data.dataset import SCHEMA_FIELDS, load_rows  # noqa: E402
 from data.samples import Interleave, SampleBuilder  # noqa: E402
-from train import PACK_LOOKAHEAD, PACK_OPEN_ROWS  # noqa: E402
+from data.batches import PACK_LOOKAHEAD, PACK_OPEN_ROWS, interleave_draws_many  # noqa: E402
 
 BATCH = 16
 THROUGHPUT_SEQ_LEN = 2048
@@ -63,7 +63,7 @@ class Workload:
         self.name, self.tok, self.rows, self.prompt, self.settings = name, tok, rows, prompt, settings
         self.all_cpt_kinds = all_cpt_kinds  # interleaved and both concatenations, or interleaved only
         self.loaded = [dict(row, speech_tokens=np.asarray(row["speech_tokens"], dtype=np.int64)) for row in rows]
-        self.pad_id = tok.special_ids["<|finetune_right_pad_id|>"]
+        self.pad_id = tok.pad_id
 
     def builder(self, deduplicate: bool, max_seq_len: int) -> SampleBuilder:
         return SampleBuilder(self.tok, deduplicate=deduplicate, modality_tokens=True, max_seq_len=max_seq_len)
@@ -72,8 +72,8 @@ class Workload:
         if self.name == "SFT":
             return [builder.sft_asr_pieces(row, self.prompt, False) for row in self.loaded]
         out = []
-        draws = kernels.interleave_draws(range(len(self.loaded)), [len(r["tokenized"]) for r in self.loaded], 0,
-                                         self.settings)  # as train.py draws them, for many rows at once
+        draws = interleave_draws_many(list(range(len(self.loaded))), [len(r["tokenized"]) for r in self.loaded], 0,
+                                      self.settings)  # as training draws them, for many rows at once
         for i, row in enumerate(self.loaded):
             out.append(builder.cpt_interleaved_pieces(row, i, 0, self.settings, draws=draws[i]))
             if self.all_cpt_kinds:

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from data import features, units
 from data.tokenizer import MAX_DSUS
+from files import atomic_write
 
 # Speakers: an espeak-ng voice spec (language voice + variant) with its own speed (words per
 # minute) and pitch (0-99). British English is "en", not "en-gb": espeak-ng 1.51 ignores the
@@ -323,13 +324,6 @@ def write_wav(path: str | os.PathLike, pcm: np.ndarray) -> None:
 # Build
 
 
-def _undo_private_mode(path: Path, mode: int) -> None:
-    """Give a mkdtemp/mkstemp path (created private) the mode a plain mkdir/open would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(mode & ~umask)
-
-
 def build(
     out_dir: str | os.PathLike,
     n_train: int = 1500,
@@ -351,14 +345,8 @@ def build(
     if shutil.which("espeak-ng") is None:
         raise InputError("the espeak-ng program is not installed (apt-get install espeak-ng)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    _undo_private_mode(work, 0o777)
-    try:
+    with atomic_write(out_dir, directory=True, replace=False) as work:
         _build_into(work, out_dir, n_train, n_dev, n_test, k, seed, jobs, save_wav)
-        work.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
 
 
 def _build_into(work: Path, out_dir: Path, n_train, n_dev, n_test, k, seed, jobs, save_wav) -> None:
@@ -484,15 +472,8 @@ def encode(kmeans_path: str | os.PathLike, out_path: str | os.PathLike, tsv_path
         rows.append({"id": u.id, "transcript": u.transcript, "tokenized": u.transcript.split(),
                      "speech_tokens": dsus.tolist()})
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.writelines(json.dumps(row, separators=COMPACT) + "\n" for row in rows)
-        _undo_private_mode(Path(tmp), 0o666)
-        os.replace(tmp, out_path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_write(out_path) as tmp:
+        tmp.write_text("".join(json.dumps(row, separators=COMPACT) + "\n" for row in rows))
 
 
 # ---------------------------------------------------------------------------------------------

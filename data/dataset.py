@@ -15,10 +15,8 @@ at a time) and checked as they stream, so a bad row fails with a `DataError` tha
 the line (JSONL, 1-based) or row (Parquet, 0-based), and the field at fault.
 
 Which fields each consumer needs (pass them as `fields=`; unrequested schema fields are neither
-checked nor returned, and Parquet does not even read their columns):
-- CPT interleaved: all of `SCHEMA_FIELDS` (word times pick the DSUs under each word span);
-- CPT concatenated, SFT (ASR) training and generation prompts: `ASR_FIELDS`;
-- WER references: `("transcript",)`.
+checked nor returned, and Parquet does not even read their columns): `task_fields` for training
+sequences, `ASR_FIELDS` for generation prompts, `("transcript",)` for WER references.
 
 The utterance id is the `id` column, else `ID` (the reference's hub datasets), else derived.
 Columns named differently from the schema are mapped with `Source(columns={field: column})`.
@@ -48,6 +46,16 @@ SCHEMA_FIELDS = (
 ASR_FIELDS = ("transcript", "speech_tokens")
 WORD_FIELDS = ("tokenized", "aligned_token_start_time", "aligned_token_end_time")
 TIME_FIELDS = ("aligned_token_start_time", "aligned_token_end_time")
+
+
+def task_fields(task: str, sequence_type: str) -> tuple[str, ...]:
+    """The fields a training task's sequences read (`sequence_type` matters for CPT only)."""
+    if task == "sft":
+        return ASR_FIELDS
+    if sequence_type == "interleaved":  # word times pick the DSUs under each word span
+        return SCHEMA_FIELDS
+    return ("tokenized", "speech_tokens")  # words joined, as the reference does
+
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)

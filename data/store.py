@@ -36,6 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data.dataset import SCHEMA_FIELDS, TIME_FIELDS, count_rows, iter_rows, resolve_files
+from files import atomic_write
 
 FORMAT_VERSION = 2
 INDEX_WIDTH = 5  # dsus, times, id, transcript, words
@@ -154,58 +155,58 @@ def convert(source: str, directory: Path, *, n_dsus: int, fields, frame_rate: fl
     host = socket.gethostname()
     _remove_abandoned(directory, host)
     partial = directory.with_name(f".{directory.name}.{host}.{os.getpid()}.partial")
-    partial.mkdir()
     try:
-        dsus, times = _Appender(partial / "dsus.u16", np.uint16), _Appender(partial / "times.f64", np.float64)
-        text, index = _Appender(partial / "text.u8", np.uint8), _Appender(partial / "index.i64", np.int64)
-        files = (dsus, times, text, index)
-        id_hashes = array.array("Q")  # 8 bytes per row
-        total = count_rows(source) if progress else None
-        rows = iter_rows(source, n_dsus=n_dsus, fields=fields, frame_rate=frame_rate, unique_ids=False)
-        bar = tqdm(rows, total=total, desc=f"caching {source}", unit=" rows", disable=not progress,
-                   dynamic_ncols=True, mininterval=1.0)
-        n_rows = 0
-        for row in bar:
-            starts = [dsus.length, times.length, text.length]
-            row_id = row["id"].encode()
-            id_hashes.append(int.from_bytes(hashlib.blake2b(row_id, digest_size=8).digest(), "little"))
-            text.append(np.frombuffer(row_id, np.uint8))
-            starts.append(text.length)
-            text.append(_utf8(row.get("transcript", "")))
-            starts.append(text.length)
-            if "tokenized" in row:
-                text.append(_utf8(json.dumps(row["tokenized"], ensure_ascii=False)))
-            if "speech_tokens" in row:
-                dsus.append(row["speech_tokens"].astype(np.uint16))
-            if "aligned_token_start_time" in row:
-                times.append(np.asarray(row["aligned_token_start_time"] + row["aligned_token_end_time"], np.float64))
-            index.append(np.array(starts, np.int64))
-            n_rows += 1
-            if n_rows % FLUSH_ROWS == 0:
-                for file in files:
-                    file.flush()
-        index.append(np.array([dsus.length, times.length] + [text.length] * 3, np.int64))  # where a next row would start
-        bar.close()
-        for file in files:
-            file.close()
-        _check_unique_ids(np.frombuffer(id_hashes, dtype=np.uint64), source, n_dsus, fields)
-        meta = {"version": FORMAT_VERSION, "source": str(source), "fields": list(fields), "n_dsus": n_dsus,
-                "n_rows": n_rows}
-        (partial / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-        try:
-            partial.rename(directory)
-        except OSError:  # another process finished the same conversion first: keep its copy
-            if not (directory / "meta.json").exists():
-                raise
-            shutil.rmtree(partial)
+        with atomic_write(directory, directory=True, replace=False, temporary=partial):
+            _write_store(partial, source, n_dsus=n_dsus, fields=fields, frame_rate=frame_rate, progress=progress)
+    except OSError:  # another process finished the same conversion first: keep its copy
+        if not (directory / "meta.json").exists():
+            raise
     except BaseException:  # bad data, or interrupted: leave nothing behind, not even new parent directories
-        shutil.rmtree(partial, ignore_errors=True)
         for parent in created:
             try:
                 parent.rmdir()
             except OSError:
                 break
         raise
+
+
+def _write_store(partial: Path, source: str, *, n_dsus: int, fields, frame_rate: float | None, progress: bool) -> None:
+    dsus, times = _Appender(partial / "dsus.u16", np.uint16), _Appender(partial / "times.f64", np.float64)
+    text, index = _Appender(partial / "text.u8", np.uint8), _Appender(partial / "index.i64", np.int64)
+    files = (dsus, times, text, index)
+    id_hashes = array.array("Q")  # 8 bytes per row
+    total = count_rows(source) if progress else None
+    rows = iter_rows(source, n_dsus=n_dsus, fields=fields, frame_rate=frame_rate, unique_ids=False)
+    bar = tqdm(rows, total=total, desc=f"caching {source}", unit=" rows", disable=not progress,
+               dynamic_ncols=True, mininterval=1.0)
+    n_rows = 0
+    for row in bar:
+        starts = [dsus.length, times.length, text.length]
+        row_id = row["id"].encode()
+        id_hashes.append(int.from_bytes(hashlib.blake2b(row_id, digest_size=8).digest(), "little"))
+        text.append(np.frombuffer(row_id, np.uint8))
+        starts.append(text.length)
+        text.append(_utf8(row.get("transcript", "")))
+        starts.append(text.length)
+        if "tokenized" in row:
+            text.append(_utf8(json.dumps(row["tokenized"], ensure_ascii=False)))
+        if "speech_tokens" in row:
+            dsus.append(row["speech_tokens"].astype(np.uint16))
+        if "aligned_token_start_time" in row:
+            times.append(np.asarray(row["aligned_token_start_time"] + row["aligned_token_end_time"], np.float64))
+        index.append(np.array(starts, np.int64))
+        n_rows += 1
+        if n_rows % FLUSH_ROWS == 0:
+            for file in files:
+                file.flush()
+    index.append(np.array([dsus.length, times.length] + [text.length] * 3, np.int64))  # where a next row would start
+    bar.close()
+    for file in files:
+        file.close()
+    _check_unique_ids(np.frombuffer(id_hashes, dtype=np.uint64), source, n_dsus, fields)
+    meta = {"version": FORMAT_VERSION, "source": str(source), "fields": list(fields), "n_dsus": n_dsus,
+            "n_rows": n_rows}
+    (partial / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
 def _remove_abandoned(directory: Path, host: str) -> None:

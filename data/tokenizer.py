@@ -198,7 +198,7 @@ class Tokenizer:
         self.bos_id = self.special_ids["<|begin_of_text|>"]
         self.eos_id = self.special_ids["<|end_of_text|>"]
         self.eot_id = self.special_ids["<|eot_id|>"]
-        self.eom_id = self.special_ids["<|eom_id|>"]
+        self.pad_id = self.special_ids["<|finetune_right_pad_id|>"]  # right padding of batches
         self.start_header_id = self.special_ids["<|start_header_id|>"]
         self.end_header_id = self.special_ids["<|end_header_id|>"]
 

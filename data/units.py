@@ -40,6 +40,7 @@ import numpy as np
 
 from data import features
 from data.tokenizer import MAX_DSUS
+from files import atomic_write
 
 AUDIO_SUFFIXES = (".wav", ".flac")
 AUDIO_EXTRA = "pip install -r requirements-audio.txt"
@@ -639,13 +640,8 @@ def _inputs_hash(utterances: list[Utterance]) -> str:
 
 def _write_atomically(path: Path, write) -> None:
     """`write(tmp_path)`, then rename onto `path`: a crash never leaves a partial file under its name."""
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
+    with atomic_write(path, temporary=path.with_name(f".{path.name}.partial")) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _check_audio(utterances: list[Utterance], encoder: Encoder) -> None:

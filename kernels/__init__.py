@@ -3,7 +3,8 @@ to token ids, masked, truncated, and either assembled flat or packed into rows, 
 
 Contract
 --------
-Input: S samples, each a `data.samples.Pieces`, flattened by `flatten` into
+Input: S samples, each described by the `Pieces` protocol below (`data.samples.Pieces` is one),
+flattened by `flatten` into
     values                int64 (N,)    every piece's values, concatenated
     piece_offsets         int64 (P+1,)  piece k is values[piece_offsets[k]:piece_offsets[k+1]]
     piece_is_dsu          bool  (P,)    the piece holds DSU indices: deduplicated if asked, then + dsu_offset
@@ -18,8 +19,10 @@ With a speech BPE (data.tokenizer.DsuBpe), the builders deduplicate and encode e
 before the ops, so its tokens arrive as literal pieces and the ops need no BPE of their own
 (bench/RESULTS.md, "Speech BPE", has that encoding's cost).
 
-Ops (torch.ops.speech_llama, each exactly what `data.samples.assemble` gives per sample):
-- `measure` -> each sample's length (S,), after deduplication and its limit: what a packer places.
+Ops (torch.ops.speech_llama, each exactly what `data.samples.assemble` gives per sample; masked
+labels are IGNORE, -100):
+- `measure` -> each sample's length (S,), after deduplication and its limit: what a packer places (CPU only:
+  the packer runs on the host).
 - `assemble` -> Assembled(tokens, labels, sample_offsets): sample s is tokens[sample_offsets[s]:
   sample_offsets[s+1]], labels NOT shifted (label i belongs to token i), IGNORE where masked.
 - `pack`, given row_sample_offsets int64 (R+1,) (row r holds samples row_sample_offsets[r]:
@@ -37,7 +40,11 @@ Ops (torch.ops.speech_llama, each exactly what `data.samples.assemble` gives per
   A packed batch feeds `model(tokens, positions, document_ids, labels=targets)` as it is.
 
 One more op serves the builders rather than the batch: `interleave_draws`, the random draws of CPT
-interleaving (data.samples.interleave_draws) for many rows at once, bit for bit NumPy's.
+interleaving for many rows at once, bit for bit what NumPy's `default_rng((seed, epoch, row))`
+draws (data.samples.interleave_draws).
+
+This package imports nothing of the project: callers pass plain arrays and objects that have the
+`Pieces` protocol's attributes.
 
 Where each sample goes is decided from `measure`'s lengths alone by `FirstFitPacker` (first fit
 over a bounded window of open rows, streaming; kernels.packing); `place` runs it over one epoch.
@@ -49,18 +56,28 @@ wait for the GPU to validate the offsets and to size or check their outputs.
 """
 
 from itertools import chain
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Protocol, Sequence
 
 import numpy as np
 import torch
 
-from data.samples import SEED, Interleave, Pieces
-from data.samples import interleave_draws as numpy_interleave_draws
 from kernels import build, reference
-from kernels.packing import FirstFitPacker, Packed, place
+from kernels.packing import IGNORE, FirstFitPacker, Packed, place
 
-__all__ = ["Assembled", "FirstFitPacker", "FlatBatch", "Packed", "assemble", "assemble_batch", "flatten",
+__all__ = ["IGNORE", "Assembled", "FirstFitPacker", "FlatBatch", "Packed", "Pieces", "assemble_batch", "flatten",
            "interleave_draws", "measure", "pack", "place"]
+
+
+class Pieces(Protocol):
+    """One sample before assembly: `values[k]` is a run of token ids, or of DSU indices when
+    `is_dsu[k]`; `masked[k]` gives the run IGNORE labels; at most `limit` tokens are kept (None: all),
+    and when that cuts the sample, its last kept token becomes `force_last` (None: stays), masked."""
+
+    values: Sequence[Sequence[int]]
+    is_dsu: Sequence[bool]
+    masked: Sequence[bool]
+    limit: int | None
+    force_last: int | None
 
 
 class FlatBatch(NamedTuple):
@@ -79,12 +96,6 @@ class Assembled(NamedTuple):
     tokens: torch.Tensor  # (T,)
     labels: torch.Tensor  # (T,), unshifted
     sample_offsets: torch.Tensor  # (S + 1,)
-
-    def samples(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Each sample's (tokens, labels) as NumPy arrays of its own (copies: no sample keeps the batch alive)."""
-        tokens, labels = self.tokens.cpu().numpy(), self.labels.cpu().numpy()
-        offsets = self.sample_offsets.tolist()
-        return [(tokens[a:b].copy(), labels[a:b].copy()) for a, b in zip(offsets[:-1], offsets[1:])]
 
 
 def _offsets(lengths: np.ndarray) -> np.ndarray:
@@ -122,13 +133,14 @@ def _run(op: str, batch: FlatBatch, extra_tensors: tuple, args: tuple, device) -
     return getattr(torch.ops.speech_llama, op)(*inputs, *args)
 
 
-def interleave_draws(indices: Sequence[int], n_words: Sequence[int], epoch: int, settings: Interleave = Interleave(),
-                     seed: int = SEED) -> list[tuple[bool, np.ndarray]]:
-    """`data.samples.interleave_draws` for many rows at once: the C++ op where it applies (the
-    binomial's inversion regime, as the reference's settings are), NumPy otherwise."""
-    n, p = int(settings.mean_seq_len_tokens), settings.binom_prob
+def interleave_draws(indices: Sequence[int], n_words: Sequence[int], epoch: int, n: int, p: float,
+                     seed: int) -> list[tuple[bool, np.ndarray]] | None:
+    """For each row i with w words: (whether it starts with text, w span lengths in words, each
+    max(1, Binomial(n, p))), drawn from `default_rng((seed, epoch, i))` as NumPy draws them. None
+    where the op does not apply (no extension, or outside the binomial's inversion regime, which
+    the reference's settings are in): the caller draws with NumPy then."""
     if build.extension() is None or min(p, 1 - p) * n > 30:
-        return [numpy_interleave_draws(i, epoch, w, settings, seed) for i, w in zip(indices, n_words)]
+        return None
     counts = np.fromiter(n_words, np.int64, len(n_words))
     text_first, lengths = torch.ops.speech_llama.interleave_draws(
         torch.from_numpy(np.fromiter(indices, np.int64, len(indices))), torch.from_numpy(counts), seed, epoch, n, p)
@@ -140,16 +152,11 @@ def measure(batch: FlatBatch, deduplicate: bool) -> np.ndarray:
     return np.asarray(_run("measure", batch, (), (deduplicate,), torch.device("cpu")))
 
 
-def assemble(batch: FlatBatch, dsu_offset: int, deduplicate: bool, device=None) -> Assembled:
-    """The op's flat tokens and labels, on `device`."""
-    device = torch.device(device if device is not None else "cpu")
-    outputs = _run("assemble", batch, (), (dsu_offset, deduplicate), device)
-    return Assembled(*(t.to(device) for t in outputs))
-
-
 def assemble_batch(samples: Sequence[Pieces], dsu_offset: int, deduplicate: bool, device=None) -> Assembled:
-    """Every sample's tokens and unshifted labels, flat, as `data.samples.assemble` gives them."""
-    return assemble(flatten(samples), dsu_offset, deduplicate, device)
+    """Every sample's tokens and unshifted labels, flat, on `device`, as `data.samples.assemble` gives them."""
+    device = torch.device(device if device is not None else "cpu")
+    outputs = _run("assemble", flatten(samples), (), (dsu_offset, deduplicate), device)
+    return Assembled(*(t.to(device) for t in outputs))
 
 
 def pack(rows: Sequence[Sequence[Pieces]], dsu_offset: int, deduplicate: bool, max_seq_len: int, pad_id: int,

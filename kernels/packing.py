@@ -7,6 +7,8 @@ from typing import Hashable, NamedTuple, Sequence
 
 import torch
 
+IGNORE = -100  # the label of a token that is not trained on (torch's cross-entropy ignore_index)
+
 
 class Packed(NamedTuple):
     tokens: torch.Tensor  # (R, L)

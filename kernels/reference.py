@@ -6,7 +6,7 @@ the C++ and CUDA ops to it.
 import numpy as np
 import torch
 
-from data.samples import IGNORE
+from kernels.packing import IGNORE
 
 
 def _assembled(values, piece_offsets, piece_is_dsu, piece_masked, sample_piece_offsets, sample_limit,

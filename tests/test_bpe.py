@@ -19,7 +19,7 @@ import kernels
 import train
 from data.dataset import load_rows
 from data.samples import Interleave, SampleBuilder, deduplicate_runs
-from data.tiny_model import make_tiny_model
+from tiny_model import make_tiny_model
 from data.tokenizer import DSU_BPE_MODEL, DSU_BPE_SETTINGS, Tokenizer, TokenizerFileError, read_bpe_file
 from model import Llama
 from tests import tiny

@@ -1,4 +1,4 @@
-"""extend.py on tiny Llama 3.2-layout models (data/tiny_model.py) and on the real Llama 3 tokenizer."""
+"""extend.py on tiny Llama 3.2-layout models (tiny_model.py) and on the real Llama 3 tokenizer."""
 
 import hashlib
 import json
@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import extend
-from data.tiny_model import make_tiny_model
+from tiny_model import make_tiny_model
 from data.tokenizer import LLAMA3_SPECIAL_TOKENS, MODALITY_SPEECH, MODALITY_TEXT, Tokenizer, dsu_char
 
 N_SPECIAL = len(LLAMA3_SPECIAL_TOKENS)

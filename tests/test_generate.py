@@ -16,7 +16,7 @@ from safetensors import safe_open
 import extend
 import generate
 import train
-from data.tiny_model import make_tiny_model
+from tiny_model import make_tiny_model
 from data.tokenizer import Tokenizer
 from generate import Sampling, build_prompts, next_tokens
 from model import Llama, ModelConfig

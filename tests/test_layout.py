@@ -1,5 +1,5 @@
 """The layering the project keeps: each stage script stands alone (shared pieces live in config.py,
-model.py, data/ and kernels/), and model.py and data/ do not import each other."""
+model.py, data/ and kernels/), model.py and data/ do not import each other, and kernels/ imports nothing of the project."""
 
 import ast
 from pathlib import Path
@@ -31,3 +31,9 @@ def test_model_and_data_do_not_import_each_other():
     assert "data" not in imported_modules(ROOT / "model.py")
     for path in sorted((ROOT / "data").glob("*.py")):
         assert "model" not in imported_modules(path), path.name
+
+
+def test_kernels_import_nothing_of_the_project():
+    project = {p.stem for p in ROOT.glob("*.py")} | {p.name for p in ROOT.iterdir() if p.is_dir() and p.name != "kernels"}
+    for path in sorted((ROOT / "kernels").glob("*.py")):
+        assert imported_modules(path) & project == set(), path.name

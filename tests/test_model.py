@@ -10,8 +10,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from kernels import IGNORE
 from model import (
-    IGNORE_INDEX,
+    CompiledForward,
     Llama,
     ModelConfig,
     chunked_cross_entropy,
@@ -19,7 +20,7 @@ from model import (
     init_weights,
     load_hf_state_dict,
     num_params,
-    save_safetensors,
+    save_pretrained,
 )
 
 VOCAB = 300
@@ -107,8 +108,7 @@ def test_llama3_scaling_changes_the_model():
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_saved_checkpoint_loads_in_transformers(tmp_path, tied):
     model = tiny_model(tied)
-    save_safetensors(model, tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text(json.dumps(model.config.to_hf()))
+    save_pretrained(tmp_path, model.config, model.state_dict())
 
     with safe_open(tmp_path / "model.safetensors", "pt") as saved:
         assert saved.metadata() == {"format": "pt"}
@@ -132,7 +132,7 @@ def test_tied_checkpoint_with_a_copy_of_the_head_loads(tmp_path):
 
 def test_from_pretrained_rejects_weights_that_do_not_match_the_config(tmp_path):
     model = tiny_model()
-    save_safetensors(model, tmp_path / "model.safetensors")
+    save_pretrained(tmp_path, model.config, model.state_dict())
     (tmp_path / "config.json").write_text(json.dumps({**model.config.to_hf(), "num_hidden_layers": 3}))
     with pytest.raises(ValueError, match="missing.*model.layers.2"):
         Llama.from_pretrained(tmp_path)
@@ -143,7 +143,7 @@ def test_from_pretrained_rejects_weights_that_do_not_match_the_config(tmp_path):
 
 def test_from_pretrained_uses_the_config_dtype(tmp_path):
     model = tiny_model()
-    save_safetensors(model, tmp_path / "model.safetensors")
+    save_pretrained(tmp_path, model.config, model.state_dict())
     (tmp_path / "config.json").write_text(json.dumps({**model.config.to_hf(), "torch_dtype": "bfloat16"}))
     reloaded = Llama.from_pretrained(tmp_path)
     assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
@@ -208,7 +208,7 @@ def test_chunked_cross_entropy_equals_full_cross_entropy(chunk_size):
     hidden = torch.randn(3, 37, 64, generator=generator, requires_grad=True)
     weight = torch.randn(VOCAB, 64, generator=generator, requires_grad=True)
     labels = torch.randint(0, VOCAB, (3, 37), generator=generator)
-    labels[torch.rand(3, 37, generator=generator) < 0.3] = IGNORE_INDEX
+    labels[torch.rand(3, 37, generator=generator) < 0.3] = IGNORE
 
     loss, count = chunked_cross_entropy(hidden, weight, labels, chunk_size=chunk_size)
     (loss / 10).backward()  # a non-unit upstream gradient, as when the trainer normalises
@@ -217,7 +217,7 @@ def test_chunked_cross_entropy_equals_full_cross_entropy(chunk_size):
     expected = reference_loss(hidden, weight, labels)
     (expected / 10).backward()
 
-    assert count.item() == (labels != IGNORE_INDEX).sum().item()
+    assert count.item() == (labels != IGNORE).sum().item()
     assert loss.dtype == torch.float32
     assert torch.allclose(loss, expected, rtol=1e-5)
     assert torch.allclose(grads[0], hidden.grad, atol=1e-6)
@@ -227,7 +227,7 @@ def test_chunked_cross_entropy_equals_full_cross_entropy(chunk_size):
 def test_chunked_cross_entropy_with_no_targets_is_zero_and_differentiable():
     hidden = torch.randn(2, 5, 64, requires_grad=True)
     weight = torch.randn(VOCAB, 64, requires_grad=True)
-    loss, count = chunked_cross_entropy(hidden, weight, torch.full((2, 5), IGNORE_INDEX), chunk_size=4)
+    loss, count = chunked_cross_entropy(hidden, weight, torch.full((2, 5), IGNORE), chunk_size=4)
     loss.backward()
     assert loss.item() == 0 and count.item() == 0
     assert not hidden.grad.any() and not weight.grad.any()
@@ -236,7 +236,7 @@ def test_chunked_cross_entropy_with_no_targets_is_zero_and_differentiable():
 def test_forward_with_labels_returns_the_chunked_loss():
     model = tiny_model(tied=True)
     tokens = random_tokens(2, 30)
-    labels = torch.cat([tokens[:, 1:], torch.full((2, 1), IGNORE_INDEX)], dim=1)
+    labels = torch.cat([tokens[:, 1:], torch.full((2, 1), IGNORE)], dim=1)
     model.loss_chunk_size = 11
     loss, count = model(tokens, labels=labels)
     expected = reference_loss(model(tokens), model.model.embed_tokens.weight, labels)
@@ -278,7 +278,7 @@ def test_packed_documents_equal_separate_forwards(backend, device):
 
 def test_activation_checkpointing_gives_the_same_gradients():
     tokens, positions, document_ids = packed_batch()
-    labels = torch.cat([tokens[:, 1:], torch.full((tokens.shape[0], 1), IGNORE_INDEX)], dim=1)
+    labels = torch.cat([tokens[:, 1:], torch.full((tokens.shape[0], 1), IGNORE)], dim=1)
     grads = []
     for checkpointing in (False, True):
         model = tiny_model()
@@ -309,3 +309,23 @@ def test_init_weights_is_deterministic():
     assert not torch.equal(a.model.embed_tokens.weight, c.model.embed_tokens.weight)
     assert torch.equal(a.model.norm.weight, torch.ones(64))
     assert abs(a.model.embed_tokens.weight.std().item() - 0.02) < 0.002
+
+
+def test_a_compiler_failure_falls_back_to_the_eager_model_with_a_warning(monkeypatch, capsys):
+    model = tiny_model()
+    tokens = random_tokens(2, 16)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler\nmore detail")
+
+    monkeypatch.setattr(torch, "compile", lambda module: broken)
+    forward = CompiledForward(model, announce=True)
+    with pytest.warns(UserWarning, match="torch.compile failed, running uncompiled: RuntimeError: no C\\+\\+ compiler$"):
+        first = forward(tokens)
+    assert torch.equal(first, model(tokens)) and torch.equal(forward(tokens), first)
+    assert "torch.compile took" not in capsys.readouterr().out
+
+    monkeypatch.setattr(torch, "compile", lambda module: module)  # compiles: the time is printed once
+    forward = CompiledForward(model, announce=True)
+    forward(tokens), forward(tokens)
+    assert capsys.readouterr().out.count("torch.compile took") == 1

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 import config
 import kernels
 import train
+from data import batches
 from data.dataset import SCHEMA_FIELDS, load_rows
 from data.samples import IGNORE, Pieces, SampleBuilder, assemble
 from data.tokenizer import Tokenizer
@@ -109,15 +110,14 @@ def mini_lengths(extended_tokenizer):
             pieces = [builder.cpt_interleaved_pieces(rows[i], int(i), 0) for i in order]
         else:
             pieces = [builder.sft_asr_pieces(rows[i], config.DEFAULT_SYSTEM_PROMPT, False) for i in order]
-        assembled = kernels.assemble_batch(pieces, tok.dsu_offset, True)
-        out[task, max_seq_len] = np.diff(assembled.sample_offsets.numpy())
+        out[task, max_seq_len] = kernels.measure(kernels.flatten(pieces), True)
     return out
 
 
 @pytest.mark.parametrize("task, max_seq_len", [("cpt", 768), ("sft", 2048)])
 def test_waste_is_under_5_percent_on_the_bundled_corpus(mini_lengths, task, max_seq_len):
     lengths = mini_lengths[task, max_seq_len]
-    packed = waste(kernels.place(lengths, max_seq_len, train.PACK_OPEN_ROWS), lengths, max_seq_len)
+    packed = waste(kernels.place(lengths, max_seq_len, batches.PACK_OPEN_ROWS), lengths, max_seq_len)
     greedy = waste(kernels.place(lengths, max_seq_len, 1), lengths, max_seq_len)  # one open row: next fit
     assert packed < 0.05 and packed < greedy, (packed, greedy)
 
@@ -224,27 +224,26 @@ def assets(tmp_path_factory):
     )
 
 
-def sequences(assets, task: str, max_seq_len: int | None, *overrides: str) -> train.Sequences:
+def sequences(assets, task: str, max_seq_len: int | None, *overrides: str) -> batches.Sequences:
     cfg = train.load_config(CONFIGS / f"tiny_{task}.json", [
         f"run_dir={assets.root / 'run'}", f"model.path={assets.model}", f"data.train={assets.train}", f"data.n_dsus={tiny.N_DSUS}",
         *overrides,
     ])
     cfg["data"]["max_seq_len"] = max_seq_len
     tok = Tokenizer(assets.model / "original" / "tokenizer.model")
-    return train.load_data(cfg, tok)[0]
+    return batches.load_data(cfg["data"], Path(cfg["run_dir"]), tok)[0]
 
 
 @pytest.mark.parametrize("task", ["cpt", "sft"])
 def test_stream_gives_every_sequence_once_per_epoch_as_built_and_restores_exactly(assets, monkeypatch, task):
     # A window of 3 open rows forces evictions; rows as long as the median sequence cut about
     # half of them (the builders' truncation, as unpacked).
-    monkeypatch.setattr(train, "PACK_OPEN_ROWS", 3)
-    monkeypatch.setattr(train, "PACK_LOOKAHEAD", 5)
+    monkeypatch.setattr(batches, "PACK_OPEN_ROWS", 3)
+    monkeypatch.setattr(batches, "PACK_LOOKAHEAD", 5)
     unbounded = sequences(assets, task, None)
-    max_seq_len = int(np.median([len(unbounded.build(i, 0)[0]) for i in range(len(unbounded))]))
+    max_seq_len = int(np.median([len(tiny.built(unbounded, i, 0)[0]) for i in range(len(unbounded))]))
     seqs = sequences(assets, task, max_seq_len)
-    cfg = {"seed": 5, "data": {"shuffle": True, "max_seq_len": max_seq_len}}
-    packed = train.PackedStream(seqs, cfg)
+    packed = batches.PackedStream(seqs, max_seq_len, seed=5, shuffle=True)
 
     def key(sample):  # a built sequence, or the pieces of one
         tokens, labels = seqs.builder.assemble(sample) if isinstance(sample, Pieces) else sample
@@ -257,28 +256,28 @@ def test_stream_gives_every_sequence_once_per_epoch_as_built_and_restores_exactl
         epoch, indices, samples = packed.next_row()
         if epoch == 3:
             break
-        assert [key(s) for s in samples] == [key(seqs.pieces(i, epoch)) for i in indices]
+        assert [key(s) for s in samples] == [key(s) for s in seqs.pieces_many(indices, epoch)]
         draws.append((state, epoch, [key(s) for s in samples]))
         assert 0 < sum(len(t) for t, _ in draws[-1][2]) <= max_seq_len
         seen[epoch].update(map(key, samples))
         assert len(packed.packer.open_rows) <= 3 and len(packed.ahead) <= 5  # bounded memory
         assert len(packed.open_samples) == sum(map(len, packed.packer.open_rows))
     for epoch, got in seen.items():
-        built = [seqs.build(i, epoch) for i in range(len(seqs))]
-        assert got == Counter(map(key, built)), epoch
+        built_now = [tiny.built(seqs, i, epoch) for i in range(len(seqs))]
+        assert got == Counter(map(key, built_now)), epoch
         # placed as kernels.place places the epoch's order
-        lengths = [len(built[i][0]) for i in train.epoch_order(len(seqs), 5, epoch, True)]
+        lengths = [len(built_now[i][0]) for i in batches.epoch_order(len(seqs), 5, epoch, True)]
         placed = [[lengths[i] for i in row] for row in kernels.place(lengths, max_seq_len, 3)]
         assert [[len(tokens) for tokens, _ in row] for _, e, row in draws if e == epoch] == placed
-        assert max(len(t) for t, _ in built) == max_seq_len - (task == "cpt")  # cut as unpacked: CPT to L - 1
+        assert max(len(t) for t, _ in built_now) == max_seq_len - (task == "cpt")  # cut as unpacked: CPT to L - 1
     if task == "sft":
-        assert any(t[-1] == seqs.builder.tok.eos_id and len(t) == max_seq_len for t, _ in built)  # forced end
+        assert any(t[-1] == seqs.builder.tok.eos_id and len(t) == max_seq_len for t, _ in built_now)  # forced end
 
     # Restore from many states (mid-epoch, mid-flush, at an epoch's start): the same next rows.
     assert any(s["open_rows"] and 0 < s["position"] < len(seqs) for s, _, _ in draws[::5])
     assert any(s["position"] == len(seqs) and s["open_rows"] for s, _, _ in draws[::5])
     for k in range(0, len(draws), 5):
-        restored = train.PackedStream(seqs, cfg)
+        restored = batches.PackedStream(seqs, max_seq_len, seed=5, shuffle=True)
         restored.load_state_dict(torch.load(save(draws[k][0]), weights_only=True))
         for state, epoch, want in draws[k : k + 4]:
             got_epoch, _, got = restored.next_row()
@@ -301,8 +300,8 @@ def save(state: dict):
 def test_loss_and_gradients_over_packed_rows_equal_the_unpacked_batches(assets):
     seqs = sequences(assets, "cpt", 128)
     model = Llama.from_pretrained(assets.model, dtype=torch.float32)
-    samples = [seqs.build(i, 0) for i in range(24)]
-    pad_id = seqs.builder.tok.special_ids["<|finetune_right_pad_id|>"]
+    samples = [tiny.built(seqs, i, 0) for i in range(24)]
+    pad_id = seqs.pad_id
 
     def loss_and_grads(batches):
         model.zero_grad()
@@ -310,8 +309,8 @@ def test_loss_and_gradients_over_packed_rows_equal_the_unpacked_batches(assets):
         (loss_sum / count).backward()
         return loss_sum.item(), count.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    unpacked = loss_and_grads([train.collate(samples[k : k + 4], pad_id) for k in range(0, 24, 4)])
-    rows = [[seqs.pieces(i, 0) for i in row] for row in kernels.place([len(t) for t, _ in samples], 128, 8)]
+    unpacked = loss_and_grads([batches.collate(seqs.assembled(range(k, k + 4), 0), pad_id) for k in range(0, 24, 4)])
+    rows = [seqs.pieces_many(row, 0) for row in kernels.place([len(t) for t, _ in samples], 128, 8)]
     assert len(rows) < 24 / 2  # packing put several sequences in most rows
     packed = loss_and_grads([kernels.pack(rows, seqs.builder.tok.dsu_offset, True, 128, pad_id)])
     assert packed[1] == unpacked[1]
@@ -363,8 +362,8 @@ def test_packed_run_trains_like_the_unpacked_run_on_the_same_sequences(assets, t
     data = tiny.write_jsonl(tmp_path / "equal.jsonl", equal_length_rows(16))
     seqs = sequences(SimpleNamespace(root=tmp_path, model=assets.model, train=data), "cpt", None,
                      "data.cpt.sequence_type=concatenated_txt_dsu", "data.deduplicate=false")
-    length = len(seqs.build(0, 0)[0])
-    assert {len(seqs.build(i, 0)[0]) for i in range(16)} == {length}
+    length = len(tiny.built(seqs, 0, 0)[0])
+    assert {len(tiny.built(seqs, i, 0)[0]) for i in range(16)} == {length}
     common = ["data.cpt.sequence_type=concatenated_txt_dsu", "data.deduplicate=false", f"data.max_seq_len={4 * length}",
               "train.grad_accum=2", "train.max_steps=4", "train.save_steps=4"]  # 2 steps per epoch
     unpacked, packed = tmp_path / "unpacked", tmp_path / "packed"
@@ -391,7 +390,7 @@ SMALL_WINDOW = 6  # open rows: 64 tiny sequences would all fit in the default wi
 
 def packed_run(args: list[str]) -> int:
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "PACK_OPEN_ROWS", SMALL_WINDOW)
+        patch.setattr(batches, "PACK_OPEN_ROWS", SMALL_WINDOW)
         return train.main(args)
 
 

@@ -21,11 +21,12 @@ import config
 import generate
 import train
 import wer
-from data import reference_run
+from data import batches, reference_run
 from data.dataset import DataError, Source, dataset_name, load_rows, resolve_files
-from data.tiny_model import make_tiny_model, random_weights
 from data.tokenizer import Tokenizer, extended_tokenizer_bytes, read_bpe_file
+from model import Llama, ModelConfig, init_weights
 from tests.tiny import rows as tiny_rows
+from tiny_model import make_tiny_model
 
 N_DSUS = 5000
 DATASET = "mls-hubert_large_ll60k-layer_22"
@@ -150,7 +151,9 @@ def ref(tmp_path_factory, llama3_tokenizer_file):
     params = json.loads((model / "original" / "params.json").read_text())
     (model / "original" / "params.json").write_text(json.dumps({**params, "vocab_size": tok.vocab_size}))
     (model / "model.safetensors").unlink()
-    weights = random_weights(tok.vocab_size, 16, 1, 2, 1, 32, 0, __import__("torch").float32)
+    reference_model = Llama(ModelConfig.from_file(model / "config.json"))
+    init_weights(reference_model, seed=0)
+    weights = reference_model.state_dict()
     save_file(weights, model / "ft-model-00001-of-00001.safetensors", metadata={"format": "pt"})
     (model / "model.safetensors.index.json").write_text(json.dumps({
         "metadata": {"total_size": sum(w.numel() * 4 for w in weights.values())},
@@ -394,7 +397,7 @@ def test_a_hub_data_directory_never_yields_a_test_row_in_training(ref, tmp_path)
     cfg = train.load_config(None, [f"run_dir={tmp_path / 'run'}", f"model.path={ref['model']}",
                                    f"data.train={ref['hub'] / 'data'}", f"data.dev={ref['hub']}",
                                    f"data.n_dsus={N_DSUS}", "data.task=\"sft\"", "train.max_steps=1"])
-    seqs, dev = train.load_data(cfg, ref["tok"])
+    seqs, dev = batches.load_data(cfg["data"], Path(cfg["run_dir"]), ref["tok"])
     assert [seqs.rows[i]["id"] for i in range(len(seqs))] == [r["ID"] for r in ref["splits"]["train"]]
     assert [dev.rows[i]["id"] for i in range(len(dev))] == [r["ID"] for r in ref["splits"]["validation"]]
 

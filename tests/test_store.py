@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import train
+from data import batches
 from data import store as store_module
 from data.dataset import ASR_FIELDS, SCHEMA_FIELDS, DataError, load_rows
 from data.store import open_store
@@ -148,10 +149,10 @@ def test_training_sequences_from_the_store_equal_those_from_loaded_rows(tmp_path
         *overrides,
     ])
     tok = Tokenizer(model / "original" / "tokenizer.model")
-    from_store, _ = train.load_data(cfg, tok)
+    from_store, _ = batches.load_data(cfg["data"], Path(cfg["run_dir"]), tok)
     assert (tmp_path / "run" / "data_cache").is_dir()
-    in_memory = train.Sequences(load_rows(str(data), n_dsus=tiny.N_DSUS), cfg["data"], tok)
+    in_memory = batches.Sequences.from_config(load_rows(str(data), n_dsus=tiny.N_DSUS), cfg["data"], tok)
     for epoch in (0, 1):
         for i in range(len(in_memory)):
-            for a, b in zip(from_store.build(i, epoch), in_memory.build(i, epoch)):
+            for a, b in zip(tiny.built(from_store, i, epoch), tiny.built(in_memory, i, epoch)):
                 np.testing.assert_array_equal(a, b)

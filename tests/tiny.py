@@ -42,9 +42,14 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 def extended_model(root: Path, n_dsus: int = N_DSUS) -> Path:
     """A 2-layer, 64-wide random Llama with a 300-rank BPE vocabulary, extended with `n_dsus` DSUs."""
     import extend
-    from data.tiny_model import make_tiny_model
+    from tiny_model import make_tiny_model
 
     text = " ".join(" ".join(r["tokenized"]) for r in rows(400, seed=1, prefix="text"))
     base = make_tiny_model(root / "base", text, vocab_size=300, hidden=64, layers=2, heads=4, kv_heads=2,
                            intermediate=128, seed=0)
     return extend.extend(base, n_dsus, modality_tokens=True, out_dir=root / f"extended-{n_dsus}", seed=0)
+
+
+def built(seqs, index: int, epoch: int):
+    """The (tokens, labels) of one sequence of `data.batches.Sequences`, assembled on its own in NumPy."""
+    return seqs.builder.assemble(seqs.pieces_many([index], epoch)[0])

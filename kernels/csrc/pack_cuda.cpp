@@ -84,15 +84,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> assemble_cuda(
   return {tokens, labels, offsets};
 }
 
-at::Tensor measure_cuda(const at::Tensor& values, const at::Tensor& piece_offsets, const at::Tensor& piece_is_dsu,
-                        const at::Tensor& piece_masked, const at::Tensor& sample_piece_offsets,
-                        const at::Tensor& sample_limit, const at::Tensor& sample_force_last, bool deduplicate) {
-  const at::Tensor offsets = std::get<2>(assemble_cuda(values, piece_offsets, piece_is_dsu, piece_masked,
-                                                       sample_piece_offsets, sample_limit, sample_force_last, 0,
-                                                       deduplicate));
-  return offsets.diff();
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pack_cuda(
     const at::Tensor& values, const at::Tensor& piece_offsets, const at::Tensor& piece_is_dsu,
     const at::Tensor& piece_masked, const at::Tensor& sample_piece_offsets, const at::Tensor& sample_limit,
@@ -134,7 +125,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pack_cuda(
 }  // namespace speech_llama
 
 TORCH_LIBRARY_IMPL(speech_llama, CUDA, m) {
-  m.impl("measure", &speech_llama::measure_cuda);
   m.impl("assemble", &speech_llama::assemble_cuda);
   m.impl("pack", &speech_llama::pack_cuda);
 }

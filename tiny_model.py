@@ -4,8 +4,10 @@ For tests and demos, where no real checkpoint is available. The directory holds 
 `generation_config.json`, `model.safetensors` (tied embeddings, so no `lm_head.weight`),
 `original/tokenizer.model` (a tiktoken BPE file learnt from the given text; the 256 Llama 3
 special tokens follow its ranks, as in the real file) and `original/params.json` (Meta's format).
+The model is model.py's `Llama`, initialised by its `init_weights` and written by its
+`save_pretrained`, as train.py writes checkpoints.
 
-    python -m data.tiny_model OUT_DIR --text FILE [--vocab-size 512] [--hidden 128] ...
+    python tiny_model.py OUT_DIR --text FILE [--vocab-size 512] [--hidden 128] ...
 """
 
 import argparse
@@ -13,14 +15,13 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
 from tiktoken._educational import bpe_train
 
 from data.dataset import load_rows
 from data.tokenizer import LLAMA3_SPECIAL_TOKENS, PUA_AWARE_PATTERN, bpe_lines
+from files import atomic_write
+from model import DTYPES, Llama, ModelConfig, init_weights, save_pretrained
 
-INIT_STD = 0.02
 NORM_EPS = 1e-5
 ROPE_THETA = 500000.0
 # Llama 3.2's context length and "llama3" RoPE scaling, copied as the real config has them.
@@ -32,7 +33,6 @@ ROPE_SCALING = {
     "original_max_position_embeddings": 8192,
     "rope_type": "llama3",
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def learn_bpe(text: str, n_ranks: int) -> list[bytes]:
@@ -56,32 +56,6 @@ def meta_ffn_params(hidden: int, intermediate: int) -> tuple[float, int]:
     if sized != intermediate:
         raise ValueError(f"intermediate size {intermediate} cannot be written in Meta's params.json for dim {hidden}")
     return multiplier, multiple_of
-
-
-def random_weights(
-    vocab_size: int, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int,
-    seed: int, dtype: torch.dtype,
-) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-
-    def normal(*shape: int) -> torch.Tensor:
-        return (torch.randn(*shape, generator=generator) * INIT_STD).to(dtype)
-
-    head_dim = hidden // heads
-    weights = {"model.embed_tokens.weight": normal(vocab_size, hidden)}
-    for i in range(layers):
-        prefix = f"model.layers.{i}."
-        weights[prefix + "self_attn.q_proj.weight"] = normal(heads * head_dim, hidden)
-        weights[prefix + "self_attn.k_proj.weight"] = normal(kv_heads * head_dim, hidden)
-        weights[prefix + "self_attn.v_proj.weight"] = normal(kv_heads * head_dim, hidden)
-        weights[prefix + "self_attn.o_proj.weight"] = normal(hidden, heads * head_dim)
-        weights[prefix + "mlp.gate_proj.weight"] = normal(intermediate, hidden)
-        weights[prefix + "mlp.up_proj.weight"] = normal(intermediate, hidden)
-        weights[prefix + "mlp.down_proj.weight"] = normal(hidden, intermediate)
-        weights[prefix + "input_layernorm.weight"] = torch.ones(hidden, dtype=dtype)
-        weights[prefix + "post_attention_layernorm.weight"] = torch.ones(hidden, dtype=dtype)
-    weights["model.norm.weight"] = torch.ones(hidden, dtype=dtype)
-    return weights
 
 
 def make_tiny_model(
@@ -111,32 +85,12 @@ def make_tiny_model(
     n_vocab = len(tokens) + len(LLAMA3_SPECIAL_TOKENS)
     bos_id, eos_id = len(tokens), len(tokens) + 1  # <|begin_of_text|>, <|end_of_text|>
 
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "bos_token_id": bos_id,
-        "eos_token_id": eos_id,
-        "head_dim": hidden // heads,
-        "hidden_act": "silu",
-        "hidden_size": hidden,
-        "initializer_range": INIT_STD,
-        "intermediate_size": intermediate,
-        "max_position_embeddings": MAX_POSITIONS,
-        "mlp_bias": False,
-        "model_type": "llama",
-        "num_attention_heads": heads,
-        "num_hidden_layers": layers,
-        "num_key_value_heads": kv_heads,
-        "pretraining_tp": 1,
-        "rms_norm_eps": NORM_EPS,
-        "rope_scaling": ROPE_SCALING,
-        "rope_theta": rope_theta,
-        "tie_word_embeddings": True,
-        "torch_dtype": dtype,
-        "use_cache": True,
-        "vocab_size": n_vocab,
-    }
+    config = ModelConfig(
+        vocab_size=n_vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, rms_norm_eps=NORM_EPS, rope_theta=rope_theta,
+        rope_scaling=ROPE_SCALING, max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=True,
+        bos_token_id=bos_id, eos_token_id=eos_id, torch_dtype=dtype,
+    )
     generation_config = {
         "bos_token_id": bos_id,
         "do_sample": True,
@@ -156,20 +110,22 @@ def make_tiny_model(
         "use_scaled_rope": True,
         "vocab_size": n_vocab,
     }
-    weights = random_weights(n_vocab, hidden, layers, heads, kv_heads, intermediate, seed, DTYPES[dtype])
+    model = Llama(config)
+    init_weights(model, seed)
 
-    (out_dir / "original").mkdir(parents=True)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out_dir / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
-    (out_dir / "original" / "params.json").write_text(json.dumps(params, indent=2) + "\n")
-    (out_dir / "original" / "tokenizer.model").write_bytes(bpe_lines(tokens, 0))
-    save_file(weights, out_dir / "model.safetensors", metadata={"format": "pt"})
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out_dir, directory=True, replace=False) as tmp:
+        (tmp / "original").mkdir()
+        save_pretrained(tmp, config, model.to(DTYPES[dtype]).state_dict())
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
+        (tmp / "original" / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+        (tmp / "original" / "tokenizer.model").write_bytes(bpe_lines(tokens, 0))
     return out_dir
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m data.tiny_model",
+        prog="python tiny_model.py",
         description="Write a small random Llama 3.2-layout model (Hugging Face layout plus original/) "
         "whose BPE tokenizer is learnt from a text file.",
     )

@@ -1,0 +1,53 @@
+"""files.atomic_write: the one way outputs are written."""
+
+import os
+import stat
+
+import pytest
+
+from files import atomic_write
+
+
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    yield
+    os.umask(old)
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_a_file_appears_complete_with_the_umask_permissions(tmp_path, umask_027):
+    target = tmp_path / "out.json"
+    with atomic_write(target) as tmp:
+        tmp.write_text("partial")
+        assert not target.exists()  # nothing under the real name until the end
+        os.chmod(tmp, 0o600)  # as mkstemp and safetensors create files
+    assert target.read_text() == "partial" and mode(target) == 0o640
+    assert os.listdir(tmp_path) == ["out.json"]
+
+
+def test_a_failure_leaves_the_old_output_and_no_temporary(tmp_path):
+    target = tmp_path / "out.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_write(target) as tmp:
+        tmp.write_text("new")
+        raise RuntimeError("cut short")
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["out.json"]
+
+
+def test_directories_replace_or_refuse_and_leftovers_of_a_kill_are_removed(tmp_path, umask_027):
+    target = tmp_path / "step_1"
+    (tmp_path / ".tmp-step_1").mkdir()  # what a killed write left
+    (tmp_path / ".tmp-step_1" / "stale").write_text("")
+    with atomic_write(target, directory=True) as tmp:
+        (tmp / "a").write_text("1")
+    assert os.listdir(target) == ["a"] and mode(target) == 0o750
+    with atomic_write(target, directory=True) as tmp:  # replace (the default)
+        (tmp / "b").write_text("2")
+    assert os.listdir(target) == ["b"]
+    with pytest.raises(FileExistsError), atomic_write(target, directory=True, replace=False) as tmp:
+        (tmp / "c").write_text("3")
+    assert os.listdir(target) == ["b"] and sorted(os.listdir(tmp_path)) == ["step_1"]
