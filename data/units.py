@@ -463,7 +463,19 @@ class HubertEncoder(Encoder):
         return [hidden[i, : self.frames(n)].float() for i, n in enumerate(lengths)]
 
 
-class MimiEncoder(Encoder):
+class CodecEncoder(Encoder):
+    """A neural codec's first codebook: one frame per started hop of audio."""
+
+    model_dir: Path
+
+    def frames(self, n_samples: int) -> int:
+        return -(-n_samples // self.downsampling_ratio)
+
+    def settings(self) -> dict:
+        return {"model": str(self.model_dir), "model_sha256": _model_hash(self.model_dir), "codebook": 0}
+
+
+class MimiEncoder(CodecEncoder):
     """transformers MimiModel, the first (semantic) codebook of its split RVQ. Mimi is causal, so
     padding after an utterance leaves its codes alone and utterances batch freely."""
 
@@ -483,12 +495,6 @@ class MimiEncoder(Encoder):
         self.batch_size = batch_size
         self.torch = torch
 
-    def frames(self, n_samples: int) -> int:
-        return -(-n_samples // self.downsampling_ratio)
-
-    def settings(self) -> dict:
-        return {"model": str(self.model_dir), "model_sha256": _model_hash(self.model_dir), "codebook": 0}
-
     def encode(self, audios):
         torch = self.torch
         lengths = [len(a) for a in audios]
@@ -500,7 +506,7 @@ class MimiEncoder(Encoder):
         return [codes[i, 0, : self.frames(n)].cpu().numpy().astype(np.int64) for i, n in enumerate(lengths)]
 
 
-class SpeechTokenizerEncoder(Encoder):
+class SpeechTokenizerEncoder(CodecEncoder):
     """The speechtokenizer package's model, RVQ-0 codes. Its encoder is not causal (convolutions
     and a BiLSTM see the padding), so utterances go one at a time."""
 
@@ -527,12 +533,6 @@ class SpeechTokenizerEncoder(Encoder):
         self.downsampling_ratio = int(self.model.downsample_rate)
         self.n_dsus = int(json.loads(config.read_text()).get("codebook_size", 1024))
         self.torch = torch
-
-    def frames(self, n_samples: int) -> int:
-        return -(-n_samples // self.downsampling_ratio)
-
-    def settings(self) -> dict:
-        return {"model": str(self.model_dir), "model_sha256": _model_hash(self.model_dir), "codebook": 0}
 
     def encode(self, audios):
         out = []
