@@ -9,6 +9,19 @@ SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))  # scripts and packages import from the repo root
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): runs
+    compared with == then do their float sums in the same order, and on a busy machine a second
+    thread mostly waits."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def golden() -> dict:
     return json.loads((SHARED / "golden" / "seed_compat_5000.json").read_text())

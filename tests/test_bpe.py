@@ -42,12 +42,7 @@ def tokenizer(model_dir: Path) -> Tokenizer:
     return Tokenizer(model_dir / "original" / "tokenizer.model")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # runs compared with == must sum in the same order
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -34,12 +34,7 @@ SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # runs compared with ==
 PAD_ID = 128004
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- the packer --------------------------------------------------------------------------------

@@ -31,12 +31,7 @@ HF_FILES = ["config.json", "generation_config.json", "model.safetensors", "origi
 MAX_STEPS, SAVE_STEPS = 12, 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -31,14 +31,7 @@ HIDDEN, LAYER, K = 32, 2, tiny.N_DSUS
 SECONDS = [1.0, 1.3, 0.7]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # One thread: on a busy machine torch's second thread mostly waits, and runs in and out of
-    # process then do their float sums in the same order.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
