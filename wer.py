@@ -2,6 +2,7 @@
 
     python wer.py run/.../generations.jsonl [--references DATASET [--by FIELD]] [--normalizer whisper|none]
     python wer.py RUN_DIR                  (every checkpoint's generations: a table and a plot of WER by step)
+    python wer.py --compare WER_JSON_OR_DIR [...] [--out DIR] [--overwrite]   (cells side by side)
 
 Input: one JSON object per line with `id`, `text` (the hypothesis) and `reference`, or, with
 `--references`, references joined by `id` from a dataset file (field `transcript`). `--by FIELD`
@@ -27,9 +28,25 @@ A run directory (as `generate.py RUN_DIR` fills it: <run>/generations/<step>/<da
 reference's generations/epoch_E/global_step_N/<dataset>/<split>/) is scored checkpoint by checkpoint:
 `wer_by_step.tsv` (step, dataset/split, utterances, WER, CER, interval) and `wer_by_step.png`
 (WER against step, one line per dataset/split) in the run directory, or in `--out DIR`.
+
+Comparing cells (`--compare`, e.g. `python wer.py --compare runs/matrix`): each PATH is a `wer.json`
+or a directory searched recursively for them (in path order); each report is one row, named and
+described by the `cell.json` beside it when the matrix driver wrote one (`cell`, `units`, `regime`,
+`options`, `speech_tokens_per_utterance`, `training_tokens`, `unseen_speakers`, `seconds.total`;
+every field optional), else by its directory relative to PATH. Columns: WER and its bootstrap
+interval, WER on seen and on unseen voices (errors over reference words pooled over the speakers
+of `unseen_speakers` and over the rest, from a report scored `--by speaker`), CER, speech tokens
+per utterance, training tokens and wall-clock. Options show when not default (deduplication on,
+no speech BPE): "no dedup", "bpe 512"; "-" when all are default. `compare.md` (percent),
+`compare.csv` (fractions and seconds, empty where unknown) and `compare.png` (WER bars by cell,
+colored by regime) go into `--out DIR` (default: the first PATH if a directory, else the directory
+of the first wer.json), never overwritten without `--overwrite`. Reports scored with different
+normalisers are refused: their WERs are not comparable.
 """
 
 import argparse
+import csv
+import io
 import json
 import math
 import re
@@ -467,8 +484,243 @@ def main_run(args) -> int:
     return 0
 
 
+# -- comparing cells -------------------------------------------------------------------------------
+
+COMPARE_OUTPUTS = ("compare.md", "compare.csv", "compare.png")
+CSV_COLUMNS = ["cell", "units", "regime", "options", "wer", "wer_low", "wer_high", "wer_seen", "wer_unseen", "cer",
+               "speech_tokens_per_utterance", "training_tokens", "seconds"]
+DEFAULT_OPTIONS = {"deduplicate": True, "dsu_bpe": 0}
+
+
+def find_reports(paths: list[Path]) -> list[tuple[Path, str]]:
+    """(wer.json, fallback cell name) for each PATH: a file, or every wer.json under a directory in
+    path order, named by its directory relative to PATH. A report reached twice is listed once."""
+    found, seen = [], set()
+    for path in paths:
+        if not path.exists():
+            raise InputError(f"{path}: no such file or directory")
+        if path.is_dir():
+            reports = sorted(path.rglob("wer.json"))
+            if not reports:
+                raise InputError(f"{path}: no wer.json under this directory")
+            named = [(report, report.parent.relative_to(path).as_posix()) for report in reports]
+        else:
+            named = [(path, path.absolute().parent.name)]
+        for report, name in named:
+            if report.resolve() not in seen:
+                seen.add(report.resolve())
+                # a wer.json directly in PATH is named after PATH itself
+                found.append((report, path.resolve().name if name == "." else name))
+    return found
+
+
+def read_json_object(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as error:
+        raise InputError(f"{path}: cannot read ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def number(value, where: str) -> float | None:
+    """`value` if a number, None if absent; anything else is bad input (it would be drawn and tabled)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputError(f"{where} must be a number, got {json.dumps(value)}")
+    return value
+
+
+def pooled_wer(groups: list[dict]) -> float | None:
+    """Total errors over total reference words of some speakers (None without any word).
+    A speaker whose references are all empty has no error count in wer.json and is left out."""
+    errors = sum(g["errors"] for g in groups if g.get("n_ref_words"))
+    words = sum(g["n_ref_words"] for g in groups if g.get("n_ref_words"))
+    return errors / words if words else None
+
+
+def seen_unseen_wer(report: dict, unseen, where: Path) -> tuple[float | None, float | None]:
+    """WER on the speakers not in `unseen` and on those in it, from a report scored `--by speaker`."""
+    groups = report.get("groups")
+    if report.get("by") != "speaker" or not isinstance(groups, dict) or not isinstance(unseen, list):
+        return None, None
+    try:
+        seen = pooled_wer([g for speaker, g in groups.items() if speaker not in unseen])
+        return seen, pooled_wer([g for speaker, g in groups.items() if speaker in unseen])
+    except (TypeError, AttributeError, KeyError):
+        raise InputError(f"{where}: 'groups' is not {{speaker: {{errors, n_ref_words, ...}}}} "
+                         "as wer.py --by writes it") from None
+
+
+def format_options(options) -> str:
+    """The non-default options as a short phrase ("no dedup, bpe 512"), "-" when all are default,
+    "" when unknown."""
+    if not isinstance(options, dict):
+        return ""
+    parts = []
+    if options.get("deduplicate", True) is False:
+        parts.append("no dedup")
+    if options.get("dsu_bpe"):
+        parts.append(f"bpe {options['dsu_bpe']}")
+    parts += [f"{key}={value}" for key, value in options.items() if key not in DEFAULT_OPTIONS]
+    return ", ".join(parts) or "-"
+
+
+def compare_row(report_path: Path, fallback_name: str) -> dict:
+    """One table row from a wer.json and the cell.json beside it (every cell.json field optional)."""
+    report = read_json_object(report_path)
+    if report.get("wer") is None:
+        raise InputError(f"{report_path}: no 'wer' field; not a report written by wer.py")
+    cell_path = report_path.with_name("cell.json")
+    cell = read_json_object(cell_path) if cell_path.exists() else {}
+    interval = report.get("wer_interval") if isinstance(report.get("wer_interval"), dict) else {}  # null: --bootstrap 0
+    seconds = cell.get("seconds")
+    seen, unseen = seen_unseen_wer(report, cell.get("unseen_speakers"), report_path)
+    return {
+        "cell": str(cell.get("cell") or fallback_name), "units": str(cell.get("units") or ""),
+        "regime": str(cell.get("regime") or ""), "options": format_options(cell.get("options")),
+        "wer": number(report["wer"], f"{report_path}: 'wer'"),
+        "wer_low": number(interval.get("low"), f"{report_path}: 'wer_interval.low'"),
+        "wer_high": number(interval.get("high"), f"{report_path}: 'wer_interval.high'"),
+        "wer_seen": seen, "wer_unseen": unseen,
+        "cer": number(report.get("cer"), f"{report_path}: 'cer'"),
+        "speech_tokens_per_utterance": number(cell.get("speech_tokens_per_utterance"),
+                                              f"{cell_path}: 'speech_tokens_per_utterance'"),
+        "training_tokens": number(cell.get("training_tokens"), f"{cell_path}: 'training_tokens'"),
+        "seconds": number(seconds.get("total"), f"{cell_path}: 'seconds.total'") if isinstance(seconds, dict) else None,
+        # not columns: what the header line and the normaliser check need
+        "normalizer": report.get("normalizer"), "confidence": interval.get("confidence"), "source": report_path,
+    }
+
+
+def compare_rows(paths: list[Path]) -> list[dict]:
+    """Every report's row; reports scored with different normalisers are refused (their WERs differ in kind)."""
+    rows = [compare_row(path, name) for path, name in find_reports(paths)]
+    for row in rows[1:]:
+        if row["normalizer"] != rows[0]["normalizer"]:
+            raise InputError(f"{rows[0]['source']} was scored with the {rows[0]['normalizer']} normaliser but "
+                             f"{row['source']} with {row['normalizer']}: their WERs are not comparable")
+    return rows
+
+
+def format_compare_csv(rows: list[dict]) -> str:
+    """Fractions and plain numbers at full precision, empty where unknown."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    writer.writerows(["" if row[column] is None else row[column] for column in CSV_COLUMNS] for row in rows)
+    return buffer.getvalue()
+
+
+def confidence_label(rows: list[dict]) -> str:
+    levels = sorted({row["confidence"] for row in rows if row["confidence"] is not None})
+    return "/".join(f"{level:.0%}" for level in levels)
+
+
+def format_compare_markdown(rows: list[dict]) -> str:
+    """A header line, then the table: rates in percent, the interval as [low, high], tokens with separators."""
+    def pct(value):
+        return "" if value is None else f"{100 * value:.1f}"
+
+    def interval(row):
+        return "" if row["wer_low"] is None else f"[{pct(row['wer_low'])}, {pct(row['wer_high'])}]"
+
+    def optional(value, spec):
+        return "" if value is None else format(value, spec)
+
+    confidence = confidence_label(rows)
+    header = (f"WER and CER (%) after the {rows[0]['normalizer']} normaliser; WER interval: "
+              + (f"{confidence} bootstrap over utterances" if confidence else "none (scored with --bootstrap 0)")
+              + "; seen/unseen: WER on the voices trained on and on those held out (cell.json's unseen_speakers).")
+    columns = [("cell", "---"), ("units", "---"), ("regime", "---"), ("options", "---"), ("WER %", "---:"),
+               (f"{confidence or 'no'} interval", "---"), ("seen %", "---:"), ("unseen %", "---:"), ("CER %", "---:"),
+               ("speech tokens/utt", "---:"), ("training tokens", "---:"), ("wall-clock min", "---:")]
+    lines = [header, "", "| " + " | ".join(name for name, _ in columns) + " |",
+             "|" + "|".join(align for _, align in columns) + "|"]
+    for row in rows:
+        minutes = None if row["seconds"] is None else row["seconds"] / 60
+        cells = [row["cell"], row["units"], row["regime"], row["options"], pct(row["wer"]), interval(row),
+                 pct(row["wer_seen"]), pct(row["wer_unseen"]), pct(row["cer"]),
+                 optional(row["speech_tokens_per_utterance"], ".1f"), optional(row["training_tokens"], ",.0f"),
+                 optional(minutes, ".1f")]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_compare(rows: list[dict], png_path: Path) -> None:
+    """Horizontal WER bars, one per cell in table order, colored by regime, the bootstrap interval
+    as error bars and seen/unseen WER as markers on the cell's row."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    def regime(row):
+        return row["regime"] or "(no regime)"
+
+    fig, ax = plt.subplots(figsize=(8, 1.5 + 0.45 * len(rows)))
+    for i, name in enumerate(dict.fromkeys(regime(row) for row in rows)):
+        ys = [y for y, row in enumerate(rows) if regime(row) == name]
+        ax.barh(ys, [100 * rows[y]["wer"] for y in ys], color=f"C{i % 10}", label=name)
+    bounded = [(y, row) for y, row in enumerate(rows) if row["wer_low"] is not None]
+    if bounded:
+        ax.errorbar([100 * row["wer"] for _, row in bounded], [y for y, _ in bounded], fmt="none", color="black",
+                    capsize=3, xerr=[[100 * (row["wer"] - row["wer_low"]) for _, row in bounded],
+                                     [100 * (row["wer_high"] - row["wer"]) for _, row in bounded]])
+    for key, marker, label in (("wer_seen", "o", "seen voices"), ("wer_unseen", "x", "unseen voices")):
+        marked = [(100 * row[key], y) for y, row in enumerate(rows) if row[key] is not None]
+        if marked:
+            ax.scatter(*zip(*marked), marker=marker, color="black", zorder=3, label=label)
+    ax.set_yticks(range(len(rows)), [row["cell"] for row in rows])
+    ax.invert_yaxis()  # first cell on top, as in the table
+    confidence = confidence_label(rows)
+    ax.set(xlabel="WER (%)" + (f", {confidence} bootstrap interval" if confidence else ""),
+           title=f"WER by cell ({rows[0]['normalizer']} normaliser)")
+    ax.set_xlim(left=0)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: bars fill the axes
+    fig.savefig(png_path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main_compare(args) -> int:
+    """wer.py --compare: the table (markdown, CSV) and the chart, or exit status 2 and nothing written."""
+    try:
+        if args.references is not None or args.dataset is not None or args.by is not None:
+            raise InputError("--references, --dataset and --by score generations; --compare reads wer.json reports")
+        rows = compare_rows(args.compare)
+        first = args.compare[0]
+        out_dir = args.out or (first if first.is_dir() else rows[0]["source"].parent)
+        outputs = [out_dir / name for name in COMPARE_OUTPUTS]
+        existing = [str(path) for path in outputs if path.exists()]
+        if existing and not args.overwrite:
+            raise InputError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    markdown, table, png = outputs
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_write(markdown) as temporary:
+        temporary.write_text(format_compare_markdown(rows), encoding="utf-8")
+    with atomic_write(table) as temporary:
+        temporary.write_text(format_compare_csv(rows), encoding="utf-8")
+    with atomic_write(png) as temporary:
+        plot_compare(rows, temporary)
+    print(format_compare_markdown(rows))
+    print(f"wrote {markdown}, {table} and {png}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.compare:
+        return main_compare(args)
     if args.generations.is_dir():
         return main_run(args)
     out = args.out or args.generations.with_name("wer.json")
@@ -516,8 +768,12 @@ def non_negative_int(text: str) -> int:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("generations", type=Path, help="generations.jsonl: one {id, text, reference} object per line; "
-                        "or a run directory: every checkpoint's generations, scored by step")
+    inputs = parser.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("generations", type=Path, nargs="?", help="generations.jsonl: one {id, text, reference} "
+                        "object per line; or a run directory: every checkpoint's generations, scored by step")
+    inputs.add_argument("--compare", type=Path, nargs="+", metavar="WER_JSON_OR_DIR",
+                        help="compare cells instead: wer.json reports, or directories searched for them; writes "
+                        "compare.md, compare.csv and compare.png")
     parser.add_argument("--references", type=Path, help="dataset file (JSONL or Parquet) whose `transcript` is joined by `id`")
     parser.add_argument("--dataset", help="reference transcripts from this dataset (directory, file, or a name in the "
                         "local hub cache), in row order for generations without ids; the reference's flag")
@@ -530,7 +786,9 @@ def parse_args(argv):
     parser.add_argument("--normalizer", "--normaliser", choices=NORMALIZERS, default="whisper",
                         help="text normaliser applied to hypotheses and references (default: whisper)")
     parser.add_argument("--out", type=Path, help="report JSON path (default: wer.json beside the input); for a run "
-                        "directory, the directory of wer_by_step.tsv and .png (default: the run directory)")
+                        "directory, the directory of wer_by_step.tsv and .png (default: the run directory); with "
+                        "--compare, the directory of compare.* (default: the first PATH if a directory, else the "
+                        "first wer.json's directory)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report")
     parser.add_argument("--bootstrap", type=non_negative_int, default=1000, help="bootstrap resamples, 0 to skip (default: 1000)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")

@@ -270,3 +270,142 @@ def test_a_run_directory_without_generations_exits_2(tmp_path, capsys):
     code, _, err = run(capsys, tmp_path / "run")
     assert code == 2 and "no generations/<step>" in err
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints"]
+
+
+# -- wer.py --compare ------------------------------------------------------------------------------
+
+def write_json(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def report(wer, cer, interval=None, normalizer="whisper", groups=None):
+    """A wer.json as wer.py writes it (the fields --compare reads), optionally scored --by speaker."""
+    body = {"normalizer": normalizer, "wer": wer, "cer": cer, "wer_interval": interval and {
+        "low": interval[0], "high": interval[1], "confidence": 0.95, "resamples": 1000, "seed": 0}}
+    if groups is not None:
+        body |= {"by": "speaker", "groups": {
+            speaker: {"wer": e / n, "cer": 0.1, "errors": e, "n_ref_words": n, "n_utterances": 2}
+            for speaker, (e, n) in groups.items()}}
+    return body
+
+
+def crafted_matrix(root):
+    """Two cells as the matrix driver lays them out: units/regime/{wer,cell}.json."""
+    sft = root / "mfcc-k128-25hz" / "sft"
+    write_json(sft / "wer.json", report(0.25, 0.125, (0.2, 0.3), groups={
+        "v1": (2, 10), "v2": (4, 10), "held1": (9, 30), "held2": (1, 10)}))
+    write_json(sft / "cell.json", {
+        "cell": "mfcc-k128-25hz/sft", "units": "mfcc-k128-25hz", "regime": "sft",
+        "options": {"deduplicate": True, "dsu_bpe": 0}, "speech_tokens_per_utterance": 36.14,
+        "training_tokens": 1234567, "unseen_speakers": ["held1", "held2", "absent"],
+        "seconds": {"sft": 200.0, "generate": 40.0, "total": 330.0}, "complete": True})
+    cpt = root / "mfcc-k128-25hz" / "cpt-interleaved+sft"
+    write_json(cpt / "wer.json", report(0.0625, 0.03, (0.05, 0.08)))
+    write_json(cpt / "cell.json", {
+        "cell": "mfcc-k128-25hz/cpt-interleaved+sft", "units": "mfcc-k128-25hz", "regime": "cpt-interleaved+sft",
+        "options": {"deduplicate": False, "dsu_bpe": 512}, "training_tokens": 2000, "seconds": {"total": 90}})
+    return root
+
+
+def test_compare_writes_the_expected_table_csv_and_chart(tmp_path, capsys):
+    matrix = crafted_matrix(tmp_path / "matrix")
+    code, out, _ = run(capsys, "--compare", matrix)
+    assert code == 0
+    lines = (matrix / "compare.csv").read_text().splitlines()
+    assert lines[0] == ("cell,units,regime,options,wer,wer_low,wer_high,wer_seen,wer_unseen,cer,"
+                        "speech_tokens_per_utterance,training_tokens,seconds")
+    # in path order: cpt-interleaved+sft before sft; seen = v1+v2 = 6/20, unseen = held1+held2 = 10/40
+    assert lines[1:] == [
+        'mfcc-k128-25hz/cpt-interleaved+sft,mfcc-k128-25hz,cpt-interleaved+sft,"no dedup, bpe 512",'
+        "0.0625,0.05,0.08,,,0.03,,2000,90",
+        "mfcc-k128-25hz/sft,mfcc-k128-25hz,sft,-,0.25,0.2,0.3,0.3,0.25,0.125,36.14,1234567,330.0",
+    ]
+    markdown = (matrix / "compare.md").read_text()
+    assert "whisper normaliser" in markdown and "95% bootstrap" in markdown
+    assert ("| mfcc-k128-25hz/sft | mfcc-k128-25hz | sft | - | 25.0 | [20.0, 30.0] | 30.0 | 25.0 | 12.5 | 36.1 "
+            "| 1,234,567 | 5.5 |") in markdown
+    assert "| no dedup, bpe 512 | 6.2 | [5.0, 8.0] |  |  | 3.0 |  | 2,000 | 1.5 |" in markdown
+    assert markdown in out  # the table is printed too
+    assert "compare.md" in out and "compare.csv" in out and "compare.png" in out
+    assert (matrix / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_without_cell_json_names_cells_by_directory_and_leaves_columns_blank(tmp_path, capsys):
+    root = tmp_path / "runs"
+    write_json(root / "a" / "deep" / "cell1" / "wer.json", report(0.5, 0.25, groups={"v1": (1, 2)}))
+    write_json(root / "b" / "wer.json", report(0.1, 0.05))
+    single = write_json(tmp_path / "elsewhere" / "one" / "wer.json", report(0.2, 0.1, (0.1, 0.3)))
+    out_dir = tmp_path / "table"
+    code, _, _ = run(capsys, "--compare", root, single, "--out", out_dir)
+    assert code == 0
+    rows = (out_dir / "compare.csv").read_text().splitlines()[1:]
+    # nested cells are found; without unseen_speakers there is no seen/unseen split
+    assert rows == ["a/deep/cell1,,,,0.5,,,,,0.25,,,", "b,,,,0.1,,,,,0.05,,,", "one,,,,0.2,0.1,0.3,,,0.1,,,"]
+    assert "| b |  |  |  | 10.0 |  |  |  | 5.0 |  |  |  |" in (out_dir / "compare.md").read_text()
+    assert not (root / "compare.csv").exists()
+
+
+def test_compare_defaults_to_the_first_reports_directory_for_a_file(tmp_path, capsys):
+    path = write_json(tmp_path / "cell" / "wer.json", report(0.2, 0.1))
+    assert run(capsys, "--compare", path)[0] == 0
+    assert sorted(p.name for p in (tmp_path / "cell").iterdir()) == [
+        "compare.csv", "compare.md", "compare.png", "wer.json"]
+
+
+def test_compare_refuses_to_overwrite(tmp_path, capsys):
+    matrix = crafted_matrix(tmp_path / "matrix")
+    (matrix / "compare.csv").write_text("keep me")
+    code, _, err = run(capsys, "--compare", matrix)
+    assert code == 2
+    assert f"{matrix / 'compare.csv'}" in err and "--overwrite" in err
+    assert (matrix / "compare.csv").read_text() == "keep me"
+    assert not (matrix / "compare.md").exists() and not (matrix / "compare.png").exists()
+    assert run(capsys, "--compare", matrix, "--overwrite")[0] == 0
+    assert (matrix / "compare.csv").read_text().startswith("cell,units,")
+
+
+def test_compare_refuses_mixed_normalisers(tmp_path, capsys):
+    whisper = write_json(tmp_path / "a" / "wer.json", report(0.2, 0.1))
+    none = write_json(tmp_path / "b" / "wer.json", report(0.3, 0.1, normalizer="none"))
+    code, _, err = run(capsys, "--compare", tmp_path)
+    assert code == 2
+    assert str(whisper) in err and str(none) in err and "not comparable" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("missing", None, "no such file or directory"),
+    ("empty", "dir", "no wer.json"),
+    ("wer.json", "{not json", "not valid JSON"),
+    ("wer.json", "[1, 2]", "expected a JSON object, got list"),
+    ("wer.json", json.dumps({"cer": 0.1}), "no 'wer' field"),
+    ("wer.json", json.dumps({"wer": "high"}), "'wer' must be a number"),
+    ("cell.json", "{", "not valid JSON"),
+    ("cell.json", json.dumps({"training_tokens": "many"}), "'training_tokens' must be a number"),
+])
+def test_compare_bad_input_exits_2_naming_the_file(tmp_path, capsys, name, content, message):
+    cell = tmp_path / "cells" / "c1"
+    write_json(cell / "wer.json", report(0.2, 0.1))
+    target = tmp_path / "cells" / name
+    if name in ("wer.json", "cell.json"):
+        target = cell / name
+        target.write_text(content)
+    elif content == "dir":
+        target.mkdir()
+    extra = [] if name in ("wer.json", "cell.json") else [target]  # a bad report or cell.json is found in c1
+    code, _, err = run(capsys, "--compare", cell, *extra)
+    assert code == 2
+    assert str(target) in err and message in err
+    assert not list(tmp_path.rglob("compare.*"))
+
+
+def test_compare_and_generations_are_mutually_exclusive(tmp_path, capsys):
+    path = generations(tmp_path, [{"id": "a", "text": "x", "reference": "y"}])
+    for argv in ([str(path), "--compare", str(tmp_path)], []):
+        with pytest.raises(SystemExit) as stopped:
+            main(argv)
+        assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "not allowed with" in err and "one of the arguments generations --compare is required" in err
