@@ -69,6 +69,7 @@ TEST_ONLY_SPEAKERS = {
 SPEAKERS = {**TRAIN_SPEAKERS, **DEV_ONLY_SPEAKERS, **TEST_ONLY_SPEAKERS}
 SPLITS = ("train", "dev", "test")
 MFCC = units.SpectralEncoder("mfcc", None)  # features only: build fits its own centroids
+MANIFEST_FIELDS = ("id", "transcript", "tokenized", "aligned_token_start_time", "aligned_token_end_time")
 COMPACT = (",", ":")  # JSON separators of the rows: no spaces, a fifth smaller
 SPEED_JITTER = 10  # per-utterance speed is the speaker's +- this, so repeated words differ in length
 PITCH_JITTER = 4
@@ -378,6 +379,10 @@ def _build_into(work: Path, out_dir: Path, n_train, n_dev, n_test, k, seed, jobs
                 rows.append({**u["row"], "speech_tokens": units.assign(u["features"], centroids).tolist()})
         with open(work / f"{split}.jsonl", "w") as f:
             f.writelines(json.dumps(row, separators=COMPACT) + "\n" for row in rows)
+        if save_wav:  # a manifest of the audio and word times, for python -m data.units
+            with open(work / "wav" / f"{split}.jsonl", "w") as f:
+                f.writelines(json.dumps({"path": f"{split}/{row['id']}.wav", **{k: row[k] for k in MANIFEST_FIELDS}},
+                                        separators=COMPACT) + "\n" for row in rows)
         sizes[split] = {"utterances": len(rows), "frames": sum(len(r["speech_tokens"]) for r in rows)}
 
     command = (
@@ -442,7 +447,9 @@ them). `kmeans.npz` holds the centroids and feature settings;
 
 Files: `train.jsonl`, `dev.jsonl`, `test.jsonl` (fields `id`, `transcript`, `tokenized`,
 `aligned_token_start_time`, `aligned_token_end_time`, `speech_tokens`, `speaker`), `kmeans.npz`,
-`corpus.json`. No audio is kept unless built with `--save-wav`.
+`corpus.json`. No audio is kept unless built with `--save-wav`, which also writes `wav/SPLIT.jsonl`,
+manifests with the word times that `python -m data.units encode` and `learn-kmeans` read: other
+units (features, K, frame rate) for the same utterances.
 """
 
 
@@ -491,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--k", type=int, default=128, help="number of k-means DSUs")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--jobs", type=int, default=2, help="synthesis worker processes (output does not depend on it)")
-    b.add_argument("--save-wav", action="store_true", help="also keep the audio as OUT_DIR/wav/SPLIT/ID.wav")
+    b.add_argument("--save-wav", action="store_true", help="also keep the audio as OUT_DIR/wav/SPLIT/ID.wav, listed "
+                   "with word times in OUT_DIR/wav/SPLIT.jsonl for python -m data.units")
     e = commands.add_parser(
         "encode",
         help="encode your own audio with a saved k-means (data.units encode --encoder mfcc does it into Parquet shards)",

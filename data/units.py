@@ -4,6 +4,7 @@ Parquet shards in the reference's schema (DESIGN.md, "Data").
     python -m data.units encode --encoder hubert --model DIR --layer 22 --kmeans km.npy OUT_DIR INPUT...
     python -m data.units encode --encoder mimi --model DIR OUT_DIR INPUT...
     python -m data.units encode --encoder mfcc --kmeans data/mini/kmeans.npz OUT_DIR INPUT...
+    python -m data.units learn-kmeans --encoder logmel --stack 4 --k 128 OUT.npy INPUT...   # 12.5 units/s
     python -m data.units learn-kmeans --encoder hubert --model DIR --layer 22 --k 500 OUT.npy INPUT...
     python -m data.units convert-kmeans KMEANS.pkl OUT.npy --allow-pickle
     python -m data.units overrides OUT_DIR      # the train.py settings the encoding implies
@@ -17,7 +18,8 @@ with soundfile, channels averaged, and resampled to the encoder's rate with soxr
 Encoders: `hubert` (transformers HubertModel, the output of transformer layer --layer, as fairseq's
 `output_layer` counts, then the nearest k-means centroid), `mimi` (transformers MimiModel, first,
 semantic codebook), `speechtokenizer` (its package, RVQ-0), `mfcc` and `logmel` (data.features,
-the bundled corpus's units). Model weights are read from local directories only.
+the bundled corpus's units; `--stack N` joins N frames into one unit, 50 / N units per second).
+Model weights are read from local directories only.
 
 OUT_DIR gets `units.json` (encoder, layer, centroid hash, n_dsus, sampling_rate, downsampling_ratio,
 what was encoded) and `data/SPLIT-XXXXX-of-YYYYY.parquet`, each shard written under a temporary
@@ -378,24 +380,35 @@ class Encoder:
 
 
 class SpectralEncoder(Encoder):
-    """MFCC or log-mel frames (data.features) and k-means: the bundled corpus's units."""
+    """MFCC or log-mel frames (data.features) and k-means: the bundled corpus's units. `stack`
+    consecutive 20 ms frames join into one vector before k-means, so a unit spans `stack` frames:
+    50 / stack units per second (2: 25 Hz; 4: 12.5 Hz, Mimi's rate). A trailing part-unit is dropped."""
 
-    def __init__(self, kind: str, kmeans: str | None, allow_pickle: bool = False):
+    def __init__(self, kind: str, kmeans: str | None, allow_pickle: bool = False, stack: int = 1):
+        if stack < 1:
+            raise InputError(f"--stack must be >= 1, got {stack}")
         self.name = kind
+        self.stack = stack
+        self.downsampling_ratio = features.HOP_LENGTH * stack
         self.extract = features.mfcc_features if kind == "mfcc" else features.logmel_features
         self.feature_settings = features.FEATURE_SETTINGS if kind == "mfcc" else features.LOGMEL_SETTINGS
-        self.dim = features.FEATURE_DIM if kind == "mfcc" else features.LOGMEL_DIM
+        self.dim = stack * (features.FEATURE_DIM if kind == "mfcc" else features.LOGMEL_DIM)
         if kmeans is not None:
             self.set_centroids(kmeans, allow_pickle, self.dim, self.feature_settings)
 
     def frames(self, n_samples: int) -> int:
-        return features.frame_count(n_samples)
+        return features.frame_count(n_samples) // self.stack
 
     def settings(self) -> dict:
-        return {"features": self.feature_settings}
+        return {"features": self.feature_settings, "stack": self.stack}
 
     def features(self, audios):
-        return [self.extract(a) for a in audios]
+        out = []
+        for audio in audios:
+            x = self.extract(audio)
+            n = len(x) // self.stack
+            out.append(x[: n * self.stack].reshape(n, self.dim))
+        return out
 
 
 class HubertEncoder(Encoder):
@@ -567,8 +580,10 @@ def _model_hash(model_dir: Path) -> str:
 def make_encoder(args, need_kmeans: bool = True) -> Encoder:
     kmeans = args.kmeans if need_kmeans else None
     allow = getattr(args, "allow_pickle", False)
+    if args.stack != 1 and args.encoder not in ("mfcc", "logmel"):
+        raise InputError(f"--stack applies to the mfcc and logmel encoders, not {args.encoder}")
     if args.encoder in ("mfcc", "logmel"):
-        encoder = SpectralEncoder(args.encoder, kmeans, allow)
+        encoder = SpectralEncoder(args.encoder, kmeans, allow, args.stack)
         if need_kmeans and kmeans is None:
             raise InputError(f"the {args.encoder} encoder needs --kmeans (e.g. data/mini/kmeans.npz, or learn one with 'learn-kmeans')")
         return encoder
@@ -875,6 +890,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--batch-size", type=int, default=8, help="utterances (or chunks) per forward pass")
         p.add_argument("--chunk-seconds", type=float, default=30.0,
                        help="hubert, mimi, speechtokenizer: longer audio is encoded in chunks of this length")
+        p.add_argument("--stack", type=int, default=1, help="mfcc, logmel: consecutive 20 ms frames joined into one "
+                                                            "unit before k-means (2: 25 units/s, 4: 12.5 units/s)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         p.add_argument("inputs", nargs="+", help="wav/flac files, JSONL or TSV manifests")
 
