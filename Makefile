@@ -5,10 +5,12 @@ DEMO ?= runs/demo
 MINI := data/mini
 STEPS ?= 5000
 DSU_BPE ?=
+MATRIX ?= default
+MATRIX_DIR ?= runs/matrix-$(MATRIX)
 VLLM_VENV := .venv-vllm
 VLLM ?= -r requirements-vllm.txt
 
-.PHONY: test demo espeak-ng vllm
+.PHONY: test demo matrix espeak-ng vllm
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -83,3 +85,12 @@ demo: $(VENV)/.deps
 		print("\ntest WER: untrained %.1f%%, trained %.1f%%  (CER %.1f%% -> %.1f%%)" % (100 * u["wer"], 100 * t["wer"], 100 * u["cer"], 100 * t["cer"])); \
 		print("trained, by voice: %.1f%% on the voices heard in training, %.1f%% on those never heard (%s)" % (rate(True), rate(False), ", ".join(unseen))); \
 		print("loss curves: $(DEMO)/sft/losses.png, metrics: $(DEMO)/sft/metrics.jsonl")'
+
+# The methods matrix (configs/matrix.json, data/matrix.py): unit variants x training regimes (+ option
+# cells) at a fixed step budget each, scored on the test split, then one table and chart of them all
+# (MATRIX_DIR/compare.md, .csv, .png). MATRIX=default: 3 units x 3 regimes + 2 option cells, about
+# 70 min on 2 CPU cores (variants re-synthesise the corpus: espeak-ng); MATRIX=small: the bundled units
+# x 3 regimes + 1 option cell, about 15 min; MATRIX=tiny: 2 cells of a few steps (the test suite's).
+# Run it again to resume: finished stages are skipped.
+matrix: $(VENV)/.deps espeak-ng
+	$(BIN)/python -m data.matrix configs/matrix.json --grid $(MATRIX) --out $(MATRIX_DIR)

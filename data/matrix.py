@@ -78,6 +78,9 @@ def load_grid(path: Path, name: str) -> dict:
             raise MatrixError(f"{where}: unknown units {unit_name!r}; declared: {', '.join(spec['units'])}")
         if regime_name not in spec["regimes"]:
             raise MatrixError(f"{where}: unknown regime {regime_name!r}; declared: {', '.join(spec['regimes'])}")
+        if spec["units"][unit_name].get("bundled") and not bundled_matches(grid["corpus"]):
+            raise MatrixError(f"{where}: units {unit_name!r} are the bundled corpus's, but the grid's corpus settings "
+                              f"{grid['corpus']} are not data/mini's: its variants would come from other utterances")
         unknown = set(options) - set(OPTION_DEFAULTS)
         if unknown:
             raise MatrixError(f"{where}: unknown options {sorted(unknown)}; choose from {sorted(OPTION_DEFAULTS)}")
@@ -145,9 +148,6 @@ def text_corpus(grid: dict, out: Path) -> Path:
 def prepare_units(grid: dict, name: str, spec: dict, out: Path) -> dict:
     """Train, dev and test data of a unit variant and the train.py settings it implies; built on first use."""
     if spec.get("bundled"):
-        if not bundled_matches(grid["corpus"]):
-            raise MatrixError(f"grid {grid['name']!r}: units {name!r} are the bundled corpus's, but the grid's corpus "
-                              f"settings {grid['corpus']} are not data/mini's")
         meta = json.loads((BUNDLED / "corpus.json").read_text())
         info = {"n_dsus": meta["n_dsus"], "sampling_rate": meta["sample_rate"],
                 "downsampling_ratio": meta["downsampling_ratio"]}

@@ -580,8 +580,6 @@ def _model_hash(model_dir: Path) -> str:
 def make_encoder(args, need_kmeans: bool = True) -> Encoder:
     kmeans = args.kmeans if need_kmeans else None
     allow = getattr(args, "allow_pickle", False)
-    if args.stack != 1 and args.encoder not in ("mfcc", "logmel"):
-        raise InputError(f"--stack applies to the mfcc and logmel encoders, not {args.encoder}")
     if args.encoder in ("mfcc", "logmel"):
         encoder = SpectralEncoder(args.encoder, kmeans, allow, args.stack)
         if need_kmeans and kmeans is None:
@@ -925,6 +923,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("encode", "learn-kmeans"):
             if args.batch_size < 1 or args.chunk_seconds <= 0:
                 raise InputError("--batch-size must be >= 1 and --chunk-seconds > 0")
+            if args.stack != 1 and args.encoder not in ("mfcc", "logmel"):
+                raise InputError(f"--stack applies to the mfcc and logmel encoders, not {args.encoder}")
             if args.command == "encode" and args.shard_size < 1:
                 raise InputError("--shard-size must be >= 1")
         if args.command == "encode":
