@@ -7,6 +7,7 @@ STEPS ?= 5000
 DSU_BPE ?=
 MATRIX ?= default
 MATRIX_DIR ?= runs/matrix-$(MATRIX)
+MATRIX_CACHE ?= runs/matrix-cache
 VLLM_VENV := .venv-vllm
 VLLM ?= -r requirements-vllm.txt
 
@@ -91,6 +92,7 @@ demo: $(VENV)/.deps
 # (MATRIX_DIR/compare.md, .csv, .png). MATRIX=default: 3 units x 3 regimes + 2 option cells, about
 # 70 min on 2 CPU cores (variants re-synthesise the corpus: espeak-ng); MATRIX=small: the bundled units
 # x 3 regimes + 1 option cell, about 15 min; MATRIX=tiny: 2 cells of a few steps (the test suite's).
-# Run it again to resume: finished stages are skipped.
+# Run it again to resume: finished stages are skipped. Re-synthesised corpora and unit variants are
+# cached in MATRIX_CACHE, which every grid shares.
 matrix: $(VENV)/.deps espeak-ng
-	$(BIN)/python -m data.matrix configs/matrix.json --grid $(MATRIX) --out $(MATRIX_DIR)
+	$(BIN)/python -m data.matrix configs/matrix.json --grid $(MATRIX) --out $(MATRIX_DIR) --cache $(MATRIX_CACHE)

@@ -59,6 +59,7 @@ from whisper_normalizer.english import EnglishTextNormalizer
 
 from data import reference_run
 from data.dataset import DataError, Source, load_rows
+from data.matrix import OPTION_DEFAULTS
 from files import atomic_write
 
 NORMALIZERS = ("whisper", "none")
@@ -489,7 +490,6 @@ def main_run(args) -> int:
 COMPARE_OUTPUTS = ("compare.md", "compare.csv", "compare.png")
 CSV_COLUMNS = ["cell", "units", "regime", "options", "wer", "wer_low", "wer_high", "wer_seen", "wer_unseen", "cer",
                "speech_tokens_per_utterance", "training_tokens", "seconds"]
-DEFAULT_OPTIONS = {"deduplicate": True, "dsu_bpe": 0}
 
 
 def find_reports(paths: list[Path]) -> list[tuple[Path, str]]:
@@ -568,7 +568,7 @@ def format_options(options) -> str:
         parts.append("no dedup")
     if options.get("dsu_bpe"):
         parts.append(f"bpe {options['dsu_bpe']}")
-    parts += [f"{key}={value}" for key, value in options.items() if key not in DEFAULT_OPTIONS]
+    parts += [f"{key}={value}" for key, value in options.items() if key not in OPTION_DEFAULTS]
     return ", ".join(parts) or "-"
 
 

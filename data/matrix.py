@@ -1,7 +1,7 @@
 """The methods matrix: which speech units and which training regime integrate speech best, by test WER.
 
-    python -m data.matrix configs/matrix.json [--grid default|small|tiny] [--out DIR] [--list]
-    make matrix [MATRIX=small|tiny] [MATRIX_DIR=DIR]
+    python -m data.matrix configs/matrix.json [--grid default|small|tiny] [--out DIR] [--cache DIR] [--list]
+    make matrix [MATRIX=small|tiny] [MATRIX_DIR=DIR] [MATRIX_CACHE=DIR]
 
 A grid (configs/matrix.json) names unit variants, regimes, option cells and a training budget in
 optimizer steps per cell. Each cell is the chain a user would type by hand, run as subprocesses
@@ -10,7 +10,8 @@ whose commands are printed:
     units   the bundled data/mini, or a variant of it: the corpus re-synthesised once with its audio
             kept (python -m data.corpus build --save-wav: the same sentences, voices, splits and
             ids), then python -m data.units learn-kmeans and encode with the variant's features,
-            K and frame rate; the one encoding path of this project
+            K and frame rate; the one encoding path of this project. Both are cached (--cache) and
+            shared by every grid and output directory
     model   tiny_model.py once, then extend.py by the variant's K (with a speech BPE if the cell asks)
     cpt     train.py on the CPT config for the regime's share of the steps (regimes with CPT)
     sft     train.py on the SFT config for the rest, from the CPT run's last checkpoint
@@ -126,35 +127,45 @@ def bundled_matches(corpus: dict) -> bool:
     return sizes == {s: corpus[f"n_{s}"] for s in sizes} and meta["seed"] == corpus["seed"]
 
 
-def corpus_dir(grid: dict, out: Path) -> Path:
-    """The re-synthesised corpus with its audio, built once per output directory."""
-    path = out / "corpus"
+def corpus_dir(grid: dict) -> Path:
+    """The re-synthesised corpus with its audio, built once into the cache that grids share."""
+    c = grid["corpus"]
+    path = grid["cache"] / f"corpus-{c['n_train']}-{c['n_dev']}-{c['n_test']}-seed{c['seed']}"
     if not (path / "corpus.json").exists():
-        c = grid["corpus"]
+        path.parent.mkdir(parents=True, exist_ok=True)
         run(python("-m", "data.corpus", "build", path, "--n-train", c["n_train"], "--n-dev", c["n_dev"],
-                   "--n-test", c["n_test"], "--seed", c["seed"], "--k", c.get("k", 128), "--save-wav"),
-            "synthesising the corpus")
-        if bundled_matches(c) and (path / "train.jsonl").read_bytes() != (BUNDLED / "train.jsonl").read_bytes():
-            print(f"warning: {path} differs from {BUNDLED} although built with its settings (another espeak-ng "
-                  "version?): variants and the bundled units then come from different audio", file=sys.stderr)
+                   "--n-test", c["n_test"], "--seed", c["seed"], "--save-wav"), "synthesising the corpus")
     return path
 
 
-def text_corpus(grid: dict, out: Path) -> Path:
-    """Where the transcripts, speakers and test references come from (the same for every variant)."""
-    return BUNDLED if bundled_matches(grid["corpus"]) else corpus_dir(grid, out)
+def text_corpus(grid: dict) -> Path:
+    """The corpus whose transcripts, voices and test references every cell uses, and whose own units
+    (MFCC, K=128, 50 Hz) the bundled units are: data/mini, unless the grid also needs re-synthesised
+    audio and this machine's espeak-ng makes it differently; then the re-synthesised corpus (built
+    the same way), so that every cell hears the same audio."""
+    if not bundled_matches(grid["corpus"]):
+        return corpus_dir(grid)
+    if all(cell["unit_spec"].get("bundled") for cell in grid["cells"]):
+        return BUNDLED
+    rebuilt = corpus_dir(grid)
+    if (rebuilt / "train.jsonl").read_bytes() == (BUNDLED / "train.jsonl").read_bytes():
+        return BUNDLED
+    print(f"note: {rebuilt} differs from {BUNDLED} although built with its settings (another espeak-ng version?): "
+          f"the bundled units of this grid are the re-synthesised corpus's own", file=sys.stderr)
+    return rebuilt
 
 
-def prepare_units(grid: dict, name: str, spec: dict, out: Path) -> dict:
-    """Train, dev and test data of a unit variant and the train.py settings it implies; built on first use."""
+def prepare_units(grid: dict, name: str, spec: dict) -> dict:
+    """Train, dev and test data of a unit variant and the train.py settings it implies; built on
+    first use into the cache, under the corpus they encode."""
     if spec.get("bundled"):
-        meta = json.loads((BUNDLED / "corpus.json").read_text())
+        meta = json.loads((grid["text"] / "corpus.json").read_text())
         info = {"n_dsus": meta["n_dsus"], "sampling_rate": meta["sample_rate"],
                 "downsampling_ratio": meta["downsampling_ratio"]}
         return {"seconds": 0.0, "overrides": units.overrides(info), "n_dsus": meta["n_dsus"],
-                **{split: str(BUNDLED / f"{split}.jsonl") for split in SPLIT_PREFIXES}}
-    corpus = corpus_dir(grid, out)
-    where, seconds = out / "units" / name, 0.0
+                **{split: str(grid["text"] / f"{split}.jsonl") for split in SPLIT_PREFIXES}}
+    corpus = corpus_dir(grid)
+    where, seconds = corpus / "units" / f"{spec['encoder']}-k{spec['k']}-stack{spec.get('stack', 1)}", 0.0
     encoder = ["--encoder", spec["encoder"], "--stack", spec.get("stack", 1), "--quiet"]
     kmeans = where / "kmeans.npy"
     if not kmeans.exists():
@@ -179,7 +190,7 @@ def extended_model(grid: dict, out: Path, unit_name: str, data: dict, options: d
     seconds = 0.0
     base = out / "base"
     if not base.exists():
-        transcripts = text_corpus(grid, out) / "train.jsonl"
+        transcripts = grid["text"] / "train.jsonl"
         seconds += run(python("tiny_model.py", base, "--transcripts", transcripts, *grid["base_model"]), "the base model")
     bpe = options["dsu_bpe"]
     path = out / "extended" / (unit_name + (f"-bpe{bpe}" if bpe else "") + ("-raw" if bpe and not options["deduplicate"] else ""))
@@ -270,7 +281,7 @@ def run_cell(grid: dict, cell: dict, out: Path) -> None:
             seconds[key] = round(spent, 1)
             write_json(seconds_path, seconds)
 
-    data = prepare_units(grid, cell["units"], cell["unit_spec"], out)
+    data = prepare_units(grid, cell["units"], cell["unit_spec"])
     model, spent = extended_model(grid, out, cell["units"], data, cell["options"])
     stage("preparation", data["seconds"] + spent)  # shared: paid by the first cell that needs it
     regime, steps, runs = cell["regime_spec"], grid["steps"], []
@@ -287,7 +298,7 @@ def run_cell(grid: dict, cell: dict, out: Path) -> None:
     if not generations.exists():
         stage("generate", run(python("generate.py", last_checkpoint(sft, steps - cpt_steps), "--data", data["test"],
                                      "--out", generations.parent, *grid.get("generate", [])), f"generating for {name}"))
-    references = text_corpus(grid, out)
+    references = grid["text"]
     if not (cell_dir / "wer.json").exists():
         stage("wer", run(python("wer.py", generations, "--references", references / "test.jsonl", "--by", "speaker",
                                 "--worst", 0, "--out", cell_dir / "wer.json"), f"scoring {name}"))
@@ -309,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("grid_file", type=Path, help="the grids, e.g. configs/matrix.json")
     parser.add_argument("--grid", default="default", help="which grid of the file to run (default: default)")
     parser.add_argument("--out", type=Path, help="output directory, reused to resume (default: runs/matrix-GRID)")
+    parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "matrix-cache",
+                        help="re-synthesised corpora and their unit variants, shared by grids (default: runs/matrix-cache)")
     parser.add_argument("--list", action="store_true", help="list the grid's cells and whether each is done, and stop")
     args = parser.parse_args(argv)
     out = args.out or ROOT / "runs" / f"matrix-{args.grid}"
@@ -319,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
                 done = (out / "cells" / cell_name(cell) / "cell.json").exists()
                 print(f"{'done   ' if done else 'pending'}  {cell_name(cell)}")
             return 0
-        out = out.resolve()
+        out, grid["cache"] = out.resolve(), args.cache.resolve()
+        grid["text"] = text_corpus(grid)
         started = time.time()
         for i, cell in enumerate(grid["cells"], 1):
             print(f"\n== matrix {grid['name']}: cell {i}/{len(grid['cells'])}: {cell_name(cell)}", flush=True)

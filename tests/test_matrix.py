@@ -110,12 +110,12 @@ def test_bad_grids_are_refused_naming_the_problem(tmp_path, capsys):
 def test_make_matrix_runs_the_driver_on_the_chosen_grid():
     dry = subprocess.run(["make", "-n", "matrix", "MATRIX=tiny", "MATRIX_DIR=somewhere"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
-    assert "-m data.matrix configs/matrix.json --grid tiny --out somewhere" in dry
+    assert "-m data.matrix configs/matrix.json --grid tiny --out somewhere --cache runs/matrix-cache" in dry
 
 
 def run_matrix(out: Path, grid: Path = GRID) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "data.matrix", str(grid), "--grid", "tiny", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "data.matrix", str(grid), "--grid", "tiny", "--out", str(out),
+                           "--cache", str(out.parent / "cache")], cwd=ROOT, capture_output=True, text=True)
 
 
 def commands(result: subprocess.CompletedProcess, script: str) -> list[str]:
@@ -144,7 +144,8 @@ def test_the_tiny_grid_runs_end_to_end(tiny_matrix):
         assert float(row["wer"]) == pytest.approx(report["wer"]) and report["n_utterances"] == 6
         assert cell["complete"] and cell["training_tokens"] > 0 and cell["seconds"]["total"] > 0
         assert "data.cpt.downsampling_ratio=640" in cell["overrides"]  # 25 Hz
-        test = pq.read_table(out / "units" / "mfcc-k16-25hz" / "test" / "data").to_pylist()
+        test = pq.read_table(out.parent / "cache" / "corpus-40-4-6-seed0" / "units" / "mfcc-k16-stack2" / "test"
+                             / "data").to_pylist()
         lengths = [1 + np.count_nonzero(np.diff(r["speech_tokens"])) for r in test]  # deduplicated
         assert cell["speech_tokens_per_utterance"] == pytest.approx(np.mean(lengths))
     assert json.loads((out / "cells" / rows[0]["cell"] / "cell.json").read_text())["steps"] == {"cpt": 3, "sft": 3}
@@ -155,13 +156,13 @@ def test_the_tiny_grid_runs_end_to_end(tiny_matrix):
 
 
 @needs_espeak
-def test_a_rerun_skips_finished_cells_and_finishes_an_interrupted_one_exactly(tiny_matrix, tmp_path):
+def test_a_rerun_skips_finished_cells_and_finishes_an_interrupted_one_exactly(tiny_matrix):
     out, _ = tiny_matrix
     again = run_matrix(out)
     assert again.returncode == 0 and not commands(again, "train.py") and not commands(again, "generate.py")
     assert again.stdout.count("   done: ") == 2
 
-    copy = tmp_path / "copy"
+    copy = out.parent / "copy"  # beside it: the same cache
     shutil.copytree(out, copy)
     cell = copy / "cells" / "mfcc-k16-25hz" / "sft"
     final = cell / "sft" / "checkpoints" / "step_0000006"
