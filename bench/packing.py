@@ -5,8 +5,8 @@
 Throughput, on the golden file's samples (CPT: interleaved and concatenated both ways; SFT: ASR;
 deduplication on and off), 16 samples per op call, rows of 2048 (no golden sample reaches it):
   string path   the reference's string + regex path (data/reference_strings.py): the baseline
-  per sample    SampleBuilder *_pieces (interleaving's random draws made for all rows at once by
-                data.batches.interleave_draws_many, as training makes them), each assembled on its own
+  per sample    SampleBuilder *_pieces (interleaving's spans drawn for all rows at once by
+                data.batches.interleave_spans_many, as training draws them), each assembled on its own
                 by data.samples.assemble (NumPy)
   op assemble   the same pieces, assembled 16 at a time by kernels.assemble_batch
   op + packer   train.py's packed path: SampleBuilder *_pieces, kernels.measure per 64 samples
@@ -43,7 +43,7 @@ from config import DEFAULT_SYSTEM_PROMPT  # noqa: E402
 from data import reference_strings as ref  # noqa: E402
 from data.dataset import SCHEMA_FIELDS, load_rows  # noqa: E402
 from data.samples import Interleave, SampleBuilder  # noqa: E402
-from data.batches import PACK_LOOKAHEAD, PACK_OPEN_ROWS, interleave_draws_many  # noqa: E402
+from data.batches import PACK_LOOKAHEAD, PACK_OPEN_ROWS, interleave_spans_many  # noqa: E402
 
 BATCH = 16
 THROUGHPUT_SEQ_LEN = 2048
@@ -72,10 +72,10 @@ class Workload:
         if self.name == "SFT":
             return [builder.sft_asr_pieces(row, self.prompt, False) for row in self.loaded]
         out = []
-        draws = interleave_draws_many(list(range(len(self.loaded))), [len(r["tokenized"]) for r in self.loaded], 0,
+        spans = interleave_spans_many(list(range(len(self.loaded))), [len(r["tokenized"]) for r in self.loaded], 0,
                                       self.settings)  # as training draws them, for many rows at once
         for i, row in enumerate(self.loaded):
-            out.append(builder.cpt_interleaved_pieces(row, i, 0, self.settings, draws=draws[i]))
+            out.append(builder.cpt_interleaved_pieces(row, i, 0, self.settings, spans=spans[i]))
             if self.all_cpt_kinds:
                 out.append(builder.cpt_concatenated_pieces(row, True))
                 out.append(builder.cpt_concatenated_pieces(row, False))

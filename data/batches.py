@@ -21,7 +21,7 @@ import torch
 
 import kernels
 from data.dataset import DataError, Source, task_fields
-from data.samples import IGNORE, SEED, Interleave, Pieces, SampleBuilder, interleave_draws
+from data.samples import IGNORE, SEED, Interleave, Pieces, SampleBuilder, interleave_spans
 from data.store import RowStore, open_store, store_path
 from data.tokenizer import Tokenizer
 
@@ -57,16 +57,16 @@ class Sequences:
         return self.builder.tok.pad_id
 
     def pieces_many(self, indices, epoch: int) -> list[Pieces]:
-        """The sequences of these rows, described as pieces; interleaving's random draws are made
-        for all of them at once (`interleave_draws_many`)."""
+        """The sequences of these rows, described as pieces; interleaving's spans are drawn for all
+        of them at once (`interleave_spans_many`)."""
         indices = [int(i) for i in indices]
         rows = [self.rows[i] for i in indices]
         if self.task == "sft":
             return [self.builder.sft_asr_pieces(row, self.system_prompt, self.train_on_input) for row in rows]
         if self.sequence_type == "interleaved":
-            draws = interleave_draws_many(indices, [len(row["tokenized"]) for row in rows], epoch, self.interleave)
-            return [self.builder.cpt_interleaved_pieces(row, i, epoch, self.interleave, draws=d)
-                    for row, i, d in zip(rows, indices, draws)]
+            spans = interleave_spans_many(indices, [len(row["tokenized"]) for row in rows], epoch, self.interleave)
+            return [self.builder.cpt_interleaved_pieces(row, i, epoch, self.interleave, spans=s)
+                    for row, i, s in zip(rows, indices, spans)]
         text_first = self.sequence_type == "concatenated_txt_dsu"
         return [self.builder.cpt_concatenated_pieces(row, text_first=text_first) for row in rows]
 
@@ -80,12 +80,12 @@ class Sequences:
         return kernels.measure(kernels.flatten(pieces), self.builder.deduplicate).tolist()
 
 
-def interleave_draws_many(indices: list[int], n_words: list[int], epoch: int,
-                          settings: Interleave) -> list[tuple[bool, np.ndarray]]:
-    """`data.samples.interleave_draws` for many rows: the C++ op where it applies, NumPy otherwise."""
-    draws = kernels.interleave_draws(indices, n_words, epoch, int(settings.mean_seq_len_tokens), settings.binom_prob,
+def interleave_spans_many(indices: list[int], n_words: list[int], epoch: int,
+                          settings: Interleave) -> list[tuple[bool, list[int]]]:
+    """`data.samples.interleave_spans` for many rows: the C++ op where it applies, NumPy otherwise."""
+    spans = kernels.interleave_spans(indices, n_words, epoch, int(settings.mean_seq_len_tokens), settings.binom_prob,
                                      SEED)
-    return draws or [interleave_draws(i, epoch, w, settings) for i, w in zip(indices, n_words)]
+    return spans or [interleave_spans(i, epoch, w, settings) for i, w in zip(indices, n_words)]
 
 
 def store_options(data_cfg: dict) -> dict:
