@@ -10,7 +10,7 @@ deduplication on and off), 16 samples per op call, rows of 2048 (no golden sampl
                 by data.samples.assemble (NumPy)
   op assemble   the same pieces, assembled 16 at a time by kernels.assemble_batch
   op + packer   train.py's packed path: SampleBuilder *_pieces, kernels.measure per 64 samples
-                (data.batches.PACK_LOOKAHEAD), a kernels.FirstFitPacker placing them as they come
+                (data.batches.PACK_LOOKAHEAD), the C++ first-fit packer placing each 64 as they come
                 (data.batches.PACK_OPEN_ROWS open rows, finished at the end), and the pack op writing
                 every 16 rows that leave (tokens, shifted targets, positions, document ids)
 All paths must produce the same number of tokens (checked before timing). The baseline is
@@ -18,7 +18,7 @@ measured in the same run; speed-ups are against it.
 
 Padding: the share of pad tokens over one epoch of samples in a fixed shuffled order, built with
 max_seq_len equal to the row length and deduplication on, when every batch of 16 samples is padded
-to its longest (as the reference trains), and when packed by a FirstFitPacker with 1 open row (next
+to its longest (as the reference trains), and when packed by a first-fit packer with 1 open row (next
 fit: a row is closed as soon as a sample does not fit it), 16, and data.batches.PACK_OPEN_ROWS, as a packed
 training epoch is (open rows finished and flushed at its end). Workloads: the golden samples (CPT
 as above, SFT) and the bundled corpus data/mini (128 DSUs; CPT interleaved, SFT).
@@ -50,10 +50,6 @@ THROUGHPUT_SEQ_LEN = 2048
 MINI = ROOT / "data" / "mini" / "train.jsonl"
 PADDING_CASES = [("CPT", 768), ("SFT", 2048), ("SFT", 512)]
 OPEN_ROWS = (1, 16, PACK_OPEN_ROWS)
-
-
-def real_tokens(packed: kernels.Packed) -> int:
-    return int(np.count_nonzero(packed.document_ids.numpy() >= 0))
 
 
 class Workload:
@@ -118,21 +114,21 @@ class Workload:
         for d in (True, False):
             b = self.builder(d, THROUGHPUT_SEQ_LEN)
             pieces = self.pieces(b)
-            packer, open_samples, rows = kernels.FirstFitPacker(THROUGHPUT_SEQ_LEN, PACK_OPEN_ROWS), {}, []
+            packer, rows = kernels.first_fit_packer(THROUGHPUT_SEQ_LEN, PACK_OPEN_ROWS), []
             for k in range(0, len(pieces), PACK_LOOKAHEAD):
-                ahead = pieces[k : k + PACK_LOOKAHEAD]
-                for i, (sample, length) in enumerate(zip(ahead, kernels.measure(kernels.flatten(ahead), d)), start=k):
-                    open_samples[i] = sample
-                    if (row := packer.add(i, int(length))) is not None:
-                        rows.append([open_samples.pop(j) for j in row])
-                    if len(rows) == BATCH:
-                        n += real_tokens(kernels.pack(rows, self.tok.dsu_offset, d, THROUGHPUT_SEQ_LEN, self.pad_id))
-                        rows = []
-            packer.finish()
-            while (row := packer.pop()) is not None:
-                rows.append([open_samples.pop(j) for j in row])
-            n += real_tokens(kernels.pack(rows, self.tok.dsu_offset, d, THROUGHPUT_SEQ_LEN, self.pad_id))
+                lengths = kernels.measure(kernels.flatten(pieces[k : k + PACK_LOOKAHEAD]), d).tolist()
+                rows += packer.add(list(range(k, k + len(lengths))), lengths)
+                for first in range(0, len(rows) - BATCH + 1, BATCH):
+                    n += self.packed_tokens(pieces, rows[first : first + BATCH], d)
+                rows = rows[len(rows) - len(rows) % BATCH :]
+            n += self.packed_tokens(pieces, rows + packer.finish(), d)
         return n
+
+    def packed_tokens(self, pieces: list, rows: list[list[int]], deduplicate: bool) -> int:
+        """Real tokens in rows written by the pack op (all the finished rows at once at the end)."""
+        packed = kernels.pack([[pieces[i] for i in row] for row in rows], self.tok.dsu_offset, deduplicate,
+                              THROUGHPUT_SEQ_LEN, self.pad_id)
+        return int(np.count_nonzero(packed.document_ids.numpy() >= 0))
 
     def padding_shares(self, max_seq_len: int) -> list[float]:
         """Pad tokens over all tokens: padded batches, then packing with each of OPEN_ROWS."""

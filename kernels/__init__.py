@@ -46,12 +46,14 @@ cuts each of many rows into spans, from random draws bit for bit what NumPy's
 This package imports nothing of the project: callers pass plain arrays and objects that have the
 `Pieces` protocol's attributes.
 
-Where each sample goes is decided from `measure`'s lengths alone by `FirstFitPacker` (first fit
-over a bounded window of open rows, streaming; kernels.packing); `place` runs it over one epoch.
+Where each sample goes is decided from `measure`'s lengths alone by a first-fit packer
+(`first_fit_packer`: first fit over a bounded window of open rows, streaming; kernels.packing has
+its rule), C++ too; `place` runs it over one epoch.
 
 Implementations: C++ (CPU) and CUDA, registered as torch.ops.speech_llama and built on first use
 (`kernels.build`; `python -m kernels build` ahead of time), and the NumPy reference
-(`kernels.reference`), used with one warning when the extension cannot be built. The CUDA ops
+(`kernels.reference`, with the packer in Python), used with one warning when the extension
+cannot be built. The CUDA ops
 wait for the GPU to validate the offsets and to size or check their outputs.
 """
 
@@ -62,9 +64,9 @@ import numpy as np
 import torch
 
 from kernels import build, reference
-from kernels.packing import IGNORE, FirstFitPacker, Packed, place
+from kernels.packing import IGNORE, Packed
 
-__all__ = ["IGNORE", "Assembled", "FirstFitPacker", "FlatBatch", "Packed", "Pieces", "assemble_batch", "flatten",
+__all__ = ["IGNORE", "Assembled", "FlatBatch", "Packed", "Pieces", "assemble_batch", "first_fit_packer", "flatten",
            "interleave_spans", "measure", "pack", "place"]
 
 
@@ -147,6 +149,22 @@ def interleave_spans(indices: Sequence[int], n_words: Sequence[int], epoch: int,
         torch.tensor(indices, dtype=torch.int64), torch.tensor(n_words, dtype=torch.int64), seed, epoch, n, p)
     bounds, offsets = bounds.tolist(), offsets.tolist()
     return [(first, bounds[lo:hi]) for first, lo, hi in zip(text_first.tolist(), offsets, offsets[1:])]
+
+
+def first_fit_packer(max_seq_len: int, capacity: int):
+    """A first-fit packer of `capacity` open rows of `max_seq_len` tokens (kernels.packing): the C++
+    one, whose items are ints, or without the extension the reference."""
+    if build.extension() is None:
+        return reference.FirstFitPacker(max_seq_len, capacity)
+    return torch.classes.speech_llama.FirstFitPacker(max_seq_len, capacity)
+
+
+def place(lengths: Sequence[int], max_seq_len: int, capacity: int) -> list[list[int]]:
+    """The rows (as sample positions) that one epoch of samples with these lengths becomes when
+    streamed through a first-fit packer and finished: what a packed training run trains on."""
+    packer = first_fit_packer(max_seq_len, capacity)
+    rows = packer.add(list(range(len(lengths))), [int(n) for n in lengths])
+    return rows + packer.finish()
 
 
 def measure(batch: FlatBatch, deduplicate: bool) -> np.ndarray:
