@@ -47,14 +47,13 @@ This package imports nothing of the project: callers pass plain arrays and objec
 `Pieces` protocol's attributes.
 
 Where each sample goes is decided from `measure`'s lengths alone by a first-fit packer
-(`first_fit_packer`: first fit over a bounded window of open rows, streaming; kernels.packing has
-its rule), C++ too; `place` runs it over one epoch.
+(`first_fit_packer`, a C++ torch class: first fit over a bounded window of open rows, streaming;
+kernels.packing has its rule); `place` runs it over one epoch.
 
 Implementations: C++ (CPU) and CUDA, registered as torch.ops.speech_llama and built on first use
-(`kernels.build`; `python -m kernels build` ahead of time), and the NumPy reference
-(`kernels.reference`, with the packer in Python), used with one warning when the extension
-cannot be built. The CUDA ops
-wait for the GPU to validate the offsets and to size or check their outputs.
+(`kernels.build`; `python -m kernels build` ahead of time), and the NumPy reference (with the
+packer in Python: `kernels.reference`), used with one warning when the extension cannot be built.
+The CUDA ops wait for the GPU to validate the offsets and to size or check their outputs.
 """
 
 from itertools import chain

@@ -136,8 +136,9 @@ class BinomialInversion {
   int64_t bound_;
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> interleave_spans_cpu(const at::Tensor& indices, const at::Tensor& n_words,
-                                                       int64_t seed, int64_t epoch, int64_t n, double p) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> interleave_spans_cpu(const at::Tensor& indices,
+                                                                    const at::Tensor& n_words, int64_t seed,
+                                                                    int64_t epoch, int64_t n, double p) {
   TORCH_CHECK(indices.dim() == 1 && n_words.dim() == 1 && indices.numel() == n_words.numel(),
               "indices and n_words must be 1-D and of one length");
   TORCH_CHECK(indices.scalar_type() == at::kLong && n_words.scalar_type() == at::kLong, "indices and n_words must be Long");
@@ -174,13 +175,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> interleave_spans_cpu(const at::Te
     first[r] = rng.next_double() < 0.5;
     offset[r] = n_bounds;
     bound[n_bounds++] = 0;
-    // Every length is drawn (the stream must not depend on where the cuts fall); cuts at or past
-    // n_words are dropped, and the last span ends at n_words.
-    int64_t cut = 0;
-    for (int64_t w = 0; w < row_words[r]; ++w) {
+    // The last span ends at n_words: the draws after the first cut there change nothing, and each
+    // row has a generator of its own, so drawing stops.
+    for (int64_t w = 0, cut = 0; w < row_words[r]; ++w) {
       const int64_t x = none ? 0 : flipped ? n - binomial(rng) : binomial(rng);
       cut += x > 1 ? x : 1;
-      if (cut < row_words[r]) bound[n_bounds++] = cut;
+      if (cut >= row_words[r]) break;
+      bound[n_bounds++] = cut;
     }
     bound[n_bounds++] = row_words[r];
   }
