@@ -114,20 +114,21 @@ class Workload:
         for d in (True, False):
             b = self.builder(d, THROUGHPUT_SEQ_LEN)
             pieces = self.pieces(b)
-            packer, rows = kernels.first_fit_packer(THROUGHPUT_SEQ_LEN, PACK_OPEN_ROWS), []
-            for k in range(0, len(pieces), PACK_LOOKAHEAD):
-                lengths = kernels.measure(kernels.flatten(pieces[k : k + PACK_LOOKAHEAD]), d).tolist()
-                rows += packer.add(list(range(k, k + len(lengths))), lengths)
+            packer, open_samples, rows = kernels.first_fit_packer(THROUGHPUT_SEQ_LEN, PACK_OPEN_ROWS), {}, []
+            for k in range(0, len(pieces), PACK_LOOKAHEAD):  # as data.batches.PackedStream streams them
+                ahead = dict(enumerate(pieces[k : k + PACK_LOOKAHEAD], start=k))
+                lengths = kernels.measure(kernels.flatten(list(ahead.values())), d).tolist()
+                open_samples.update((i, sample) for (i, sample), length in zip(ahead.items(), lengths) if length)
+                rows += [[open_samples.pop(i) for i in row] for row in packer.add(list(ahead), lengths)]
                 for first in range(0, len(rows) - BATCH + 1, BATCH):
-                    n += self.packed_tokens(pieces, rows[first : first + BATCH], d)
+                    n += self.packed_tokens(rows[first : first + BATCH], d)
                 rows = rows[len(rows) - len(rows) % BATCH :]
-            n += self.packed_tokens(pieces, rows + packer.finish(), d)
+            n += self.packed_tokens(rows + [[open_samples.pop(i) for i in row] for row in packer.finish()], d)
         return n
 
-    def packed_tokens(self, pieces: list, rows: list[list[int]], deduplicate: bool) -> int:
-        """Real tokens in rows written by the pack op (all the finished rows at once at the end)."""
-        packed = kernels.pack([[pieces[i] for i in row] for row in rows], self.tok.dsu_offset, deduplicate,
-                              THROUGHPUT_SEQ_LEN, self.pad_id)
+    def packed_tokens(self, rows: list[list], deduplicate: bool) -> int:
+        """Real tokens in rows written by the pack op (the last ones all at once)."""
+        packed = kernels.pack(rows, self.tok.dsu_offset, deduplicate, THROUGHPUT_SEQ_LEN, self.pad_id)
         return int(np.count_nonzero(packed.document_ids.numpy() >= 0))
 
     def padding_shares(self, max_seq_len: int) -> list[float]:
