@@ -89,7 +89,8 @@ def deduplicate_runs(units: np.ndarray) -> np.ndarray:
 def assemble(pieces: Pieces, dsu_offset: int, deduplicate: bool) -> tuple[np.ndarray, np.ndarray]:
     """Tokens and labels (int64; labels unshifted, IGNORE where masked) of one `Pieces`."""
     runs = [np.frombuffer(v, dtype=np.int64) for v in pieces.values]
-    runs = [(deduplicate_runs(v) if deduplicate else v) + dsu_offset if dsu else v for v, dsu in zip(runs, pieces.is_dsu)]
+    runs = [(deduplicate_runs(v) if deduplicate else v) + dsu_offset if dsu else v
+            for v, dsu in zip(runs, pieces.is_dsu)]
     tokens = np.concatenate(runs).astype(np.int64, copy=False) if runs else np.zeros(0, dtype=np.int64)
     masked = np.repeat(pieces.masked, [len(r) for r in runs]).astype(bool)
     if pieces.limit is not None and len(tokens) > pieces.limit:
@@ -138,7 +139,8 @@ class SampleBuilder:
         # Fixed runs, tokenized once.
         self.space = ids(tokenizer.encode(" "))
         self._bos, self._eos, self._eot = ids([tokenizer.bos_id]), ids([tokenizer.eos_id]), ids([tokenizer.eot_id])
-        self._text, self._speech = (ids([m]) if modality_tokens else b"" for m in (tokenizer.text_id, tokenizer.speech_id))
+        modality = (tokenizer.text_id, tokenizer.speech_id) if modality_tokens else None
+        self._text, self._speech = (ids([m]) for m in modality) if modality else (b"", b"")
         self._user_header = ids(tokenizer.header("user"))
         self._assistant_header = ids(tokenizer.header("assistant"))
         self._sft_prefixes: dict[str, bytes] = {}
