@@ -5,12 +5,12 @@
 Throughput, on the golden file's samples (CPT: interleaved and concatenated both ways; SFT: ASR;
 deduplication on and off), 16 samples per op call, rows of 2048 (no golden sample reaches it):
   string path   the reference's string + regex path (data/reference_strings.py): the baseline
-  per sample    SampleBuilder *_pieces (interleaving's random draws made for all rows at once by
-                data.batches.interleave_draws_many, as training makes them), each assembled on its own
+  per sample    SampleBuilder *_pieces (interleaving's spans drawn for all rows at once by
+                data.batches.interleave_spans_many, as training draws them), each assembled on its own
                 by data.samples.assemble (NumPy)
   op assemble   the same pieces, assembled 16 at a time by kernels.assemble_batch
   op + packer   train.py's packed path: SampleBuilder *_pieces, kernels.measure per 64 samples
-                (data.batches.PACK_LOOKAHEAD), a kernels.FirstFitPacker placing them as they come
+                (data.batches.PACK_LOOKAHEAD), the C++ first-fit packer placing each 64 as they come
                 (data.batches.PACK_OPEN_ROWS open rows, finished at the end), and the pack op writing
                 every 16 rows that leave (tokens, shifted targets, positions, document ids)
 All paths must produce the same number of tokens (checked before timing). The baseline is
@@ -18,7 +18,7 @@ measured in the same run; speed-ups are against it.
 
 Padding: the share of pad tokens over one epoch of samples in a fixed shuffled order, built with
 max_seq_len equal to the row length and deduplication on, when every batch of 16 samples is padded
-to its longest (as the reference trains), and when packed by a FirstFitPacker with 1 open row (next
+to its longest (as the reference trains), and when packed by a first-fit packer with 1 open row (next
 fit: a row is closed as soon as a sample does not fit it), 16, and data.batches.PACK_OPEN_ROWS, as a packed
 training epoch is (open rows finished and flushed at its end). Workloads: the golden samples (CPT
 as above, SFT) and the bundled corpus data/mini (128 DSUs; CPT interleaved, SFT).
@@ -43,17 +43,13 @@ from config import DEFAULT_SYSTEM_PROMPT  # noqa: E402
 from data import reference_strings as ref  # noqa: E402
 from data.dataset import SCHEMA_FIELDS, load_rows  # noqa: E402
 from data.samples import Interleave, SampleBuilder  # noqa: E402
-from data.batches import PACK_LOOKAHEAD, PACK_OPEN_ROWS, interleave_draws_many  # noqa: E402
+from data.batches import PACK_LOOKAHEAD, PACK_OPEN_ROWS, interleave_spans_many  # noqa: E402
 
 BATCH = 16
 THROUGHPUT_SEQ_LEN = 2048
 MINI = ROOT / "data" / "mini" / "train.jsonl"
 PADDING_CASES = [("CPT", 768), ("SFT", 2048), ("SFT", 512)]
 OPEN_ROWS = (1, 16, PACK_OPEN_ROWS)
-
-
-def real_tokens(packed: kernels.Packed) -> int:
-    return int(np.count_nonzero(packed.document_ids.numpy() >= 0))
 
 
 class Workload:
@@ -72,10 +68,10 @@ class Workload:
         if self.name == "SFT":
             return [builder.sft_asr_pieces(row, self.prompt, False) for row in self.loaded]
         out = []
-        draws = interleave_draws_many(list(range(len(self.loaded))), [len(r["tokenized"]) for r in self.loaded], 0,
+        spans = interleave_spans_many(list(range(len(self.loaded))), [len(r["tokenized"]) for r in self.loaded], 0,
                                       self.settings)  # as training draws them, for many rows at once
         for i, row in enumerate(self.loaded):
-            out.append(builder.cpt_interleaved_pieces(row, i, 0, self.settings, draws=draws[i]))
+            out.append(builder.cpt_interleaved_pieces(row, i, 0, self.settings, spans=spans[i]))
             if self.all_cpt_kinds:
                 out.append(builder.cpt_concatenated_pieces(row, True))
                 out.append(builder.cpt_concatenated_pieces(row, False))
@@ -118,21 +114,22 @@ class Workload:
         for d in (True, False):
             b = self.builder(d, THROUGHPUT_SEQ_LEN)
             pieces = self.pieces(b)
-            packer, open_samples, rows = kernels.FirstFitPacker(THROUGHPUT_SEQ_LEN, PACK_OPEN_ROWS), {}, []
-            for k in range(0, len(pieces), PACK_LOOKAHEAD):
-                ahead = pieces[k : k + PACK_LOOKAHEAD]
-                for i, (sample, length) in enumerate(zip(ahead, kernels.measure(kernels.flatten(ahead), d)), start=k):
-                    open_samples[i] = sample
-                    if (row := packer.add(i, int(length))) is not None:
-                        rows.append([open_samples.pop(j) for j in row])
-                    if len(rows) == BATCH:
-                        n += real_tokens(kernels.pack(rows, self.tok.dsu_offset, d, THROUGHPUT_SEQ_LEN, self.pad_id))
-                        rows = []
-            packer.finish()
-            while (row := packer.pop()) is not None:
-                rows.append([open_samples.pop(j) for j in row])
-            n += real_tokens(kernels.pack(rows, self.tok.dsu_offset, d, THROUGHPUT_SEQ_LEN, self.pad_id))
+            packer, open_samples, rows = kernels.first_fit_packer(THROUGHPUT_SEQ_LEN, PACK_OPEN_ROWS), {}, []
+            for k in range(0, len(pieces), PACK_LOOKAHEAD):  # as data.batches.PackedStream streams them
+                ahead = dict(enumerate(pieces[k : k + PACK_LOOKAHEAD], start=k))
+                lengths = kernels.measure(kernels.flatten(list(ahead.values())), d).tolist()
+                open_samples.update((i, sample) for (i, sample), length in zip(ahead.items(), lengths) if length)
+                rows += [[open_samples.pop(i) for i in row] for row in packer.add(list(ahead), lengths)]
+                for first in range(0, len(rows) - BATCH + 1, BATCH):
+                    n += self.packed_tokens(rows[first : first + BATCH], d)
+                rows = rows[len(rows) - len(rows) % BATCH :]
+            n += self.packed_tokens(rows + [[open_samples.pop(i) for i in row] for row in packer.finish()], d)
         return n
+
+    def packed_tokens(self, rows: list[list], deduplicate: bool) -> int:
+        """Real tokens in rows written by the pack op (the last ones all at once)."""
+        packed = kernels.pack(rows, self.tok.dsu_offset, deduplicate, THROUGHPUT_SEQ_LEN, self.pad_id)
+        return int(np.count_nonzero(packed.document_ids.numpy() >= 0))
 
     def padding_shares(self, max_seq_len: int) -> list[float]:
         """Pad tokens over all tokens: padded batches, then packing with each of OPEN_ROWS."""

@@ -21,7 +21,7 @@ import torch
 
 import kernels
 from data.dataset import DataError, Source, task_fields
-from data.samples import IGNORE, SEED, Interleave, Pieces, SampleBuilder, interleave_draws
+from data.samples import IGNORE, SEED, Interleave, Pieces, SampleBuilder, interleave_spans
 from data.store import RowStore, open_store, store_path
 from data.tokenizer import Tokenizer
 
@@ -57,16 +57,16 @@ class Sequences:
         return self.builder.tok.pad_id
 
     def pieces_many(self, indices, epoch: int) -> list[Pieces]:
-        """The sequences of these rows, described as pieces; interleaving's random draws are made
-        for all of them at once (`interleave_draws_many`)."""
+        """The sequences of these rows, described as pieces; interleaving's spans are drawn for all
+        of them at once (`interleave_spans_many`)."""
         indices = [int(i) for i in indices]
         rows = [self.rows[i] for i in indices]
         if self.task == "sft":
             return [self.builder.sft_asr_pieces(row, self.system_prompt, self.train_on_input) for row in rows]
         if self.sequence_type == "interleaved":
-            draws = interleave_draws_many(indices, [len(row["tokenized"]) for row in rows], epoch, self.interleave)
-            return [self.builder.cpt_interleaved_pieces(row, i, epoch, self.interleave, draws=d)
-                    for row, i, d in zip(rows, indices, draws)]
+            spans = interleave_spans_many(indices, [len(row["tokenized"]) for row in rows], epoch, self.interleave)
+            return [self.builder.cpt_interleaved_pieces(row, i, epoch, self.interleave, spans=s)
+                    for row, i, s in zip(rows, indices, spans)]
         text_first = self.sequence_type == "concatenated_txt_dsu"
         return [self.builder.cpt_concatenated_pieces(row, text_first=text_first) for row in rows]
 
@@ -80,12 +80,12 @@ class Sequences:
         return kernels.measure(kernels.flatten(pieces), self.builder.deduplicate).tolist()
 
 
-def interleave_draws_many(indices: list[int], n_words: list[int], epoch: int,
-                          settings: Interleave) -> list[tuple[bool, np.ndarray]]:
-    """`data.samples.interleave_draws` for many rows: the C++ op where it applies, NumPy otherwise."""
-    draws = kernels.interleave_draws(indices, n_words, epoch, int(settings.mean_seq_len_tokens), settings.binom_prob,
+def interleave_spans_many(indices: list[int], n_words: list[int], epoch: int,
+                          settings: Interleave) -> list[tuple[bool, list[int]]]:
+    """`data.samples.interleave_spans` for many rows: the C++ op where it applies, NumPy otherwise."""
+    spans = kernels.interleave_spans(indices, n_words, epoch, int(settings.mean_seq_len_tokens), settings.binom_prob,
                                      SEED)
-    return draws or [interleave_draws(i, epoch, w, settings) for i, w in zip(indices, n_words)]
+    return spans or [interleave_spans(i, epoch, w, settings) for i, w in zip(indices, n_words)]
 
 
 def store_options(data_cfg: dict) -> dict:
@@ -175,61 +175,61 @@ def step_micro_batches(seqs: Sequences, step: int, *, batch_size: int, grad_accu
 class PackedStream:
     """The training data of a packed run: one stream of rows, computed identically on every rank.
 
-    Sequences enter in each epoch's order (`epoch_order`) as `Pieces`, are measured, and a
-    `kernels.FirstFitPacker` with PACK_OPEN_ROWS open rows places them by length. When an epoch's
-    sequences run out, its open rows are repacked and flushed, so no row mixes epochs and every
-    sequence is trained on once per epoch. The `pack` op later writes each rank's rows, exactly as
-    the unpacked path builds the sequences (cut to max_seq_len by the builders). The position in
-    the stream is (epoch, sequences taken from its order, the indices of the sequences in the open
-    rows): `state_dict`, saved with each checkpoint. A sequence is a pure function of (epoch,
-    index), so a restored stream rebuilds the open rows and continues with exactly the rows of an
-    uninterrupted one. Memory: the open rows' sequences and the look-ahead, not the data set.
+    Sequences enter in each epoch's order (`epoch_order`) as `Pieces`, PACK_LOOKAHEAD at a time,
+    are measured, and a first-fit packer (`kernels.first_fit_packer`) with PACK_OPEN_ROWS open rows
+    places them by length; the rows that leave it wait in a queue. When an epoch's sequences run
+    out, its open rows are repacked and queued, so no row mixes epochs and every sequence is
+    trained on once per epoch. The `pack` op later writes each rank's rows, exactly as the
+    unpacked path builds the sequences (cut to max_seq_len by the builders). The position in the
+    stream is (epoch, sequences taken from its order, the indices of the sequences in the open
+    and the queued rows): `state_dict`, saved with each checkpoint. A sequence is a pure function
+    of (epoch, index), so a restored stream rebuilds those rows and continues with exactly the
+    rows of an uninterrupted one. Memory: the open and queued rows' sequences, not the data set.
     """
 
     def __init__(self, seqs: Sequences, max_seq_len: int, seed: int, shuffle: bool):
         self.seqs, self.seed, self.shuffle, self.max_seq_len = seqs, seed, shuffle, max_seq_len  # config.py checks it fits
-        self.packer = kernels.FirstFitPacker(max_seq_len, PACK_OPEN_ROWS)
-        self.open_samples: dict[int, Pieces] = {}  # index -> sequence, in open rows
+        self.packer = kernels.first_fit_packer(max_seq_len, PACK_OPEN_ROWS)
+        self.open_samples: dict[int, Pieces] = {}  # index -> sequence, in open or queued rows
         self._start_epoch(0, 0)
 
     def _start_epoch(self, epoch: int, position: int) -> None:
         self.epoch, self.position = epoch, position
         self.order = epoch_order(len(self.seqs), self.seed, epoch, self.shuffle)
-        self.ahead: deque[tuple[int, Pieces, int]] = deque()  # (index, sequence, length): measured, not yet placed
+        self.left: deque[list[int]] = deque()  # rows that left the packer, not yet handed out
 
     def next_row(self) -> tuple[int, list[int], list[Pieces]]:
         """(epoch, the row's sequences' indices, those sequences), for `kernels.pack`."""
-        while True:
+        while not self.left:
             if self.position == len(self.order):
-                row = self.packer.pop()
-                if row is not None:
-                    return self.epoch, row, [self.open_samples.pop(i) for i in row]
                 self._start_epoch(self.epoch + 1, 0)
-            if not self.ahead:
-                indices = self.order[self.position : self.position + PACK_LOOKAHEAD].tolist()
-                pieces = self.seqs.pieces_many(indices, self.epoch)
-                self.ahead.extend(zip(indices, pieces, self.seqs.lengths(pieces)))
-            index, sample, length = self.ahead.popleft()
-            self.position += 1
-            if length:  # the packer drops empty sequences: nothing to keep
-                self.open_samples[index] = sample
-            row = self.packer.add(index, length)
+            indices = self.order[self.position : self.position + PACK_LOOKAHEAD].tolist()
+            pieces = self.seqs.pieces_many(indices, self.epoch)
+            lengths = self.seqs.lengths(pieces)
+            # the packer drops empty sequences: nothing to keep
+            self.open_samples.update((i, sample) for i, sample, n in zip(indices, pieces, lengths) if n)
+            self.left.extend(self.packer.add(indices, lengths))
+            self.position += len(indices)
             if self.position == len(self.order):
-                self.packer.finish()
-            if row is not None:
-                return self.epoch, row, [self.open_samples.pop(i) for i in row]
+                self.left.extend(self.packer.finish())
+        row = self.left.popleft()
+        return self.epoch, row, [self.open_samples.pop(i) for i in row]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "open_rows": self.packer.open_rows,
-                "max_seq_len": self.max_seq_len}
+        return {"epoch": self.epoch, "position": self.position, "open_rows": self.packer.open_rows(),
+                "left_rows": list(self.left), "max_seq_len": self.max_seq_len}
 
     def load_state_dict(self, state: dict) -> None:
         assert state["max_seq_len"] == self.max_seq_len, "train.check_resumable compares them first"
         self._start_epoch(state["epoch"], state["position"])
-        indices = [i for row in state["open_rows"] for i in row]
+        open_rows, left = state["open_rows"], state.get("left_rows")
+        if left is None:  # saved before rows were queued: an epoch's last rows were then still open
+            open_rows, left = ([], open_rows) if self.position == len(self.order) else (open_rows, [])
+        indices = [i for row in [*open_rows, *left] for i in row]
         self.open_samples = dict(zip(indices, self.seqs.pieces_many(indices, self.epoch)))
         length = dict(zip(indices, self.seqs.lengths([self.open_samples[i] for i in indices])))
-        self.packer.reopen([[(i, length[i]) for i in row] for row in state["open_rows"]])
+        self.packer.reopen(open_rows, [[length[i] for i in row] for row in open_rows])
+        self.left.extend(left)
 
 
 def packed_micro_batches(stream: PackedStream, *, batch_size: int, grad_accum: int, rank: int, world: int,

@@ -14,7 +14,9 @@ With a speech BPE (the tokenizer's `dsu_bpe`), each DSU run is deduplicated (if 
 encoded here, before the ops, into a literal run of DSU and merged-unit token ids.
 """
 
+import math
 import re
+from array import array
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,31 +40,37 @@ class Interleave:
     binom_prob: float = 0.1
 
 
+def ids(values) -> bytes:
+    """Token ids or DSU indices as a run of `Pieces`: native int64 bytes."""
+    if isinstance(values, np.ndarray):
+        return values.astype(np.int64, copy=False).tobytes()
+    return array("q", values).tobytes()  # a list: converted several times faster than by NumPy
+
+
 @dataclass
 class Pieces:
     """One sequence before assembly.
 
-    `values[k]` holds token ids (a list), or DSU indices (an array) when `is_dsu[k]`
-    (deduplicated if asked, then offset into the vocabulary at assembly). Tokens of a piece with `masked[k]` get IGNORE labels.
-    At most `limit` tokens are kept; if that cuts the sequence and `force_last` is set, the last
-    kept token becomes `force_last`, masked.
+    `values[k]` holds token ids, or DSU indices when `is_dsu[k]` (deduplicated if asked, then
+    offset into the vocabulary at assembly), as native int64 bytes (`ids`): batches are flattened
+    by joining bytes, a copy, where lists of Python ints cost a conversion per run. Tokens of a
+    piece with `masked[k]` get IGNORE labels. At most `limit` tokens are kept; if that cuts the
+    sequence and `force_last` is set, the last kept token becomes `force_last`, masked.
     """
 
-    values: list = field(default_factory=list)
+    values: list[bytes] = field(default_factory=list)
     is_dsu: list[bool] = field(default_factory=list)
     masked: list[bool] = field(default_factory=list)
     limit: int | None = None
     force_last: int | None = None
 
     def add(self, values, masked: bool = False, is_dsu: bool = False) -> None:
-        if is_dsu:
-            values = np.asarray(values, dtype=np.int64)
-        elif self.values and not self.is_dsu[-1] and self.masked[-1] == masked:
-            self.values[-1].extend(values)  # one literal run per stretch between DSU runs
+        """Appends a run: bytes from `ids`, or anything `ids` takes."""
+        run = values if isinstance(values, bytes) else ids(values)
+        if not is_dsu and self.values and not self.is_dsu[-1] and self.masked[-1] == masked:
+            self.values[-1] += run  # one literal run per stretch between DSU runs
             return
-        else:
-            values = list(values)
-        self.values.append(values)
+        self.values.append(run)
         self.is_dsu.append(is_dsu)
         self.masked.append(masked)
 
@@ -80,10 +88,9 @@ def deduplicate_runs(units: np.ndarray) -> np.ndarray:
 
 def assemble(pieces: Pieces, dsu_offset: int, deduplicate: bool) -> tuple[np.ndarray, np.ndarray]:
     """Tokens and labels (int64; labels unshifted, IGNORE where masked) of one `Pieces`."""
-    runs = [
-        (deduplicate_runs(v) if deduplicate else v) + dsu_offset if dsu else v
-        for v, dsu in zip(pieces.values, pieces.is_dsu)
-    ]
+    runs = [np.frombuffer(v, dtype=np.int64) for v in pieces.values]
+    runs = [(deduplicate_runs(v) if deduplicate else v) + dsu_offset if dsu else v
+            for v, dsu in zip(runs, pieces.is_dsu)]
     tokens = np.concatenate(runs).astype(np.int64, copy=False) if runs else np.zeros(0, dtype=np.int64)
     masked = np.repeat(pieces.masked, [len(r) for r in runs]).astype(bool)
     if pieces.limit is not None and len(tokens) > pieces.limit:
@@ -93,21 +100,24 @@ def assemble(pieces: Pieces, dsu_offset: int, deduplicate: bool) -> tuple[np.nda
     return tokens, np.where(masked, IGNORE, tokens)
 
 
-def interleave_draws(index: int, epoch: int, n_words: int, settings: Interleave = Interleave(),
-                     seed: int = SEED) -> tuple[bool, np.ndarray]:
-    """The random part of CPT interleaving for row `index`: whether it starts with text, and each
-    span's length in words (the spans cover the first n_words of these lengths' running sum)."""
+def interleave_spans(index: int, epoch: int, n_words: int, settings: Interleave = Interleave(),
+                     seed: int = SEED) -> tuple[bool, list[int]]:
+    """The random part of CPT interleaving for row `index`: whether it starts with text, and the
+    span bounds in words [0, cut, ..., n_words] (the cuts: the running sums of n_words span lengths
+    that fall below n_words)."""
     rng = np.random.default_rng((seed, epoch, index))
     # The reference draws rng.choice([True, False], p=[0.5, 0.5]): one uniform u, True when
     # u < 0.5. Drawing u directly gives the same value and leaves the stream in the same state.
     start_with_text = rng.random() < 0.5
     lengths = np.maximum(rng.binomial(int(settings.mean_seq_len_tokens), settings.binom_prob, size=n_words), 1)
-    return start_with_text, lengths
+    cuts = np.cumsum(lengths)
+    return start_with_text, [0, *cuts[cuts < n_words].tolist(), n_words]
 
 
 def dsu_frames(start: float, end: float, sampling_rate: int, downsampling_ratio: int) -> tuple[int, int]:
-    """Frame range [lo, hi) covering the time span; same float expression as the reference."""
-    return int(start * sampling_rate / downsampling_ratio), int(np.ceil(end * sampling_rate / downsampling_ratio))
+    """Frame range [lo, hi) covering the time span; same float expression as the reference
+    (math.ceil equals its np.ceil on every float, at a fraction of the cost)."""
+    return int(start * sampling_rate / downsampling_ratio), math.ceil(end * sampling_rate / downsampling_ratio)
 
 
 class SampleBuilder:
@@ -126,115 +136,117 @@ class SampleBuilder:
         self.deduplicate = deduplicate
         self.modality_tokens = modality_tokens
         self.max_seq_len = max_seq_len
-        self.space = tokenizer.encode(" ")
-        # Fixed pieces of the chat format, tokenized once.
-        self._user_header = tokenizer.header("user")
-        self._assistant_header = tokenizer.header("assistant")
-        self._sft_prefixes: dict[str, list[int]] = {}
-        self._word_ids: dict[str, list[int]] = {}
+        # Fixed runs, tokenized once.
+        self.space = ids(tokenizer.encode(" "))
+        self._bos, self._eos, self._eot = ids([tokenizer.bos_id]), ids([tokenizer.eos_id]), ids([tokenizer.eot_id])
+        modality = (tokenizer.text_id, tokenizer.speech_id) if modality_tokens else None
+        self._text, self._speech = (ids([m]) for m in modality) if modality else (b"", b"")
+        self._user_header = ids(tokenizer.header("user"))
+        self._assistant_header = ids(tokenizer.header("assistant"))
+        self._sft_prefixes: dict[str, bytes] = {}
+        self._word_ids: tuple[dict[str, bytes], dict[str, bytes]] = {}, {}  # encodings of "word", " word"
 
-    def _words(self, words: list[str], leading_space: bool) -> list[int]:
+    def _words(self, words: list[str], leading_space: bool) -> bytes:
         """Token ids of " ".join(words) (with a leading space if asked), one cached encoding per word.
 
         Exact because the pre-tokenizer never joins a word's leading space to the previous word:
         each " word" is tokenized alone. Words holding whitespace (never in real data) take the
         slow path, since runs of spaces do cross word boundaries.
         """
-        cache = self._word_ids  # holds only words that passed the check below
-        if len(cache) > 1_000_000:
-            cache.clear()
-        ids = []
+        bare, spaced = self._word_ids  # hold only words that passed the check below
+        try:  # every word seen before: one join
+            if leading_space or not words:
+                return b"".join(map(spaced.__getitem__, words))
+            return bare[words[0]] + b"".join(map(spaced.__getitem__, words[1:]))
+        except KeyError:
+            pass
+        if len(spaced) > 1_000_000:
+            bare.clear(), spaced.clear()
+        runs = []
         for k, word in enumerate(words):
-            spaced = k > 0 or leading_space  # only " word" encodings are cached
-            word_ids = cache.get(word) if spaced else None
-            if word_ids is None:
+            cache, space = (bare, "") if k == 0 and not leading_space else (spaced, " ")
+            run = cache.get(word)
+            if run is None:
                 if not word or _WHITESPACE.search(word):
-                    return self.tok.encode((" " if leading_space else "") + " ".join(words))
-                word_ids = self.tok.encode(" " + word if spaced else word)
-                if spaced:
-                    cache[word] = word_ids
-            ids += word_ids
-        return ids
+                    return ids(self.tok.encode((" " if leading_space else "") + " ".join(words)))
+                run = cache[word] = ids(self.tok.encode(space + word))
+            runs.append(run)
+        return b"".join(runs)
 
-    def _units(self, out: Pieces, units, masked: bool = False) -> None:
-        """A DSU run: raw, for assembly to deduplicate and offset, or encoded now by the speech BPE."""
+    def _units(self, out: Pieces, units: bytes, masked: bool = False) -> None:
+        """A DSU run (`ids`): raw, for assembly to deduplicate and offset, or encoded now by the speech BPE."""
         if self.tok.dsu_bpe is None:
             out.add(units, masked=masked, is_dsu=True)
         else:
-            units = deduplicate_runs(units) if self.deduplicate else units
-            out.add(self.tok.speech_ids(units).tolist(), masked=masked)
+            units = np.frombuffer(units, dtype=np.int64)
+            out.add(self.tok.speech_ids(deduplicate_runs(units) if self.deduplicate else units), masked=masked)
 
     def assemble(self, pieces: Pieces) -> tuple[np.ndarray, np.ndarray]:
         return assemble(pieces, self.tok.dsu_offset or 0, self.deduplicate)
 
-    def _sft_prefix(self, system_prompt: str) -> list[int]:
+    def _sft_prefix(self, system_prompt: str) -> bytes:
         """`<|begin_of_text|>` and the system message (masked in every mode)."""
         if system_prompt not in self._sft_prefixes:
-            self._sft_prefixes[system_prompt] = [self.tok.bos_id, *self.tok.message("system", system_prompt)]
+            self._sft_prefixes[system_prompt] = ids([self.tok.bos_id, *self.tok.message("system", system_prompt)])
         return self._sft_prefixes[system_prompt]
 
     # -- spans -------------------------------------------------------------------------------
 
-    def _text_span(self, out: Pieces, words: list[str], first: bool) -> None:
+    def _text_span(self, words: list[str], first: bool) -> bytes:
         # Reference string: "\ue001 w1 w2" (modality) or "w1 w2", joined to the previous span by " ".
         # The join space before a modality character is a token of its own; before a word it
         # merges into the word's first token.
         if self.modality_tokens:
-            out.add(([] if first else self.space) + [self.tok.text_id] + self._words(words, leading_space=True))
-        else:
-            out.add(self._words(words, leading_space=not first))
+            return (b"" if first else self.space) + self._text + self._words(words, leading_space=True)
+        return self._words(words, leading_space=not first)
 
-    def _speech_span(self, out: Pieces, units, first: bool) -> None:
+    def _speech_head(self, first: bool) -> bytes:
         # Reference string: "\ue000 <dsus>" or "<dsus>": every DSU is a piece of its own, so a
         # space before one is always a lone space token.
-        head = [] if first else self.space
-        if self.modality_tokens:
-            head = head + [self.tok.speech_id] + self.space
-        if head:
-            out.add(head)
-        self._units(out, units)
+        head = b"" if first else self.space
+        return head + self._speech + self.space if self.modality_tokens else head
 
-    def _cpt_pieces(self) -> Pieces:
+    def _cpt(self, spans: list[tuple[bool, list[str] | bytes]]) -> Pieces:
+        """A CPT sequence of spans, each (True, its words) or (False, its DSUs as `ids`): one
+        literal run between DSU runs, so one `add` each."""
         # The reference truncates CPT sequences to max_seq_len - 1, keeping no end token.
         out = Pieces(limit=None if self.max_seq_len is None else self.max_seq_len - 1)
-        out.add([self.tok.bos_id])
+        literal = self._bos
+        for k, (is_text, content) in enumerate(spans):
+            if is_text:
+                literal += self._text_span(content, first=k == 0)
+            else:
+                out.add(literal + self._speech_head(first=k == 0))
+                self._units(out, content)
+                literal = b""
+        out.add(literal + self._eos)
         return out
 
     # -- sequences ---------------------------------------------------------------------------
 
     def cpt_concatenated_pieces(self, row: dict, text_first: bool) -> Pieces:
-        out = self._cpt_pieces()
-        if text_first:
-            self._text_span(out, row["tokenized"], first=True)
-            self._speech_span(out, row["speech_tokens"], first=False)
-        else:
-            self._speech_span(out, row["speech_tokens"], first=True)
-            self._text_span(out, row["tokenized"], first=False)
-        out.add([self.tok.eos_id])
-        return out
+        text, speech = (True, row["tokenized"]), (False, ids(row["speech_tokens"]))
+        return self._cpt([text, speech] if text_first else [speech, text])
 
     def cpt_interleaved_pieces(
         self, row: dict, index: int, epoch: int, settings: Interleave = Interleave(), seed: int = SEED,
-        draws: tuple[bool, np.ndarray] | None = None,
+        spans: tuple[bool, list[int]] | None = None,
     ) -> Pieces:
-        """`draws`, when given, are `interleave_draws(index, epoch, len(row["tokenized"]), ...)`
-        made ahead (kernels.interleave_draws makes a batch of them at once)."""
+        """`spans`, when given, are `interleave_spans(index, epoch, len(row["tokenized"]), ...)`
+        made ahead (kernels.interleave_spans makes a batch of them at once)."""
         words = row["tokenized"]
-        start_with_text, lengths = draws or interleave_draws(index, epoch, len(words), settings, seed)
-        ends = np.cumsum(lengths)
-        bounds = [0, *ends[ends < len(words)].tolist(), len(words)]
-
+        text, bounds = spans or interleave_spans(index, epoch, len(words), settings, seed)
         starts, finishes = row["aligned_token_start_time"], row["aligned_token_end_time"]
-        units = row["speech_tokens"]
-        out = self._cpt_pieces()
-        for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-            if (k % 2 == 0) == start_with_text:
-                self._text_span(out, words[lo:hi], first=k == 0)
+        units, rate, ratio = ids(row["speech_tokens"]), settings.sampling_rate, settings.downsampling_ratio
+        out = []
+        for lo, hi in zip(bounds, bounds[1:]):
+            if text:
+                out.append((True, words[lo:hi]))
             else:
-                f_lo, f_hi = dsu_frames(starts[lo], finishes[hi - 1], settings.sampling_rate, settings.downsampling_ratio)
-                self._speech_span(out, units[f_lo:f_hi], first=k == 0)
-        out.add([self.tok.eos_id])
-        return out
+                f_lo, f_hi = dsu_frames(starts[lo], finishes[hi - 1], rate, ratio)
+                out.append((False, units[8 * f_lo : 8 * f_hi]))  # 8 bytes a unit
+            text = not text
+        return self._cpt(out)
 
     def sft_asr_pieces(self, row: dict, system_prompt: str, train_on_input: bool, inference: bool = False) -> Pieces:
         """Llama 3 chat: system prompt, user = the utterance's DSUs, assistant = its transcript.
@@ -248,14 +260,14 @@ class SampleBuilder:
         tok = self.tok
         out = Pieces(limit=self.max_seq_len, force_last=None if inference else tok.eos_id)
         out.add(self._sft_prefix(system_prompt), masked=True)
-        out.add(self._user_header + ([tok.speech_id] if self.modality_tokens else []), masked=not train_on_input)
-        self._units(out, row["speech_tokens"], masked=not train_on_input)
-        out.add(([tok.text_id] if self.modality_tokens else []) + [tok.eot_id], masked=not train_on_input)
+        out.add(self._user_header + self._speech, masked=not train_on_input)
+        self._units(out, ids(row["speech_tokens"]), masked=not train_on_input)
+        out.add(self._text + self._eot, masked=not train_on_input)
         if inference:
             out.add(self._assistant_header)
         else:
-            out.add(self._assistant_header + tok.encode(row["transcript"].strip()) + [tok.eot_id])
-            out.add([tok.eos_id], masked=True)
+            out.add(self._assistant_header + ids(tok.encode(row["transcript"].strip())) + self._eot)
+            out.add(self._eos, masked=True)
         return out
 
     def cpt_concatenated(self, row: dict, text_first: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -39,20 +39,21 @@ labels are IGNORE, -100):
   - padding: tokens pad_id, targets IGNORE, positions 0, document_ids -1.
   A packed batch feeds `model(tokens, positions, document_ids, labels=targets)` as it is.
 
-One more op serves the builders rather than the batch: `interleave_draws`, the random draws of CPT
-interleaving for many rows at once, bit for bit what NumPy's `default_rng((seed, epoch, row))`
-draws (data.samples.interleave_draws).
+One more op serves the builders rather than the batch: `interleave_spans`, where CPT interleaving
+cuts each of many rows into spans, from random draws bit for bit what NumPy's
+`default_rng((seed, epoch, row))` draws (data.samples.interleave_spans).
 
 This package imports nothing of the project: callers pass plain arrays and objects that have the
 `Pieces` protocol's attributes.
 
-Where each sample goes is decided from `measure`'s lengths alone by `FirstFitPacker` (first fit
-over a bounded window of open rows, streaming; kernels.packing); `place` runs it over one epoch.
+Where each sample goes is decided from `measure`'s lengths alone by a first-fit packer
+(`first_fit_packer`, a C++ torch class: first fit over a bounded window of open rows, streaming;
+kernels.packing has its rule); `place` runs it over one epoch.
 
 Implementations: C++ (CPU) and CUDA, registered as torch.ops.speech_llama and built on first use
-(`kernels.build`; `python -m kernels build` ahead of time), and the NumPy reference
-(`kernels.reference`), used with one warning when the extension cannot be built. The CUDA ops
-wait for the GPU to validate the offsets and to size or check their outputs.
+(`kernels.build`; `python -m kernels build` ahead of time), and the NumPy reference (with the
+packer in Python: `kernels.reference`), used with one warning when the extension cannot be built.
+The CUDA ops wait for the GPU to validate the offsets and to size or check their outputs.
 """
 
 from itertools import chain
@@ -62,18 +63,19 @@ import numpy as np
 import torch
 
 from kernels import build, reference
-from kernels.packing import IGNORE, FirstFitPacker, Packed, place
+from kernels.packing import IGNORE, Packed
 
-__all__ = ["IGNORE", "Assembled", "FirstFitPacker", "FlatBatch", "Packed", "Pieces", "assemble_batch", "flatten",
-           "interleave_draws", "measure", "pack", "place"]
+__all__ = ["IGNORE", "Assembled", "FlatBatch", "Packed", "Pieces", "assemble_batch", "first_fit_packer", "flatten",
+           "interleave_spans", "measure", "pack", "place"]
 
 
 class Pieces(Protocol):
     """One sample before assembly: `values[k]` is a run of token ids, or of DSU indices when
-    `is_dsu[k]`; `masked[k]` gives the run IGNORE labels; at most `limit` tokens are kept (None: all),
-    and when that cuts the sample, its last kept token becomes `force_last` (None: stays), masked."""
+    `is_dsu[k]`, as native int64 bytes; `masked[k]` gives the run IGNORE labels; at most `limit`
+    tokens are kept (None: all), and when that cuts the sample, its last kept token becomes
+    `force_last` (None: stays), masked."""
 
-    values: Sequence[Sequence[int]]
+    values: Sequence[bytes]
     is_dsu: Sequence[bool]
     masked: Sequence[bool]
     limit: int | None
@@ -105,12 +107,12 @@ def _offsets(lengths: np.ndarray) -> np.ndarray:
 
 
 def flatten(samples: Sequence[Pieces]) -> FlatBatch:
-    """The samples in the ops' input layout; the values are copied once (one concatenation)."""
+    """The samples in the ops' input layout; the values are copied once (one join of bytes)."""
     runs = [values for sample in samples for values in sample.values]
     n_pieces, n_samples = len(runs), len(samples)
     return FlatBatch(
-        values=np.concatenate(runs, dtype=np.int64, casting="unsafe") if runs else np.zeros(0, dtype=np.int64),
-        piece_offsets=_offsets(np.fromiter(map(len, runs), np.int64, n_pieces)),
+        values=np.frombuffer(bytearray().join(runs), dtype=np.int64),  # a bytearray: writable, as torch wants
+        piece_offsets=_offsets(np.fromiter(map(len, runs), np.int64, n_pieces) // 8),
         piece_is_dsu=np.fromiter(chain.from_iterable([s.is_dsu for s in samples]), bool, n_pieces),
         piece_masked=np.fromiter(chain.from_iterable([s.masked for s in samples]), bool, n_pieces),
         sample_piece_offsets=_offsets(np.fromiter((len(s.values) for s in samples), np.int64, n_samples)),
@@ -133,18 +135,35 @@ def _run(op: str, batch: FlatBatch, extra_tensors: tuple, args: tuple, device) -
     return getattr(torch.ops.speech_llama, op)(*inputs, *args)
 
 
-def interleave_draws(indices: Sequence[int], n_words: Sequence[int], epoch: int, n: int, p: float,
-                     seed: int) -> list[tuple[bool, np.ndarray]] | None:
-    """For each row i with w words: (whether it starts with text, w span lengths in words, each
-    max(1, Binomial(n, p))), drawn from `default_rng((seed, epoch, i))` as NumPy draws them. None
-    where the op does not apply (no extension, or outside the binomial's inversion regime, which
-    the reference's settings are in): the caller draws with NumPy then."""
+def interleave_spans(indices: Sequence[int], n_words: Sequence[int], epoch: int, n: int, p: float,
+                     seed: int) -> list[tuple[bool, list[int]]] | None:
+    """For each row i with w words, from `default_rng((seed, epoch, i))` as NumPy draws: whether it
+    starts with text, and its span bounds [0, cut, ..., w], the cuts being the running sums below w
+    of w span lengths, each max(1, Binomial(n, p)). None where the op does not apply (no extension,
+    or outside the binomial's inversion regime, which the reference's settings are in): the caller
+    draws with NumPy then."""
     if build.extension() is None or min(p, 1 - p) * n > 30:
         return None
-    counts = np.fromiter(n_words, np.int64, len(n_words))
-    text_first, lengths = torch.ops.speech_llama.interleave_draws(
-        torch.from_numpy(np.fromiter(indices, np.int64, len(indices))), torch.from_numpy(counts), seed, epoch, n, p)
-    return list(zip(text_first.tolist(), np.split(lengths.numpy(), np.cumsum(counts)[:-1])))
+    text_first, bounds, offsets = torch.ops.speech_llama.interleave_spans(
+        torch.tensor(indices, dtype=torch.int64), torch.tensor(n_words, dtype=torch.int64), seed, epoch, n, p)
+    bounds, offsets = bounds.tolist(), offsets.tolist()
+    return [(first, bounds[lo:hi]) for first, lo, hi in zip(text_first.tolist(), offsets, offsets[1:])]
+
+
+def first_fit_packer(max_seq_len: int, capacity: int):
+    """A first-fit packer of `capacity` open rows of `max_seq_len` tokens (kernels.packing): the C++
+    one, whose items are ints, or without the extension the reference."""
+    if build.extension() is None:
+        return reference.FirstFitPacker(max_seq_len, capacity)
+    return torch.classes.speech_llama.FirstFitPacker(max_seq_len, capacity)
+
+
+def place(lengths: Sequence[int], max_seq_len: int, capacity: int) -> list[list[int]]:
+    """The rows (as sample positions) that one epoch of samples with these lengths becomes when
+    streamed through a first-fit packer and finished: what a packed training run trains on."""
+    packer = first_fit_packer(max_seq_len, capacity)
+    rows = packer.add(list(range(len(lengths))), [int(n) for n in lengths])
+    return rows + packer.finish()
 
 
 def measure(batch: FlatBatch, deduplicate: bool) -> np.ndarray:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-CPU_SOURCES = ["pack.cpp", "interleave.cpp"]
+CPU_SOURCES = ["pack.cpp", "interleave.cpp", "first_fit.cpp"]
 CUDA_SOURCES = ["pack_cuda.cpp", "pack_cuda.cu"]
 NAME = "speech_llama_kernels"
 CUDA_ARCHS = ("80", "90")  # A100, H100: the compile-only check's targets

@@ -1,7 +1,9 @@
 """NumPy implementation of the ops `measure`, `assemble` and `pack`, with their signatures and
-semantics (kernels/__init__.py). `kernels` uses it when the extension cannot be built; tests hold
-the C++ and CUDA ops to it.
+semantics (kernels/__init__.py), and the first-fit packer in Python (kernels/packing.py). `kernels`
+uses them when the extension cannot be built; tests hold the C++ and CUDA code to them.
 """
+
+from typing import Hashable, Sequence
 
 import numpy as np
 import torch
@@ -86,3 +88,78 @@ def pack(values, piece_offsets, piece_is_dsu, piece_masked, sample_piece_offsets
     positions[filled] = np.arange(len(tokens)) - offsets[:-1][sample_of]
     document_ids[filled] = document[sample_of]
     return tuple(torch.from_numpy(a) for a in (out_tokens, targets, positions, document_ids))
+
+
+class FirstFitPacker:
+    """The first-fit packer (kernels/packing.py has its rule and methods), with any hashable items."""
+
+    def __init__(self, max_seq_len: int, capacity: int):
+        if max_seq_len < 1 or capacity < 1:
+            raise ValueError(f"max_seq_len and capacity must be positive, got {max_seq_len} and {capacity}")
+        self.max_seq_len, self.capacity = max_seq_len, capacity
+        self._rows: list[list[tuple[Hashable, int]]] = []  # open rows, oldest first: (item, length)
+        self._fills: list[int] = []  # tokens in each open row
+
+    def add(self, items: Sequence[Hashable], lengths: Sequence[int]) -> list[list]:
+        if len(items) != len(lengths):
+            raise ValueError(f"got {len(items)} items and {len(lengths)} lengths")
+        for item, length in zip(items, lengths):
+            if not 0 <= length <= self.max_seq_len:
+                raise ValueError(f"sample {item} has {length} tokens; a row holds 0 to {self.max_seq_len}")
+        left = []
+        for item, length in zip(items, lengths):
+            if (row := self._place(item, int(length))) is not None:
+                left.append(row)
+        return left
+
+    def finish(self) -> list[list]:
+        samples = sorted((sample for row in self._rows for sample in row), key=lambda sample: -sample[1])
+        self._rows, self._fills = [], []
+        for item, length in samples:
+            k = self._first_fit(length)
+            if k is None:
+                self._rows.append([])
+                self._fills.append(0)
+                k = -1
+            self._rows[k].append((item, length))
+            self._fills[k] += length
+        rows = [[item for item, _ in row] for row in self._rows]
+        self._rows, self._fills = [], []
+        return rows
+
+    def open_rows(self) -> list[list]:
+        return [[item for item, _ in row] for row in self._rows]
+
+    def reopen(self, items: Sequence[Sequence[Hashable]], lengths: Sequence[Sequence[int]]) -> None:
+        rows = [list(zip(i, n, strict=True)) for i, n in zip(items, lengths, strict=True)]
+        fills = [sum(n) for n in lengths]
+        for r, fill in enumerate(fills):
+            if fill > self.max_seq_len:
+                raise ValueError(f"row {r} of {fill} tokens does not fit {self.max_seq_len}")
+        if len(rows) > self.capacity:
+            raise ValueError(f"{len(rows)} rows do not fit {self.capacity} open rows")
+        self._rows, self._fills = rows, fills
+
+    def _place(self, item: Hashable, length: int) -> list | None:
+        """Places one sample; returns the row that left to make room or became full, if one did."""
+        if length == 0:
+            return None
+        k = self._first_fit(length)
+        if k is not None:
+            self._rows[k].append((item, length))
+            self._fills[k] += length
+            return self._take(k) if self._fills[k] == self.max_seq_len else None
+        if length == self.max_seq_len:
+            return [item]
+        left = self._take(self._fills.index(max(self._fills))) if len(self._rows) == self.capacity else None
+        self._rows.append([(item, length)])
+        self._fills.append(length)
+        return left
+
+    def _first_fit(self, length: int) -> int | None:
+        room = self.max_seq_len - length
+        return next((k for k, fill in enumerate(self._fills) if fill <= room), None)
+
+    def _take(self, k: int) -> list:
+        self._fills.pop(k)
+        return [item for item, _ in self._rows.pop(k)]

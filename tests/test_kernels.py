@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import kernels
-from data.batches import interleave_draws_many
-from data.samples import Interleave, Pieces, SampleBuilder, assemble, interleave_draws
+from data.batches import interleave_spans_many
+from data.samples import Interleave, Pieces, SampleBuilder, assemble, interleave_spans
 from kernels import build, reference
 from tests.test_samples import interleave_settings
 
@@ -126,22 +126,23 @@ def test_golden_cases_through_the_op(golden, extended_tokenizer, extension, kind
 
 
 @pytest.mark.parametrize("n, p", [(39, 0.1), (10, 0.5), (60, 0.5), (50, 0.9), (7, 1.0), (5, 0.0), (0, 0.3)])
-def test_interleave_draws_equal_numpys_generator(extension, n, p):
-    """The op's SeedSequence, PCG64 and binomial inversion give NumPy's draws bit for bit: the
-    reference's settings (n 39, p 0.1), the edges of the inversion regime, p > 0.5, and nothing to draw."""
+def test_interleave_spans_equal_numpys_generator(extension, n, p):
+    """The op's SeedSequence, PCG64 and binomial inversion give NumPy's draws bit for bit, so the
+    same spans: the reference's settings (n 39, p 0.1), the edges of the inversion regime, p > 0.5,
+    and nothing to draw."""
     rng = np.random.default_rng(1)
     indices = [0, 1, 2**32 - 1, 2**32, 2**40 + 7] + rng.integers(0, 10**7, 300).tolist()
     n_words = [0, 1, 200] + rng.integers(0, 120, len(indices) - 3).tolist()
     settings = Interleave(mean_seq_len_tokens=n + 0.43, binom_prob=p)
     for epoch in (0, 3, 2**33):
-        got = kernels.interleave_draws(indices, n_words, epoch, n, p, seed=42831)
-        for i, w, (text_first, lengths) in zip(indices, n_words, got):
-            want_first, want_lengths = interleave_draws(i, epoch, w, settings, 42831)
-            assert text_first == want_first and lengths.tolist() == want_lengths.tolist(), (i, epoch)
+        got = kernels.interleave_spans(indices, n_words, epoch, n, p, seed=42831)
+        assert len(got) == len(indices)
+        for i, w, spans in zip(indices, n_words, got):
+            assert spans == interleave_spans(i, epoch, w, settings, 42831), (i, epoch)
     with pytest.raises(RuntimeError, match="BTPE"):  # outside the inversion regime NumPy draws them
-        torch.ops.speech_llama.interleave_draws(torch.tensor([0]), torch.tensor([3]), 1, 0, 100, 0.5)
-    assert kernels.interleave_draws([0, 1], [4, 2], 0, 100, 0.5, 42831) is None
-    assert len(interleave_draws_many([0, 1], [4, 2], 0, Interleave(mean_seq_len_tokens=100, binom_prob=0.5))) == 2
+        torch.ops.speech_llama.interleave_spans(torch.tensor([0]), torch.tensor([3]), 1, 0, 100, 0.5)
+    assert kernels.interleave_spans([0, 1], [4, 2], 0, 100, 0.5, 42831) is None
+    assert len(interleave_spans_many([0, 1], [4, 2], 0, Interleave(mean_seq_len_tokens=100, binom_prob=0.5))) == 2
 
 
 @pytest.fixture

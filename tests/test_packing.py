@@ -40,55 +40,58 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # -- the packer --------------------------------------------------------------------------------
 
 
-def stream(lengths, max_seq_len: int, capacity: int) -> tuple[list[list[int]], int]:
-    """Rows of one epoch through a FirstFitPacker (as `kernels.place`), and the most rows ever open."""
-    packer = kernels.FirstFitPacker(max_seq_len, capacity)
+PACKERS = {"C++": kernels.first_fit_packer, "reference": reference.FirstFitPacker}
+
+
+def stream(new_packer, lengths, max_seq_len: int, capacity: int, batch: int) -> tuple[list[list[int]], int]:
+    """Rows of one epoch through a packer, `batch` samples per call, and the most rows ever open."""
+    packer = new_packer(max_seq_len, capacity)
     rows, most_open = [], 0
-    for i, length in enumerate(lengths):
-        if (row := packer.add(i, int(length))) is not None:
-            rows.append(row)
-        most_open = max(most_open, len(packer.open_rows))
-    packer.finish()
-    while (row := packer.pop()) is not None:
-        rows.append(row)
-    return rows, most_open
+    for first in range(0, len(lengths), batch):
+        part = [int(n) for n in lengths[first : first + batch]]
+        rows += packer.add(list(range(first, first + len(part))), part)
+        most_open = max(most_open, len(packer.open_rows()))
+    return rows + packer.finish(), most_open
 
 
 def waste(rows: list[list[int]], lengths, max_seq_len: int) -> float:
     return 1 - sum(int(lengths[i]) for row in rows for i in row) / (len(rows) * max_seq_len)
 
 
-def test_first_fit_places_evicts_the_fullest_and_repacks_at_the_end():
-    packer = kernels.FirstFitPacker(max_seq_len=10, capacity=2)
-    assert packer.add("a", 3) is None
-    assert packer.add("b", 8) is None  # no room in a's row: a second row
-    assert packer.add("c", 2) is None  # the first row with room: a's
-    assert packer.add("d", 10) == ["d"]  # fills a row by itself: leaves alone, nothing evicted
-    assert packer.add("e", 0) is None  # empty: dropped
-    assert packer.open_rows == [["a", "c"], ["b"]]
-    assert packer.add("f", 9) == ["b"]  # no room anywhere, window full: the fullest row leaves, not the oldest
-    assert packer.add("g", 5) == ["a", "c", "g"]  # filled exactly: leaves at once
-    assert packer.add("h", 4) is None and packer.add("i", 1) == ["f", "i"]
-    for item, length in [("j", 2), ("k", 7), ("l", 3)]:
-        assert packer.add(item, length) is None
-    assert packer.open_rows == [["h", "j", "l"], ["k"]]
-    packer.finish()  # longest first: k 7, h 4, l 3, j 2
-    assert packer.open_rows == [["k", "l"], ["h", "j"]]
-    assert [packer.pop(), packer.pop(), packer.pop()] == [["k", "l"], ["h", "j"], None]
-    with pytest.raises(ValueError, match="sample 'x' has 11 tokens; a row holds 0 to 10"):
-        packer.add("x", 11)
-    with pytest.raises(ValueError, match="do not fit"):
-        packer.reopen([[("a", 6)], [("b", 5)], [("c", 1)]])  # three rows, a window of two
+@pytest.mark.parametrize("implementation", PACKERS)
+def test_first_fit_places_evicts_the_fullest_and_repacks_at_the_end(implementation):
+    packer = PACKERS[implementation](max_seq_len=10, capacity=2)
+    a, b, c, d, e, f, g, h, i, j, k, l = range(12)  # noqa: E741
+    assert packer.add([a, b, c], [3, 8, 2]) == []  # b: no room in a's row, a second row; c: the first row with room
+    assert packer.add([d, e], [10, 0]) == [[d]]  # d fills a row by itself: leaves alone; e: empty, dropped
+    assert packer.open_rows() == [[a, c], [b]]
+    assert packer.add([f], [9]) == [[b]]  # no room anywhere, window full: the fullest row leaves, not the oldest
+    # g fills a row exactly: it leaves at once; i then fills f's
+    assert packer.add([g, h, i, j, k, l], [5, 4, 1, 2, 7, 3]) == [[a, c, g], [f, i]]
+    assert packer.open_rows() == [[h, j, l], [k]]
+    assert packer.finish() == [[k, l], [h, j]]  # longest first: k 7, h 4, l 3, j 2
+    assert packer.open_rows() == [] and packer.finish() == []
+    with pytest.raises(ValueError, match="sample 11 has 11 tokens; a row holds 0 to 10"):
+        packer.add([a, 11], [1, 11])
+    assert packer.open_rows() == []  # a batch is checked before any of it is placed
+    with pytest.raises(ValueError, match="3 rows do not fit 2 open rows"):
+        packer.reopen([[a], [b], [c]], [[6], [5], [1]])
+    with pytest.raises(ValueError, match="row 1 of 11 tokens does not fit 10"):
+        packer.reopen([[a], [b, c]], [[6], [5, 6]])
+    packer.reopen([[a, c], [b]], [[3, 2], [8]])
+    assert packer.add([d], [5]) == [[a, c, d]]
 
 
-def test_every_sample_once_rows_fit_and_the_window_bounds_open_rows():
+@pytest.mark.parametrize("implementation", PACKERS)
+def test_every_sample_once_rows_fit_and_the_window_bounds_open_rows(implementation):
     lengths = np.random.default_rng(3).integers(0, 301, size=5000)
-    rows, most_open = stream(lengths, 512, capacity=16)
+    rows, most_open = stream(PACKERS[implementation], lengths, 512, capacity=16, batch=64)
     assert most_open <= 16
     placed = [i for row in rows for i in row]
     assert sorted(placed) == [i for i, n in enumerate(lengths) if n > 0]  # each non-empty sample once
     assert all(0 < sum(lengths[i] for i in row) <= 512 for row in rows)
-    assert rows == kernels.place(lengths, 512, 16) == stream(lengths, 512, 16)[0]  # deterministic
+    # the same rows however the samples are batched, and from both packers
+    assert rows == kernels.place(lengths, 512, 16) == stream(reference.FirstFitPacker, lengths, 512, 16, batch=1)[0]
 
 
 @pytest.fixture(scope="module")
@@ -255,8 +258,11 @@ def test_stream_gives_every_sequence_once_per_epoch_as_built_and_restores_exactl
         draws.append((state, epoch, [key(s) for s in samples]))
         assert 0 < sum(len(t) for t, _ in draws[-1][2]) <= max_seq_len
         seen[epoch].update(map(key, samples))
-        assert len(packed.packer.open_rows) <= 3 and len(packed.ahead) <= 5  # bounded memory
-        assert len(packed.open_samples) == sum(map(len, packed.packer.open_rows))
+        open_rows = packed.packer.open_rows()
+        # bounded memory: a look-ahead's rows (one per sequence at most) and an epoch's last (first fit
+        # leaves one row at most half full)
+        assert len(open_rows) <= 3 and len(packed.left) <= 5 + (2 * 3 + 1)
+        assert len(packed.open_samples) == sum(map(len, open_rows + list(packed.left)))
     for epoch, got in seen.items():
         built_now = [tiny.built(seqs, i, epoch) for i in range(len(seqs))]
         assert got == Counter(map(key, built_now)), epoch
@@ -268,15 +274,28 @@ def test_stream_gives_every_sequence_once_per_epoch_as_built_and_restores_exactl
     if task == "sft":
         assert any(t[-1] == seqs.builder.tok.eos_id and len(t) == max_seq_len for t, _ in built_now)  # forced end
 
-    # Restore from many states (mid-epoch, mid-flush, at an epoch's start): the same next rows.
+    # Restore from many states (mid-epoch, mid-flush, at an epoch's start): the same next rows; and
+    # from the states as saved before rows were queued, where one exists.
     assert any(s["open_rows"] and 0 < s["position"] < len(seqs) for s, _, _ in draws[::5])
-    assert any(s["position"] == len(seqs) and s["open_rows"] for s, _, _ in draws[::5])
+    assert any(s["position"] == len(seqs) and s["left_rows"] for s, _, _ in draws[::5])
     for k in range(0, len(draws), 5):
-        restored = batches.PackedStream(seqs, max_seq_len, seed=5, shuffle=True)
-        restored.load_state_dict(torch.load(save(draws[k][0]), weights_only=True))
-        for state, epoch, want in draws[k : k + 4]:
-            got_epoch, _, got = restored.next_row()
-            assert (got_epoch, [key(s) for s in got]) == (epoch, want)
+        for state in (draws[k][0], unqueued(draws[k][0], len(seqs))):
+            if state is None:
+                continue
+            restored = batches.PackedStream(seqs, max_seq_len, seed=5, shuffle=True)
+            restored.load_state_dict(torch.load(save(state), weights_only=True))
+            for _, epoch, want in draws[k : k + 4]:
+                got_epoch, _, got = restored.next_row()
+                assert (got_epoch, [key(s) for s in got]) == (epoch, want)
+
+
+def unqueued(state: dict, n_rows: int) -> dict | None:
+    """The state as the stream saved it before rows left through a queue (handed out as they left,
+    an epoch's finished rows kept open), or None where that stream never stood there."""
+    old = {key: value for key, value in state.items() if key != "left_rows"}
+    if state["position"] == n_rows:
+        return {**old, "open_rows": state["left_rows"]}
+    return None if state["left_rows"] else old
 
 
 def save(state: dict):
@@ -386,6 +405,7 @@ SMALL_WINDOW = 6  # open rows: 64 tiny sequences would all fit in the default wi
 def packed_run(args: list[str]) -> int:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(batches, "PACK_OPEN_ROWS", SMALL_WINDOW)
+        patch.setattr(batches, "PACK_LOOKAHEAD", 8)  # states inside an epoch of 64 sequences
         return train.main(args)
 
 

@@ -1,12 +1,13 @@
-// The speech_llama::interleave_draws op (CPU): the random draws of the reference's CPT
-// interleaving for a batch of rows, bit for bit what NumPy gives (kernels/__init__.py).
+// The speech_llama::interleave_spans op (CPU): the spans of the reference's CPT interleaving for a
+// batch of rows, from random draws bit for bit what NumPy gives (kernels/__init__.py).
 //
 // For row index i the reference seeds `rng = np.random.default_rng((seed, epoch, i))`, draws
 // `rng.random() < 0.5` (start with text) and `np.maximum(rng.binomial(n, p, size=n_words), 1)`
-// (span lengths in words). Building a NumPy generator costs about 15 us, several times the rest of
-// an interleaved sample, so the draws are made here: NumPy's SeedSequence, PCG64 (XSL-RR,
-// 128-bit LCG), next_double and the binomial inversion algorithm, transcribed. Only the inversion
-// regime (min(p, 1 - p) * n <= 30) is implemented; the Python side uses NumPy outside it.
+// (span lengths in words), and cuts the words at the lengths' running sums below n_words.
+// Building a NumPy generator costs about 15 us, several times the rest of an interleaved sample,
+// so the draws are made here: NumPy's SeedSequence, PCG64 (XSL-RR, 128-bit LCG), next_double and
+// the binomial inversion algorithm, transcribed. Only the inversion regime
+// (min(p, 1 - p) * n <= 30) is implemented; the Python side uses NumPy outside it.
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -135,8 +136,9 @@ class BinomialInversion {
   int64_t bound_;
 };
 
-std::tuple<at::Tensor, at::Tensor> interleave_draws_cpu(const at::Tensor& indices, const at::Tensor& n_words,
-                                                       int64_t seed, int64_t epoch, int64_t n, double p) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> interleave_spans_cpu(const at::Tensor& indices,
+                                                                    const at::Tensor& n_words, int64_t seed,
+                                                                    int64_t epoch, int64_t n, double p) {
   TORCH_CHECK(indices.dim() == 1 && n_words.dim() == 1 && indices.numel() == n_words.numel(),
               "indices and n_words must be 1-D and of one length");
   TORCH_CHECK(indices.scalar_type() == at::kLong && n_words.scalar_type() == at::kLong, "indices and n_words must be Long");
@@ -147,15 +149,18 @@ std::tuple<at::Tensor, at::Tensor> interleave_draws_cpu(const at::Tensor& indice
   const int64_t rows = index.numel();
   const int64_t* row_index = index.data_ptr<int64_t>();
   const int64_t* row_words = words.data_ptr<int64_t>();
-  int64_t total = 0;
+  int64_t most = 0;  // bounds: n_words + 1 per row at most, 2 for a row of no words
   for (int64_t r = 0; r < rows; ++r) {
     TORCH_CHECK(row_index[r] >= 0 && row_words[r] >= 0, "indices and n_words must be non-negative");
-    total += row_words[r];
+    most += row_words[r] + 2;
   }
   at::Tensor text_first = at::empty({rows}, index.options().dtype(at::kBool));
-  at::Tensor lengths = at::empty({total}, index.options());
+  at::Tensor bounds = at::empty({most}, index.options());
+  at::Tensor offsets = at::empty({rows + 1}, index.options());
   bool* first = text_first.data_ptr<bool>();
-  int64_t* length = lengths.data_ptr<int64_t>();
+  int64_t* bound = bounds.data_ptr<int64_t>();
+  int64_t* offset = offsets.data_ptr<int64_t>();
+  int64_t n_bounds = 0;
 
   // random_binomial: nothing is drawn for n == 0 or p == 0; p > 0.5 draws n - Binomial(n, 1 - p).
   const bool none = n == 0 || p == 0.0, flipped = p > 0.5;
@@ -168,22 +173,30 @@ std::tuple<at::Tensor, at::Tensor> interleave_draws_cpu(const at::Tensor& indice
     append_words(static_cast<uint64_t>(row_index[r]), entropy);
     Pcg64 rng(seed_state(entropy));
     first[r] = rng.next_double() < 0.5;
-    for (int64_t w = 0; w < row_words[r]; ++w) {
+    offset[r] = n_bounds;
+    bound[n_bounds++] = 0;
+    // The last span ends at n_words: the draws after the first cut there change nothing, and each
+    // row has a generator of its own, so drawing stops.
+    for (int64_t w = 0, cut = 0; w < row_words[r]; ++w) {
       const int64_t x = none ? 0 : flipped ? n - binomial(rng) : binomial(rng);
-      *length++ = x > 1 ? x : 1;
+      cut += x > 1 ? x : 1;
+      if (cut >= row_words[r]) break;
+      bound[n_bounds++] = cut;
     }
+    bound[n_bounds++] = row_words[r];
   }
-  return {text_first, lengths};
+  offset[rows] = n_bounds;
+  return {text_first, bounds.narrow(0, 0, n_bounds), offsets};
 }
 
 }  // namespace
 }  // namespace speech_llama
 
 TORCH_LIBRARY_FRAGMENT(speech_llama, m) {
-  m.def("interleave_draws(Tensor indices, Tensor n_words, int seed, int epoch, int n, float p) "
-        "-> (Tensor text_first, Tensor lengths)");
+  m.def("interleave_spans(Tensor indices, Tensor n_words, int seed, int epoch, int n, float p) "
+        "-> (Tensor text_first, Tensor bounds, Tensor bound_offsets)");
 }
 
 TORCH_LIBRARY_IMPL(speech_llama, CPU, m) {
-  m.impl("interleave_draws", &speech_llama::interleave_draws_cpu);
+  m.impl("interleave_spans", &speech_llama::interleave_spans_cpu);
 }
