@@ -89,9 +89,9 @@ demo: $(VENV)/.deps
 
 # The methods matrix (configs/matrix.json, data/matrix.py): unit variants x training regimes (+ option
 # cells) at a fixed step budget each, scored on the test split, then one table and chart of them all
-# (MATRIX_DIR/compare.md, .csv, .png). MATRIX=default: 3 units x 3 regimes + 2 option cells, about
-# 70 min on 2 CPU cores (variants re-synthesise the corpus: espeak-ng); MATRIX=small: the bundled units
-# x 3 regimes + 1 option cell, about 15 min; MATRIX=tiny: 2 cells of a few steps (the test suite's).
+# (MATRIX_DIR/compare.md, .csv, .png). MATRIX=default: 3 units x 3 regimes + 2 option cells, 77 min
+# on 2 CPU cores (variants re-synthesise the corpus: espeak-ng); MATRIX=small: the bundled units x 3
+# regimes + 1 option cell, 12 min; MATRIX=tiny: 2 cells of a few steps (the test suite's).
 # Run it again to resume: finished stages are skipped. Re-synthesised corpora and unit variants are
 # cached in MATRIX_CACHE, which every grid shares.
 matrix: $(VENV)/.deps espeak-ng

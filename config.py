@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.samples import SEED, Interleave
+from data.samples import CPT_SEQUENCE_TYPES, SEED, Interleave
 from data.tokenizer import MAX_DSUS, Tokenizer
 from model import ModelConfig, check_weights
 
@@ -114,8 +114,7 @@ SCHEMA: dict[str, Key] = {
     "data.shuffle": Key(True, bool, "a new permutation of the rows each epoch"),
     "data.packed": Key(False, bool, "pack sequences into rows of max_seq_len (attention stays within a sequence) "
                        "instead of padding each batch; train.batch_size then counts rows"),
-    "data.cpt.sequence_type": choice("interleaved", "how CPT joins text and speech", "interleaved",
-                                     "concatenated_txt_dsu", "concatenated_dsu_txt"),
+    "data.cpt.sequence_type": choice("interleaved", "how CPT joins text and speech", *CPT_SEQUENCE_TYPES),
     "data.cpt.sampling_rate": positive(int, _INTERLEAVE.sampling_rate, "audio samples per second of the speech "
                                        "tokenizer (word times to DSU frames)"),
     "data.cpt.downsampling_ratio": positive(int, _INTERLEAVE.downsampling_ratio,

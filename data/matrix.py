@@ -39,8 +39,8 @@ import time
 from pathlib import Path
 
 from data import dataset, units
-from data.samples import deduplicate_runs
-from data.tokenizer import Tokenizer
+from data.samples import CPT_SEQUENCE_TYPES, deduplicate_runs
+from data.tokenizer import MAX_DSUS, Tokenizer
 from files import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,14 +67,15 @@ def load_grid(path: Path, name: str) -> dict:
     if name not in grids:
         raise MatrixError(f"{path}: no grid {name!r}; the grids are {', '.join(grids)}")
     grid = {**{k: v for k, v in spec.items() if k != "grids"}, **grids[name], "name": name}
+    where = f"{path}: grid {name!r}"
     for key in ("units", "regimes", "steps", "corpus", "configs", "base_model"):
         if key not in grid:
-            raise MatrixError(f"{path}: grid {name!r} has no {key!r}")
+            raise MatrixError(f"{where} has no {key!r}")
+    check_settings(grid, spec, where)
     cells = [(u, r, {}) for u in grid["units"] for r in grid["regimes"]]
-    cells += [(e["units"], e["regime"], e.get("options", {})) for e in grid.get("extra", [])]
+    cells += [(e.get("units"), e.get("regime"), e.get("options", {})) for e in grid.get("extra", [])]
     grid["cells"] = []
     for unit_name, regime_name, options in cells:
-        where = f"{path}: grid {name!r}"
         if unit_name not in spec["units"]:
             raise MatrixError(f"{where}: unknown units {unit_name!r}; declared: {', '.join(spec['units'])}")
         if regime_name not in spec["regimes"]:
@@ -85,9 +86,41 @@ def load_grid(path: Path, name: str) -> dict:
         unknown = set(options) - set(OPTION_DEFAULTS)
         if unknown:
             raise MatrixError(f"{where}: unknown options {sorted(unknown)}; choose from {sorted(OPTION_DEFAULTS)}")
+        if not isinstance(options.get("deduplicate", True), bool) or not is_count(options.get("dsu_bpe", 0), 0):
+            raise MatrixError(f"{where}: options {options}: deduplicate must be true or false, dsu_bpe an integer >= 0")
         grid["cells"].append({"units": unit_name, "unit_spec": spec["units"][unit_name], "regime": regime_name,
                               "regime_spec": spec["regimes"][regime_name], "options": {**OPTION_DEFAULTS, **options}})
     return grid
+
+
+def is_count(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def check_settings(grid: dict, spec: dict, where: str) -> None:
+    """The grid's numbers and the declarations it uses, before anything runs: a bad one would
+    otherwise fail a cell an hour in, or (a CPT regime without its share) silently train another."""
+    if not is_count(grid["steps"], 2):
+        raise MatrixError(f"{where}: steps must be an integer >= 2, got {grid['steps']!r}")
+    corpus = grid["corpus"]
+    if not all(is_count(corpus.get(key), 1 if key == "n_train" else 0) for key in ("n_train", "n_dev", "n_test", "seed")):
+        raise MatrixError(f"{where}: corpus {corpus} needs integers n_train >= 1, n_dev, n_test, seed >= 0")
+    if not isinstance(grid.get("extra", []), list) or not all(isinstance(e, dict) for e in grid.get("extra", [])):
+        raise MatrixError(f"{where}: extra must be a list of {{units, regime, options}} objects")
+    for name in {*grid["units"], *(e.get("units") for e in grid.get("extra", []))} & set(spec["units"]):
+        unit = spec["units"][name]
+        stack = unit.get("stack", 1)
+        if not unit.get("bundled") and not (unit.get("encoder") in ("mfcc", "logmel") and is_count(unit.get("k"), 1)
+                                            and unit["k"] <= MAX_DSUS and is_count(stack, 1)):
+            raise MatrixError(f"{where}: units {name!r} {unit}: give bundled: true, or encoder mfcc or logmel, "
+                              f"k in 1..{MAX_DSUS} and stack >= 1")
+    for name in {*grid["regimes"], *(e.get("regime") for e in grid.get("extra", []))} & set(spec["regimes"]):
+        regime = spec["regimes"][name]
+        share = regime.get("cpt_share")
+        if regime and not (regime.get("cpt") in CPT_SEQUENCE_TYPES and isinstance(share, (int, float))
+                           and 0 < round(grid["steps"] * share) < grid["steps"]):
+            raise MatrixError(f"{where}: regime {name!r} {regime}: SFT alone is {{}}; CPT then SFT needs cpt in "
+                              f"{', '.join(CPT_SEQUENCE_TYPES)} and a cpt_share leaving both stages steps")
 
 
 def cell_name(cell: dict) -> str:
@@ -108,7 +141,9 @@ def run(command: list, what: str) -> float:
     code = subprocess.run(command, cwd=ROOT).returncode
     if code != 0:
         raise MatrixError(f"{what} failed (exit {code}): {shlex.join(command)}")
-    return time.time() - started
+    seconds = time.time() - started
+    print(f"   {what}: {seconds:.0f} s", flush=True)
+    return seconds
 
 
 def python(*args) -> list:
@@ -338,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         for i, cell in enumerate(grid["cells"], 1):
             print(f"\n== matrix {grid['name']}: cell {i}/{len(grid['cells'])}: {cell_name(cell)}", flush=True)
             run_cell(grid, cell, out)
-        run(python("wer.py", "--compare", out / "cells", "--out", out, "--overwrite"), "comparing the cells")
+        cells = [out / "cells" / cell_name(cell) for cell in grid["cells"]]  # the table in the grid's order
+        run(python("wer.py", "--compare", *cells, "--out", out, "--overwrite"), "comparing the cells")
     except MatrixError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

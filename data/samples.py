@@ -27,6 +27,7 @@ from kernels import IGNORE
 # The reference's seed: with the epoch and row index it fixes every interleaving. The config's
 # `seed` (row order, torch's RNG) does not change it, so sequences always match the reference's.
 SEED = 42831
+CPT_SEQUENCE_TYPES = ("interleaved", "concatenated_txt_dsu", "concatenated_dsu_txt")  # how CPT joins text and speech
 _WHITESPACE = re.compile(r"\s")
 
 

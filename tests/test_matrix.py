@@ -137,7 +137,7 @@ def test_the_tiny_grid_runs_end_to_end(tiny_matrix):
     out, result = tiny_matrix
     assert len(commands(result, "train.py")) == 3  # SFT; CPT then SFT
     rows = list(csv.DictReader((out / "compare.csv").open()))
-    assert [r["cell"] for r in rows] == ["mfcc-k16-25hz/cpt-interleaved+sft", "mfcc-k16-25hz/sft"]
+    assert [r["cell"] for r in rows] == ["mfcc-k16-25hz/sft", "mfcc-k16-25hz/cpt-interleaved+sft"]  # grid order
     for row in rows:
         cell = json.loads((out / "cells" / row["cell"] / "cell.json").read_text())
         report = json.loads((out / "cells" / row["cell"] / "wer.json").read_text())
@@ -186,3 +186,22 @@ def test_a_cell_started_with_other_settings_is_refused(tiny_matrix, tmp_path):
     result = run_matrix(out, changed)
     assert result.returncode == 2
     assert "was started with other settings (steps)" in result.stderr and not commands(result, "train.py")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"steps": 1}, "steps must be an integer >= 2"),
+    ({"corpus": {"n_train": 0, "n_dev": 1, "n_test": 1, "seed": 0}}, "needs integers n_train >= 1"),
+    ({"regimes": ["cpt-no-share"]}, "regime 'cpt-no-share'"),
+    ({"units": ["no-k"]}, "units 'no-k'"),
+    ({"extra": [{"units": "mfcc-k16-25hz", "regime": "sft", "options": {"dsu_bpe": "512"}}]}, "dsu_bpe an integer"),
+])
+def test_a_grid_with_a_bad_setting_is_refused_before_anything_runs(tmp_path, capsys, change, message):
+    spec = json.loads(GRID.read_text())
+    spec["regimes"]["cpt-no-share"] = {"cpt": "interleaved"}  # would silently train SFT alone
+    spec["units"]["no-k"] = {"encoder": "mfcc"}
+    spec["grids"]["tiny"].update(change)
+    bad = tmp_path / "grid.json"
+    bad.write_text(json.dumps(spec))
+    assert matrix.main([str(bad), "--grid", "tiny", "--out", str(tmp_path / "out"), "--cache", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
