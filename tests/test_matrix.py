@@ -148,9 +148,9 @@ def test_the_tiny_grid_runs_end_to_end(tiny_matrix):
                              / "data").to_pylist()
         lengths = [1 + np.count_nonzero(np.diff(r["speech_tokens"])) for r in test]  # deduplicated
         assert cell["speech_tokens_per_utterance"] == pytest.approx(np.mean(lengths))
-    assert json.loads((out / "cells" / rows[0]["cell"] / "cell.json").read_text())["steps"] == {"cpt": 3, "sft": 3}
-    sft_config = json.loads((out / "cells" / rows[0]["cell"] / "sft" / "checkpoints" / "step_0000003" /
-                             "training_config.json").read_text())
+    chain = out / "cells" / "mfcc-k16-25hz" / "cpt-interleaved+sft"
+    assert json.loads((chain / "cell.json").read_text())["steps"] == {"cpt": 3, "sft": 3}
+    sft_config = json.loads((chain / "sft" / "checkpoints" / "step_0000003" / "training_config.json").read_text())
     assert "cpt" in sft_config["model"]["path"]  # SFT started from the CPT run's checkpoint
     assert (out / "compare.md").exists() and (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
