@@ -269,9 +269,15 @@ class StepBatches(NamedTuple):
     packer_state: dict | None = None  # packed: the stream's position after this step
 
 
-def prefetched(make, steps, device: torch.device):
-    """make(step) for each of `steps`, each made on a background thread while the caller trains on
-    the one before. On a GPU they are made on a CUDA stream of their own, which the caller's waits for."""
+def prefetched(make, steps, device: torch.device, background: bool | None = None):
+    """make(step) for each of `steps`. On an accelerator (`background` by default) each is made on a
+    background thread while the caller trains on the one before, on a CUDA stream of its own that
+    the caller's waits for. On a CPU they are made in turn: the host is the device, so a thread
+    gains nothing, and its torch ops compete with the step's for the same cores (the demo's padded
+    loop ran at 0.7x with one: bench/RESULTS.md)."""
+    if not (device.type != "cpu" if background is None else background):
+        yield from map(make, steps)
+        return
     side = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def made(step: int):

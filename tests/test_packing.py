@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -470,3 +471,29 @@ def test_two_packed_processes_match_one_with_twice_the_batch(assets, tmp_path):
         assert all(got[s] == pytest.approx(expected[s], rel=1e-5) for s in got), (got, expected)
     assert totals(two) == totals(one)
     assert_close_weights(weights(two, 4), weights(one, 4), atol=1e-5, rtol=1e-4)
+
+
+def test_batches_made_ahead_on_a_thread_train_exactly_like_batches_made_in_turn(assets, packed_reference, tmp_path,
+                                                                                 monkeypatch):
+    # On a GPU each step's batches are made on a background thread while the step before trains;
+    # a CPU makes them in turn. The thread must change nothing: losses, totals, weights, and the
+    # packer state each checkpoint saves (the stream has run a step ahead when it is saved).
+    made_on = []
+
+    def ahead(make, steps, device):
+        def recorded(step):
+            made_on.append(threading.current_thread().name)
+            return make(step)
+        return batches.prefetched(recorded, steps, device, background=True)
+
+    monkeypatch.setattr(train, "prefetched", ahead)
+    run_dir = tmp_path / "ahead"
+    assert packed_run(run_args(assets, run_dir, *PACKED)) == 0
+    assert len(made_on) == 10 and all(name.startswith("batches") for name in made_on), made_on
+    assert losses(run_dir) == losses(packed_reference)
+    assert totals(run_dir) == totals(packed_reference)
+    assert_close_weights(weights(run_dir, 10), weights(packed_reference, 10), atol=0, rtol=0)
+    for step in (2, 4, 6, 8, 10):
+        saved = [train.read_training_state(run / "checkpoints" / f"step_{step:07d}")["packer"]
+                 for run in (run_dir, packed_reference)]
+        assert saved[0] == saved[1], step
