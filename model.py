@@ -658,6 +658,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None
 
 
+# Not compiled: which positions are targets is data, and so is the chunk loop's length; traced, each
+# new count would recompile it (until torch's limit, then eager anyway). Its work is matmuls.
+@torch.compiler.disable
 def chunked_cross_entropy(hidden, head_weight, labels, chunk_size: int = 1024):
     """Cross-entropy of the head's logits, never materialising logits for more than `chunk_size` tokens.
 
