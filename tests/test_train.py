@@ -138,22 +138,29 @@ def test_sft_run_learns_logs_and_checkpoints(assets, tmp_path):
     assert json.loads((checkpoint(run_dir, 12) / "training_config.json").read_text())["data"]["task"] == "sft"
 
 
-def test_a_compiled_model_trains_padded_batches_without_recompiling_each_one(assets, reference, tmp_path,
-                                                                            monkeypatch):
-    # Padded batches change width every step and the number of targets every micro-batch. Compiled
-    # (the default on CUDA), the model must settle on dynamic shapes, not recompile per batch until
-    # torch's limit and fall back to eager. Dynamo alone (backend "eager") makes the same guards
-    # and recompiles as on a GPU, without generating code.
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_a_compiled_model_trains_without_recompiling_per_batch(assets, reference, tmp_path, monkeypatch, packed):
+    # Padded batches change width every step; packed rows keep theirs, but what they hold changes;
+    # in both the number of targets changes every micro-batch. Compiled (the default on CUDA), the
+    # model must settle, not recompile per batch until torch's limit and fall back to eager.
+    # Dynamo alone (backend "eager") makes the same guards and recompiles as on a GPU, without
+    # generating code.
+    layout = ["data.packed=true"] if packed else []
+    eager = tmp_path / "eager"
+    if packed:
+        assert train.main(cpt_args(assets, eager, *layout)) == 0
+    else:
+        eager = reference
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model: real_compile(model, backend="eager"))
     torch._dynamo.reset()
     run_dir = tmp_path / "compiled"
     with torch._dynamo.config.patch(recompile_limit=4, fail_on_recompile_limit_hit=True):
-        assert train.main(cpt_args(assets, run_dir, "model.compile=true")) == 0
+        assert train.main(cpt_args(assets, run_dir, "model.compile=true", *layout)) == 0
     torch._dynamo.reset()
-    assert losses(run_dir).keys() == losses(reference).keys()
-    assert losses(run_dir) == pytest.approx(losses(reference), rel=1e-4)
-    assert losses(run_dir, "dev_loss") == pytest.approx(losses(reference, "dev_loss"), rel=1e-4)
+    assert losses(run_dir).keys() == losses(eager).keys()
+    assert losses(run_dir) == pytest.approx(losses(eager), rel=1e-4)
+    assert losses(run_dir, "dev_loss") == pytest.approx(losses(eager, "dev_loss"), rel=1e-4)
 
 
 def test_checkpoint_loads_in_transformers_with_the_same_logits(reference):
