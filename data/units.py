@@ -781,8 +781,11 @@ def encode(args) -> int:
     n_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in data_dir.glob("*.parquet"))
     _write_atomically(meta_path, lambda p: p.write_text(json.dumps({**info, "complete": True}, indent=2) + "\n"))
     seconds = time.time() - started
-    print(f"{len(pending)} shards written in {seconds:.1f} s ({n_rows} utterances in {n_shards} shards in all)\n"
-          f"train with: data.train={data_dir} {' '.join(overrides(info))}", file=sys.stderr)
+    use = {"validation": f"evaluate on it with: data.dev={data_dir}",
+           "test": f"transcribe it with: python generate.py CHECKPOINT --data {data_dir}"}.get(
+        args.split, f"train with: data.train={data_dir} {' '.join(overrides(info))}")
+    print(f"{len(pending)} shards written in {seconds:.1f} s ({n_rows} utterances in {n_shards} shards in all)\n{use}",
+          file=sys.stderr)
     return 0
 
 

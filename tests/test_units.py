@@ -478,6 +478,19 @@ def test_resynthesised_bundled_audio_gives_the_bundled_units(tmp_path):
     assert json.loads((out / "units.json").read_text())["n_dsus"] == meta["n_dsus"]
 
 
+@pytest.mark.parametrize("split, use", [("train", "train with: data.train="), ("validation", "data.dev="),
+                                        ("test", "python generate.py CHECKPOINT --data ")])
+def test_encode_says_how_its_split_is_used(tmp_path, capsys, split, use):
+    soundfile.write(tmp_path / "a.wav", noise(0.5, 16000, 0), 16000)
+    (tmp_path / "m.tsv").write_text("a.wav\thello there\n")
+    out = tmp_path / "out"
+    assert main(["encode", str(out), "--encoder", "mfcc", "--kmeans", str(MINI / "kmeans.npz"), "--quiet",
+                 "--split", split, str(tmp_path / "m.tsv")]) == 0
+    said = capsys.readouterr().err
+    assert f"{use}{out / 'data'}" in said
+    assert (split == "train") == ("data.train=" in said)
+
+
 def test_manifests_and_bare_files(tmp_path, capsys):
     for name in ("a.wav", "b.flac"):
         soundfile.write(tmp_path / name, noise(0.5, 16000, 0), 16000)
