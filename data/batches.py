@@ -275,7 +275,9 @@ def prefetched(make, steps, device: torch.device, background: bool | None = None
     the caller's waits for. On a CPU they are made in turn: the host is the device, so a thread
     gains nothing, and its torch ops compete with the step's for the same cores (the demo's padded
     loop ran at 0.7x with one: bench/RESULTS.md)."""
-    if not (device.type != "cpu" if background is None else background):
+    if background is None:
+        background = device.type != "cpu"
+    if not background:
         yield from map(make, steps)
         return
     side = torch.cuda.Stream(device) if device.type == "cuda" else None
