@@ -408,6 +408,7 @@ class Llama(nn.Module):
         self.activation_checkpointing = activation_checkpointing
         self.attention_backend = "auto"
         self.loss_chunk_size = 1024
+        self.cross_entropy = chunked_cross_entropy  # CompiledForward keeps it out of the compiled graph
         self._inv_freq = None  # not a buffer: .to(bfloat16) must not round the frequencies
 
     @property
@@ -446,7 +447,7 @@ class Llama(nn.Module):
         hidden = self.model.norm(x)
         if labels is None:
             return hidden
-        return chunked_cross_entropy(hidden, self.head_weight, labels, self.loss_chunk_size)
+        return self.cross_entropy(hidden, self.head_weight, labels, self.loss_chunk_size)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits in the model dtype; for a few positions (generation, tests), not for training."""
@@ -501,6 +502,11 @@ class CompiledForward:
     printed, and a failure falls back to the eager model with a warning."""
 
     def __init__(self, model, announce: bool):
+        # The loss stays uncompiled: which positions are targets is data, and so is its chunk loop's
+        # length; traced, each new target count recompiled it until torch's limit (then eager anyway).
+        # Disabled here, not at import: torch._dynamo costs every script a second to import.
+        llama = getattr(model, "module", model)  # DDP wraps the Llama; FSDP shards it in place
+        llama.cross_entropy = torch.compiler.disable(chunked_cross_entropy)
         self.eager, self.run, self.first, self.announce = model, torch.compile(model), True, announce
 
     def __call__(self, *args, **kwargs):
@@ -658,9 +664,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None
 
 
-# Not compiled: which positions are targets is data, and so is the chunk loop's length; traced, each
-# new count would recompile it (until torch's limit, then eager anyway). Its work is matmuls.
-@torch.compiler.disable
 def chunked_cross_entropy(hidden, head_weight, labels, chunk_size: int = 1024):
     """Cross-entropy of the head's logits, never materialising logits for more than `chunk_size` tokens.
 
