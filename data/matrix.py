@@ -64,11 +64,17 @@ def load_grid(path: Path, name: str) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise MatrixError(f"{path}: cannot read the grid file ({e})") from None
     grids = spec.get("grids", {})
-    if name not in grids:
+    if not isinstance(grids, dict) or not isinstance(grids.get(name), dict):
         raise MatrixError(f"{path}: no grid {name!r}; the grids are {', '.join(grids)}")
+    for key in ("units", "regimes"):  # declared at the top by name, listed by each grid
+        if not isinstance(spec.get(key), dict) or not all(isinstance(v, dict) for v in spec[key].values()):
+            raise MatrixError(f"{path}: needs a top-level {key!r} object declaring each by name as an object")
+        listed = grids[name].get(key)
+        if not isinstance(listed, list) or not all(isinstance(v, str) for v in listed):
+            raise MatrixError(f"{path}: grid {name!r} needs {key!r}: a list of names from the top-level {key!r}")
     grid = {**{k: v for k, v in spec.items() if k != "grids"}, **grids[name], "name": name}
     where = f"{path}: grid {name!r}"
-    for key in ("units", "regimes", "steps", "corpus", "configs", "base_model"):
+    for key in ("steps", "corpus", "configs", "base_model"):
         if key not in grid:
             raise MatrixError(f"{where} has no {key!r}")
     check_settings(grid, spec, where)

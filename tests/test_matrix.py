@@ -194,6 +194,8 @@ def test_a_cell_started_with_other_settings_is_refused(tiny_matrix, tmp_path):
     ({"regimes": ["cpt-no-share"]}, "regime 'cpt-no-share'"),
     ({"units": ["no-k"]}, "units 'no-k'"),
     ({"extra": [{"units": "mfcc-k16-25hz", "regime": "sft", "options": {"dsu_bpe": "512"}}]}, "dsu_bpe an integer"),
+    ({"units": None}, "grid 'tiny' needs 'units': a list of names"),  # not every declared unit
+    ({"regimes": "sft"}, "grid 'tiny' needs 'regimes': a list of names"),
 ])
 def test_a_grid_with_a_bad_setting_is_refused_before_anything_runs(tmp_path, capsys, change, message):
     spec = json.loads(GRID.read_text())
@@ -204,4 +206,15 @@ def test_a_grid_with_a_bad_setting_is_refused_before_anything_runs(tmp_path, cap
     bad.write_text(json.dumps(spec))
     assert matrix.main([str(bad), "--grid", "tiny", "--out", str(tmp_path / "out"), "--cache", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("declared", [None, {"mfcc-k16-25hz": "mfcc"}], ids=["missing", "not-an-object"])
+def test_a_grid_file_without_its_unit_declarations_is_refused(tmp_path, capsys, declared):
+    spec = json.loads(GRID.read_text())
+    spec["units"] = declared
+    bad = tmp_path / "grid.json"
+    bad.write_text(json.dumps(spec))
+    assert matrix.main([str(bad), "--grid", "tiny", "--out", str(tmp_path / "out"), "--cache", str(tmp_path)]) == 2
+    assert "needs a top-level 'units' object" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
