@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from files import atomic_write
-from kernels import IGNORE
+from dsu_ops import IGNORE
 
 try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention

@@ -236,7 +236,7 @@ def train(cfg: dict) -> None:
 
 
 def forward_loss(model, batch, device):
-    """(loss sum, target count) of a micro-batch: (inputs, targets) from `collate`, or `kernels.Packed`
+    """(loss sum, target count) of a micro-batch: (inputs, targets) from `collate`, or `dsu_ops.Packed`
     rows (tokens, targets, positions, document_ids); targets are shifted in both."""
     inputs, targets, *packing = (t.to(device, non_blocking=True) for t in batch)
     positions, document_ids = packing or (None, None)

@@ -4,9 +4,9 @@
 
 Samples like the golden SFT ones (5000 DSUs): a masked prompt of ~60 text tokens, a DSU run of
 300-1500 units with repeats (deduplication on, as the reference's default), a transcript of 10-60
-text tokens; rows placed by kernels.place. Timed: the op alone on inputs already where it runs
+text tokens; rows placed by dsu_ops.place. Timed: the op alone on inputs already where it runs
 (CPU; CUDA with the flat inputs on the GPU), and the CUDA op called as train.py calls it
-(kernels.pack: NumPy inputs copied to the GPU, outputs on the GPU). Both outputs are checked equal
+(dsu_ops.pack: NumPy inputs copied to the GPU, outputs on the GPU). Both outputs are checked equal
 first. Tokens/s counts output tokens (rows x max_seq_len slots filled with real tokens).
 """
 
@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import kernels  # noqa: E402
+import dsu_ops  # noqa: E402
 from data.samples import Pieces  # noqa: E402
 
 DSU_OFFSET, PAD_ID = 128256, 128004
@@ -59,14 +59,14 @@ def main() -> None:
     parser.add_argument("--max-seq-len", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    ext = kernels.build.extension()
+    ext = dsu_ops.build.extension()
     if ext is None:
         sys.exit("the extension did not build")
     samples = sft_like(np.random.default_rng(0), args.samples)
-    lengths = kernels.measure(kernels.flatten(samples), True)
-    placed = kernels.place(lengths, args.max_seq_len, 64)
+    lengths = dsu_ops.measure(dsu_ops.flatten(samples), True)
+    placed = dsu_ops.place(lengths, args.max_seq_len, 64)
     rows = [[samples[i] for i in row] for row in placed]
-    batch = kernels.flatten([s for row in rows for s in row])
+    batch = dsu_ops.flatten([s for row in rows for s in row])
     row_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
     np.cumsum([len(r) for r in rows], out=row_offsets[1:])
     cpu_inputs = [torch.from_numpy(a) for a in (*batch, row_offsets)]
@@ -83,10 +83,10 @@ def main() -> None:
     expected, got = op(*cpu_inputs, *scalars), op(*gpu_inputs, *scalars)
     assert all(torch.equal(a, b.cpu()) for a, b in zip(expected, got)), "CUDA op differs from the CPU op"
     gpu_s = best_seconds(lambda: op(*gpu_inputs, *scalars), args.rounds, True)
-    call_s = best_seconds(lambda: kernels.pack(rows, DSU_OFFSET, True, args.max_seq_len, PAD_ID, device="cuda"),
+    call_s = best_seconds(lambda: dsu_ops.pack(rows, DSU_OFFSET, True, args.max_seq_len, PAD_ID, device="cuda"),
                           args.rounds, True)
     print(f"CUDA op, inputs on GPU     {n_tokens / gpu_s / 1e6:10.1f} M tok/s   {cpu_s / gpu_s:6.1f}x the CPU op")
-    print(f"kernels.pack(device=cuda)  {n_tokens / call_s / 1e6:10.1f} M tok/s   {cpu_s / call_s:6.1f}x the CPU op"
+    print(f"dsu_ops.pack(device=cuda)  {n_tokens / call_s / 1e6:10.1f} M tok/s   {cpu_s / call_s:6.1f}x the CPU op"
           " (flattening in Python and the copy to the GPU included)")
     print(f"# {torch.cuda.get_device_name()}")
 

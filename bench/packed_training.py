@@ -8,7 +8,7 @@ vocabulary for the small shape), in a fixed shuffled order, every token trained 
 next token of the same sample). One step = forward, loss, backward and AdamW, as train.py runs it:
   padded   `--padded-batch` samples per step, right-padded to the longest (the reference's SFT
            batches: causal SDPA, pad targets ignored);
-  packed   `--rows` rows of `--max-seq-len` per step, filled by kernels.place (train.PACK_OPEN_ROWS
+  packed   `--rows` rows of `--max-seq-len` per step, filled by dsu_ops.place (train.PACK_OPEN_ROWS
            open rows) and written by the pack op: positions restart per sample and attention is
            block-diagonal (FlexAttention on CUDA, masked SDPA on CPU).
 Each layout runs one warm-up pass over the samples (allocator, FlexAttention's compilation), then
@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import kernels  # noqa: E402
+import dsu_ops  # noqa: E402
 from data.samples import Pieces  # noqa: E402
-from kernels import IGNORE  # noqa: E402
+from dsu_ops import IGNORE  # noqa: E402
 from model import Llama, ModelConfig, init_weights  # noqa: E402
 from data.batches import PACK_OPEN_ROWS  # noqa: E402
 
@@ -72,10 +72,10 @@ def packed_batches(samples: list[np.ndarray], rows_per_step: int, max_seq_len: i
         p = Pieces()
         p.add(sample)
         pieces.append(p)
-    rows = kernels.place([len(s) for s in samples], max_seq_len, PACK_OPEN_ROWS)
+    rows = dsu_ops.place([len(s) for s in samples], max_seq_len, PACK_OPEN_ROWS)
     for first in range(0, len(rows), rows_per_step):
         step_rows = [[pieces[i] for i in row] for row in rows[first : first + rows_per_step]]
-        yield tuple(kernels.pack(step_rows, 0, False, max_seq_len, pad_id))
+        yield tuple(dsu_ops.pack(step_rows, 0, False, max_seq_len, pad_id))
 
 
 def real_tokens(batch) -> int:

@@ -8,8 +8,8 @@ deduplication on and off), 16 samples per op call, rows of 2048 (no golden sampl
   per sample    SampleBuilder *_pieces (interleaving's spans drawn for all rows at once by
                 data.batches.interleave_spans_many, as training draws them), each assembled on its own
                 by data.samples.assemble (NumPy)
-  op assemble   the same pieces, assembled 16 at a time by kernels.assemble_batch
-  op + packer   train.py's packed path: SampleBuilder *_pieces, kernels.measure per 64 samples
+  op assemble   the same pieces, assembled 16 at a time by dsu_ops.assemble_batch
+  op + packer   train.py's packed path: SampleBuilder *_pieces, dsu_ops.measure per 64 samples
                 (data.batches.PACK_LOOKAHEAD), the C++ first-fit packer placing each 64 as they come
                 (data.batches.PACK_OPEN_ROWS open rows, finished at the end), and the pack op writing
                 every 16 rows that leave (tokens, shifted targets, positions, document ids)
@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import kernels  # noqa: E402
+import dsu_ops  # noqa: E402
 from bench.construction import GOLDEN, best_tokens_per_second, extended_llama3_tokenizer  # noqa: E402
 from config import DEFAULT_SYSTEM_PROMPT  # noqa: E402
 from data import reference_strings as ref  # noqa: E402
@@ -106,7 +106,7 @@ class Workload:
             b = self.builder(d, THROUGHPUT_SEQ_LEN)
             samples = self.pieces(b)
             for k in range(0, len(samples), BATCH):
-                n += len(kernels.assemble_batch(samples[k : k + BATCH], self.tok.dsu_offset, d).tokens)
+                n += len(dsu_ops.assemble_batch(samples[k : k + BATCH], self.tok.dsu_offset, d).tokens)
         return n
 
     def op_and_packer(self) -> int:
@@ -114,10 +114,10 @@ class Workload:
         for d in (True, False):
             b = self.builder(d, THROUGHPUT_SEQ_LEN)
             pieces = self.pieces(b)
-            packer, open_samples, rows = kernels.first_fit_packer(THROUGHPUT_SEQ_LEN, PACK_OPEN_ROWS), {}, []
+            packer, open_samples, rows = dsu_ops.first_fit_packer(THROUGHPUT_SEQ_LEN, PACK_OPEN_ROWS), {}, []
             for k in range(0, len(pieces), PACK_LOOKAHEAD):  # as data.batches.PackedStream streams them
                 ahead = dict(enumerate(pieces[k : k + PACK_LOOKAHEAD], start=k))
-                lengths = kernels.measure(kernels.flatten(list(ahead.values())), d).tolist()
+                lengths = dsu_ops.measure(dsu_ops.flatten(list(ahead.values())), d).tolist()
                 open_samples.update((i, sample) for (i, sample), length in zip(ahead.items(), lengths) if length)
                 rows += [[open_samples.pop(i) for i in row] for row in packer.add(list(ahead), lengths)]
                 for first in range(0, len(rows) - BATCH + 1, BATCH):
@@ -128,19 +128,19 @@ class Workload:
 
     def packed_tokens(self, rows: list[list], deduplicate: bool) -> int:
         """Real tokens in rows written by the pack op (the last ones all at once)."""
-        packed = kernels.pack(rows, self.tok.dsu_offset, deduplicate, THROUGHPUT_SEQ_LEN, self.pad_id)
+        packed = dsu_ops.pack(rows, self.tok.dsu_offset, deduplicate, THROUGHPUT_SEQ_LEN, self.pad_id)
         return int(np.count_nonzero(packed.document_ids.numpy() >= 0))
 
     def padding_shares(self, max_seq_len: int) -> list[float]:
         """Pad tokens over all tokens: padded batches, then packing with each of OPEN_ROWS."""
         samples = self.pieces(self.builder(True, max_seq_len))
         samples = [samples[i] for i in np.random.default_rng(0).permutation(len(samples))]
-        lengths = np.diff(kernels.assemble_batch(samples, self.tok.dsu_offset, True).sample_offsets.numpy())
+        lengths = np.diff(dsu_ops.assemble_batch(samples, self.tok.dsu_offset, True).sample_offsets.numpy())
         real = lengths.sum()
         padded = sum(len(b) * b.max() for b in np.array_split(lengths, range(BATCH, len(lengths), BATCH)))
         shares = [1 - real / padded]
         for open_rows in OPEN_ROWS:
-            shares.append(1 - real / (len(kernels.place(lengths, max_seq_len, open_rows)) * max_seq_len))
+            shares.append(1 - real / (len(dsu_ops.place(lengths, max_seq_len, open_rows)) * max_seq_len))
         return shares
 
 
@@ -165,7 +165,7 @@ def main() -> None:
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core
     torch.set_num_threads(1)
-    if kernels.build.extension() is None:
+    if dsu_ops.build.extension() is None:
         sys.exit("the C++ extension did not build; this bench measures it")
 
     golden = golden_workloads(json.loads(GOLDEN.read_text()))

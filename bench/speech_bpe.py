@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import kernels  # noqa: E402
+import dsu_ops  # noqa: E402
 import wer  # noqa: E402
 from data.dataset import load_rows  # noqa: E402
 from data.samples import Interleave, SampleBuilder, deduplicate_runs  # noqa: E402
@@ -83,7 +83,7 @@ def construction(args) -> None:
     torch.set_num_threads(1)
     rows = load_rows(str(MINI / "train.jsonl"))
     settings = Interleave(16000, 320, 39.43, 0.1)
-    kernels.pack([[SampleBuilder(tokenizer_with_bpe(None), deduplicate=True, modality_tokens=True, max_seq_len=None)
+    dsu_ops.pack([[SampleBuilder(tokenizer_with_bpe(None), deduplicate=True, modality_tokens=True, max_seq_len=None)
                    .sft_asr_pieces(rows[0], PROMPT, train_on_input=False)]], 0, True, 2048, 0)  # loads the ops
     print("| sequences | BPE | sequences/s | tokens/s | speech tokens per sequence |\n|---|---|---|---|---|")
     for merges in (None, args.merges):
@@ -100,7 +100,7 @@ def construction(args) -> None:
             while time.perf_counter() - started < args.seconds:
                 for first in range(0, len(rows), 64):  # a batch of 64 sequences, one row each, per op call
                     batch = [pieces_of(i) for i in range(first, min(first + 64, len(rows)))]
-                    packed = kernels.pack([[p] for p in batch], tok.dsu_offset, True, 2048, pad)
+                    packed = dsu_ops.pack([[p] for p in batch], tok.dsu_offset, True, 2048, pad)
                     real = packed.tokens[packed.document_ids >= 0]
                     n_seq, n_tok = n_seq + len(batch), n_tok + real.numel()
                     n_speech += int(tok.is_speech(real).sum())

@@ -1,7 +1,7 @@
 """Training batches: the sequences of a data source, and the micro-batches of each optimizer step.
 
 Every sequence is a pure function of (epoch, row): `Sequences` describes it with the builders of
-`data.samples`, and the `kernels` ops write whole batches of them. Unpacked, a step takes its rows
+`data.samples`, and the `dsu_ops` ops write whole batches of them. Unpacked, a step takes its rows
 from a permutation fixed by (seed, epoch) (`step_micro_batches`), each micro-batch padded to its
 longest sequence, as the reference trains. Packed, the sequences stream through a first-fit packer
 into rows of max_seq_len (`PackedStream`, `packed_micro_batches`): fixed tokens per step, little
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import kernels
+import dsu_ops
 from data.dataset import DataError, Source, task_fields
 from data.samples import IGNORE, SEED, Interleave, Pieces, SampleBuilder, interleave_spans
 from data.store import RowStore, open_store, store_path
@@ -70,20 +70,20 @@ class Sequences:
         text_first = self.sequence_type == "concatenated_txt_dsu"
         return [self.builder.cpt_concatenated_pieces(row, text_first=text_first) for row in rows]
 
-    def assembled(self, indices, epoch: int, device=None) -> kernels.Assembled:
+    def assembled(self, indices, epoch: int, device=None) -> dsu_ops.Assembled:
         """These rows' sequences, flat, written by the assemble op (on `device`)."""
-        return kernels.assemble_batch(self.pieces_many(indices, epoch), self.builder.tok.dsu_offset,
+        return dsu_ops.assemble_batch(self.pieces_many(indices, epoch), self.builder.tok.dsu_offset,
                                       self.builder.deduplicate, device)
 
     def lengths(self, pieces: list[Pieces]) -> list[int]:
         """How many tokens these sequences have once built, in one call of the measure op."""
-        return kernels.measure(kernels.flatten(pieces), self.builder.deduplicate).tolist()
+        return dsu_ops.measure(dsu_ops.flatten(pieces), self.builder.deduplicate).tolist()
 
 
 def interleave_spans_many(indices: list[int], n_words: list[int], epoch: int,
                           settings: Interleave) -> list[tuple[bool, list[int]]]:
     """`data.samples.interleave_spans` for many rows: the C++ op where it applies, NumPy otherwise."""
-    spans = kernels.interleave_spans(indices, n_words, epoch, int(settings.mean_seq_len_tokens), settings.binom_prob,
+    spans = dsu_ops.interleave_spans(indices, n_words, epoch, int(settings.mean_seq_len_tokens), settings.binom_prob,
                                      SEED)
     return spans or [interleave_spans(i, epoch, w, settings) for i, w in zip(indices, n_words)]
 
@@ -132,7 +132,7 @@ def epoch_order(n_rows: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray
     return np.random.default_rng((seed, epoch)).permutation(n_rows) if shuffle else np.arange(n_rows)
 
 
-def collate(assembled: kernels.Assembled, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def collate(assembled: dsu_ops.Assembled, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded inputs and next-token targets (labels shifted left by one, IGNORE at the end),
     on the device the sequences are on."""
     tokens, labels, offsets = assembled
@@ -176,7 +176,7 @@ class PackedStream:
     """The training data of a packed run: one stream of rows, computed identically on every rank.
 
     Sequences enter in each epoch's order (`epoch_order`) as `Pieces`, PACK_LOOKAHEAD at a time,
-    are measured, and a first-fit packer (`kernels.first_fit_packer`) with PACK_OPEN_ROWS open rows
+    are measured, and a first-fit packer (`dsu_ops.first_fit_packer`) with PACK_OPEN_ROWS open rows
     places them by length; the rows that leave it wait in a queue. When an epoch's sequences run
     out, its open rows are repacked and queued, so no row mixes epochs and every sequence is
     trained on once per epoch. The `pack` op later writes each rank's rows, exactly as the
@@ -189,7 +189,7 @@ class PackedStream:
 
     def __init__(self, seqs: Sequences, max_seq_len: int, seed: int, shuffle: bool):
         self.seqs, self.seed, self.shuffle, self.max_seq_len = seqs, seed, shuffle, max_seq_len  # config.py checks it fits
-        self.packer = kernels.first_fit_packer(max_seq_len, PACK_OPEN_ROWS)
+        self.packer = dsu_ops.first_fit_packer(max_seq_len, PACK_OPEN_ROWS)
         self.open_samples: dict[int, Pieces] = {}  # index -> sequence, in open or queued rows
         self._start_epoch(0, 0)
 
@@ -199,7 +199,7 @@ class PackedStream:
         self.left: deque[list[int]] = deque()  # rows that left the packer, not yet handed out
 
     def next_row(self) -> tuple[int, list[int], list[Pieces]]:
-        """(epoch, the row's sequences' indices, those sequences), for `kernels.pack`."""
+        """(epoch, the row's sequences' indices, those sequences), for `dsu_ops.pack`."""
         while not self.left:
             if self.position == len(self.order):
                 self._start_epoch(self.epoch + 1, 0)
@@ -234,7 +234,7 @@ class PackedStream:
 
 def packed_micro_batches(stream: PackedStream, *, batch_size: int, grad_accum: int, rank: int, world: int,
                          device=None):
-    """(epoch, this rank's micro-batches for the next optimizer step as `kernels.Packed` rows on
+    """(epoch, this rank's micro-batches for the next optimizer step as `dsu_ops.Packed` rows on
     `device`, the index of each micro-batch's first sequence):
     the step takes the stream's next batch_size*grad_accum*world rows, sliced as
     `step_micro_batches` slices sequences, so 2 processes see what 1 process with twice the batch
@@ -244,7 +244,7 @@ def packed_micro_batches(stream: PackedStream, *, batch_size: int, grad_accum: i
     micro, firsts = [], []
     for m in range(grad_accum):
         mine = rows[m * batch_size * world : (m + 1) * batch_size * world][rank * batch_size : (rank + 1) * batch_size]
-        micro.append(kernels.pack([samples for _, _, samples in mine], builder.tok.dsu_offset, builder.deduplicate,
+        micro.append(dsu_ops.pack([samples for _, _, samples in mine], builder.tok.dsu_offset, builder.deduplicate,
                                   stream.max_seq_len, stream.seqs.pad_id, device))
         firsts.append(mine[0][1][0])
     return rows[-1][0], micro, firsts

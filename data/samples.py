@@ -8,7 +8,7 @@ the golden vectors and on random rows, with modality tokens on and off.
 
 A builder first describes a sample as `Pieces` (literal token runs and raw DSU runs, each with a
 loss mask, plus the truncation rule); `assemble` turns that into tokens and labels. The fused
-kernel in `kernels/` assembles (and packs) whole batches of `Pieces` the same way.
+op in `dsu_ops` (C++ in `kernels/`) assembles (and packs) whole batches of `Pieces` the same way.
 
 With a speech BPE (the tokenizer's `dsu_bpe`), each DSU run is deduplicated (if asked) and
 encoded here, before the ops, into a literal run of DSU and merged-unit token ids.
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from data.tokenizer import Tokenizer
-from kernels import IGNORE
+from dsu_ops import IGNORE
 
 # The reference's seed: with the epoch and row index it fixes every interleaving. The config's
 # `seed` (row order, torch's RNG) does not change it, so sequences always match the reference's.
@@ -234,7 +234,7 @@ class SampleBuilder:
         spans: tuple[bool, list[int]] | None = None,
     ) -> Pieces:
         """`spans`, when given, are `interleave_spans(index, epoch, len(row["tokenized"]), ...)`
-        made ahead (kernels.interleave_spans makes a batch of them at once)."""
+        made ahead (dsu_ops.interleave_spans makes a batch of them at once)."""
         words = row["tokenized"]
         text, bounds = spans or interleave_spans(index, epoch, len(words), settings, seed)
         starts, finishes = row["aligned_token_start_time"], row["aligned_token_end_time"]

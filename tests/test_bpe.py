@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 import extend
 import generate
-import kernels
+import dsu_ops
 import train
 from data.dataset import load_rows
 from data.samples import Interleave, SampleBuilder, deduplicate_runs
@@ -153,7 +153,7 @@ def test_every_speech_span_is_encoded_and_the_rest_is_unchanged(mini, kind):
                 pieces = builder.cpt_concatenated_pieces(row, text_first=kind == "txt_dsu")
             tokens, labels = builder.assemble(pieces)
             # The ops build the same sequence from the same pieces, packed or flat.
-            packed = kernels.pack([[pieces]], tok.dsu_offset, True, len(tokens) + 1, 0)
+            packed = dsu_ops.pack([[pieces]], tok.dsu_offset, True, len(tokens) + 1, 0)
             assert packed.tokens[0, : len(tokens)].tolist() == tokens.tolist()
             sequences.append((tok, tokens, labels))
         (_, plain, plain_labels), (_, bpe, bpe_labels) = sequences

@@ -1,11 +1,11 @@
-"""files.atomic_write: the one way outputs are written."""
+"""files.atomic_write, the one way outputs are written; files.regular_file, the check before a read."""
 
 import os
 import stat
 
 import pytest
 
-from files import atomic_write
+from files import NotRegularFile, atomic_write, regular_file
 
 
 @pytest.fixture
@@ -51,3 +51,17 @@ def test_directories_replace_or_refuse_and_leftovers_of_a_kill_are_removed(tmp_p
     with pytest.raises(FileExistsError), atomic_write(target, directory=True, replace=False) as tmp:
         (tmp / "c").write_text("3")
     assert os.listdir(target) == ["b"] and sorted(os.listdir(tmp_path)) == ["step_1"]
+
+
+def test_regular_file_refuses_what_would_block_or_loop(tmp_path):
+    plain = tmp_path / "rows.jsonl"
+    plain.write_text("{}\n")
+    (tmp_path / "link").symlink_to(plain)
+    assert regular_file(tmp_path / "link") == tmp_path / "link"
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for name, what in [("fifo", "a FIFO"), ("loop", "cannot be read"), ("missing", "no such file"), (".", "a directory")]:
+        with pytest.raises(NotRegularFile, match=what):
+            regular_file(tmp_path / name)
+    with pytest.raises(NotRegularFile, match="a device"):
+        regular_file("/dev/zero")

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-import kernels
+import dsu_ops
 from data.batches import interleave_spans_many
 from data.samples import Interleave, Pieces, SampleBuilder, assemble, interleave_spans
-from kernels import build, reference
+from dsu_ops import build, reference
 from tests.test_samples import interleave_settings
 
 MAX_DSU = 65533
@@ -79,7 +79,7 @@ def expected_samples(samples, deduplicate: bool, dsu_offset: int = DSU_OFFSET):
     return [assemble(p, dsu_offset, deduplicate) for p in samples]
 
 
-def split(assembled: kernels.Assembled):
+def split(assembled: dsu_ops.Assembled):
     offsets = assembled.sample_offsets.tolist()
     return [
         (assembled.tokens[a:b].tolist(), assembled.labels[a:b].tolist()) for a, b in zip(offsets[:-1], offsets[1:])
@@ -94,9 +94,9 @@ def as_lists(expected):
 def test_reference_and_cpu_op_assemble_like_data_samples(extension, deduplicate):
     for samples in batches():
         expected = as_lists(expected_samples(samples, deduplicate))
-        flat = kernels.flatten(samples)
-        assert split(kernels.Assembled(*reference.assemble(*flat, DSU_OFFSET, deduplicate))) == expected
-        ours = kernels.assemble_batch(samples, DSU_OFFSET, deduplicate)
+        flat = dsu_ops.flatten(samples)
+        assert split(dsu_ops.Assembled(*reference.assemble(*flat, DSU_OFFSET, deduplicate))) == expected
+        ours = dsu_ops.assemble_batch(samples, DSU_OFFSET, deduplicate)
         assert split(ours) == expected
         assert ours.tokens.dtype == ours.labels.dtype == ours.sample_offsets.dtype == torch.int64
 
@@ -119,7 +119,7 @@ def test_golden_cases_through_the_op(golden, extended_tokenizer, extension, kind
             else:
                 p = builder.cpt_concatenated_pieces(row, text_first=kind.endswith("txt_dsu"))
             samples.append(p)
-        got = split(kernels.assemble_batch(samples, tok.dsu_offset, deduplicate))
+        got = split(dsu_ops.assemble_batch(samples, tok.dsu_offset, deduplicate))
         for n, (case, (tokens, labels)) in enumerate(zip(cases, got)):
             assert tokens == case["tokens"], f"{kind} case {n}: tokens"
             assert labels == case.get("labels", case["tokens"]), f"{kind} case {n}: labels"
@@ -135,13 +135,13 @@ def test_interleave_spans_equal_numpys_generator(extension, n, p):
     n_words = [0, 1, 200] + rng.integers(0, 120, len(indices) - 3).tolist()
     settings = Interleave(mean_seq_len_tokens=n + 0.43, binom_prob=p)
     for epoch in (0, 3, 2**33):
-        got = kernels.interleave_spans(indices, n_words, epoch, n, p, seed=42831)
+        got = dsu_ops.interleave_spans(indices, n_words, epoch, n, p, seed=42831)
         assert len(got) == len(indices)
         for i, w, spans in zip(indices, n_words, got):
             assert spans == interleave_spans(i, epoch, w, settings, 42831), (i, epoch)
     with pytest.raises(RuntimeError, match="BTPE"):  # outside the inversion regime NumPy draws them
         torch.ops.speech_llama.interleave_spans(torch.tensor([0]), torch.tensor([3]), 1, 0, 100, 0.5)
-    assert kernels.interleave_spans([0, 1], [4, 2], 0, 100, 0.5, 42831) is None
+    assert dsu_ops.interleave_spans([0, 1], [4, 2], 0, 100, 0.5, 42831) is None
     assert len(interleave_spans_many([0, 1], [4, 2], 0, Interleave(mean_seq_len_tokens=100, binom_prob=0.5))) == 2
 
 
@@ -159,10 +159,10 @@ def no_extension(monkeypatch):
 def test_reference_is_used_with_one_warning_when_the_extension_cannot_build(no_extension, caplog):
     samples = adversarial_pieces(16)
     expected = as_lists(expected_samples(samples, True))
-    with caplog.at_level(logging.WARNING, logger="kernels.build"):
-        assert split(kernels.assemble_batch(samples, DSU_OFFSET, True)) == expected
-        assert kernels.measure(kernels.flatten(samples), True).tolist() == [len(t) for t, _ in expected]
-        packed = kernels.pack([samples[2:5]], DSU_OFFSET, True, 16, 0)
+    with caplog.at_level(logging.WARNING, logger="dsu_ops.build"):
+        assert split(dsu_ops.assemble_batch(samples, DSU_OFFSET, True)) == expected
+        assert dsu_ops.measure(dsu_ops.flatten(samples), True).tolist() == [len(t) for t, _ in expected]
+        packed = dsu_ops.pack([samples[2:5]], DSU_OFFSET, True, 16, 0)
         assert packed.tokens[0, :4].tolist() == expected[2][0] + expected[3][0] + expected[4][0][:2]
         assert packed.document_ids[0, :5].tolist() == [0, 1, 2, 2, 2]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -171,7 +171,7 @@ def test_reference_is_used_with_one_warning_when_the_extension_cannot_build(no_e
 
 
 def test_cpu_op_rejects_malformed_batches(extension):
-    flat = kernels.flatten(adversarial_pieces(8))
+    flat = dsu_ops.flatten(adversarial_pieces(8))
     tensors = {name: torch.from_numpy(a) for name, a in flat._asdict().items()}
     ops = torch.ops.speech_llama
 
@@ -215,22 +215,22 @@ def test_cuda_ops_equal_cpu_ops_on_large_batches(extension):
     samples = adversarial_pieces(2048) + [sample_pieces(rng, max_pieces=12, max_len=400) for _ in range(3000)]
     ops = torch.ops.speech_llama
     for deduplicate in (True, False):
-        cpu = kernels.assemble_batch(samples, DSU_OFFSET, deduplicate)
-        gpu = kernels.assemble_batch(samples, DSU_OFFSET, deduplicate, device="cuda")
+        cpu = dsu_ops.assemble_batch(samples, DSU_OFFSET, deduplicate)
+        gpu = dsu_ops.assemble_batch(samples, DSU_OFFSET, deduplicate, device="cuda")
         assert gpu.tokens.is_cuda
-        for name, a, b in zip(kernels.Assembled._fields, cpu, gpu):
+        for name, a, b in zip(dsu_ops.Assembled._fields, cpu, gpu):
             assert torch.equal(a, b.cpu()), name
 
         lengths = np.diff(cpu.sample_offsets.numpy())
         fits = [i for i, n in enumerate(lengths) if n <= 2048]
-        rows = [[samples[fits[i]] for i in row] for row in kernels.place(lengths[fits], 2048, 64)]
-        packed_cpu = kernels.pack(rows, DSU_OFFSET, deduplicate, 2048, 128004)
-        packed_gpu = kernels.pack(rows, DSU_OFFSET, deduplicate, 2048, 128004, device="cuda")
+        rows = [[samples[fits[i]] for i in row] for row in dsu_ops.place(lengths[fits], 2048, 64)]
+        packed_cpu = dsu_ops.pack(rows, DSU_OFFSET, deduplicate, 2048, 128004)
+        packed_gpu = dsu_ops.pack(rows, DSU_OFFSET, deduplicate, 2048, 128004, device="cuda")
         assert packed_gpu.tokens.is_cuda
-        for name, a, b in zip(kernels.Packed._fields, packed_cpu, packed_gpu):
+        for name, a, b in zip(dsu_ops.Packed._fields, packed_cpu, packed_gpu):
             assert torch.equal(a, b.cpu()), name
     with pytest.raises(RuntimeError, match="more than max_seq_len 16"):
-        kernels.pack([samples[-10:]], DSU_OFFSET, True, 16, 0, device="cuda")
+        dsu_ops.pack([samples[-10:]], DSU_OFFSET, True, 16, 0, device="cuda")
 
 
 def test_build_cache_is_keyed_by_the_build_flags(monkeypatch):
@@ -247,4 +247,4 @@ def test_the_extension_loads_again_in_the_same_process(extension):
     # ops twice, which aborts the process.
     build.extension.cache_clear()
     assert build.extension() == extension
-    assert kernels.measure(kernels.flatten(adversarial_pieces(8)[:4]), True).tolist() == [0, 0, 1, 1]
+    assert dsu_ops.measure(dsu_ops.flatten(adversarial_pieces(8)[:4]), True).tolist() == [0, 0, 1, 1]

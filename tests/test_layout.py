@@ -1,5 +1,6 @@
 """The layering the project keeps: each stage script stands alone (shared pieces live in config.py,
-model.py, data/ and kernels/), model.py and data/ do not import each other, and kernels/ imports nothing of the project."""
+model.py, data/ and dsu_ops/), model.py and data/ do not import each other, and dsu_ops/ (the Python side of
+the C++/CUDA ops in kernels/) imports nothing of the project."""
 
 import ast
 from pathlib import Path
@@ -33,7 +34,7 @@ def test_model_and_data_do_not_import_each_other():
         assert "model" not in imported_modules(path), path.name
 
 
-def test_kernels_import_nothing_of_the_project():
-    project = {p.stem for p in ROOT.glob("*.py")} | {p.name for p in ROOT.iterdir() if p.is_dir() and p.name != "kernels"}
-    for path in sorted((ROOT / "kernels").glob("*.py")):
+def test_dsu_ops_import_nothing_of_the_project():
+    project = {p.stem for p in ROOT.glob("*.py")} | {p.name for p in ROOT.iterdir() if p.is_dir() and p.name != "dsu_ops"}
+    for path in sorted((ROOT / "dsu_ops").glob("*.py")):
         assert imported_modules(path) & project == set(), path.name

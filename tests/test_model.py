@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kernels import IGNORE
+from dsu_ops import IGNORE
 from model import (
     CompiledForward,
     Llama,

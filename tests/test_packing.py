@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import config
-import kernels
+import dsu_ops
 import train
 from data import batches
 from data.dataset import SCHEMA_FIELDS, load_rows
@@ -26,7 +26,7 @@ from data.samples import IGNORE, Pieces, SampleBuilder, assemble
 from data.tokenizer import Tokenizer
 from model import Llama
 from tests import tiny
-from kernels import reference
+from dsu_ops import reference
 from tests.test_kernels import DSU_OFFSET, adversarial_pieces, sample_pieces
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # -- the packer --------------------------------------------------------------------------------
 
 
-PACKERS = {"C++": kernels.first_fit_packer, "reference": reference.FirstFitPacker}
+PACKERS = {"C++": dsu_ops.first_fit_packer, "reference": reference.FirstFitPacker}
 
 
 def stream(new_packer, lengths, max_seq_len: int, capacity: int, batch: int) -> tuple[list[list[int]], int]:
@@ -92,7 +92,7 @@ def test_every_sample_once_rows_fit_and_the_window_bounds_open_rows(implementati
     assert sorted(placed) == [i for i, n in enumerate(lengths) if n > 0]  # each non-empty sample once
     assert all(0 < sum(lengths[i] for i in row) <= 512 for row in rows)
     # the same rows however the samples are batched, and from both packers
-    assert rows == kernels.place(lengths, 512, 16) == stream(reference.FirstFitPacker, lengths, 512, 16, batch=1)[0]
+    assert rows == dsu_ops.place(lengths, 512, 16) == stream(reference.FirstFitPacker, lengths, 512, 16, batch=1)[0]
 
 
 @pytest.fixture(scope="module")
@@ -109,22 +109,22 @@ def mini_lengths(extended_tokenizer):
             pieces = [builder.cpt_interleaved_pieces(rows[i], int(i), 0) for i in order]
         else:
             pieces = [builder.sft_asr_pieces(rows[i], config.DEFAULT_SYSTEM_PROMPT, False) for i in order]
-        out[task, max_seq_len] = kernels.measure(kernels.flatten(pieces), True)
+        out[task, max_seq_len] = dsu_ops.measure(dsu_ops.flatten(pieces), True)
     return out
 
 
 @pytest.mark.parametrize("task, max_seq_len", [("cpt", 768), ("sft", 2048)])
 def test_waste_is_under_5_percent_on_the_bundled_corpus(mini_lengths, task, max_seq_len):
     lengths = mini_lengths[task, max_seq_len]
-    packed = waste(kernels.place(lengths, max_seq_len, batches.PACK_OPEN_ROWS), lengths, max_seq_len)
-    greedy = waste(kernels.place(lengths, max_seq_len, 1), lengths, max_seq_len)  # one open row: next fit
+    packed = waste(dsu_ops.place(lengths, max_seq_len, batches.PACK_OPEN_ROWS), lengths, max_seq_len)
+    greedy = waste(dsu_ops.place(lengths, max_seq_len, 1), lengths, max_seq_len)  # one open row: next fit
     assert packed < 0.05 and packed < greedy, (packed, greedy)
 
 
 # -- row tensors (the pack op) -----------------------------------------------------------------
 
 
-def check_rows(packed: kernels.Packed, rows, max_seq_len: int, pad_id: int = PAD_ID) -> None:
+def check_rows(packed: dsu_ops.Packed, rows, max_seq_len: int, pad_id: int = PAD_ID) -> None:
     """Row r holds rows[r]'s samples (tokens, unshifted labels) side by side from column 0:
     positions restarting, targets shifted inside each sample, document ids numbering the samples,
     padding after."""
@@ -153,15 +153,15 @@ def literal(*values) -> Pieces:
 
 def test_pack_fills_rows_exactly_and_never_predicts_across_samples():
     samples = [literal(*range(10, 10 + n)) for n in (3, 5, 8, 1)]
-    tokens, targets, positions, documents = kernels.pack([samples[:2], samples[2:3], samples[3:]], 0, False, 8, 0)
+    tokens, targets, positions, documents = dsu_ops.pack([samples[:2], samples[2:3], samples[3:]], 0, False, 8, 0)
     assert documents[0].tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
     assert positions[0].tolist() == [0, 1, 2, 0, 1, 2, 3, 4]
     assert targets[0].tolist() == [11, 12, IGNORE, 11, 12, 13, 14, IGNORE]
     assert targets[1].tolist() == [*range(11, 18), IGNORE]
     assert tokens[2].tolist() == [10, 0, 0, 0, 0, 0, 0, 0] and targets[2].tolist() == [IGNORE] * 8
     with pytest.raises(RuntimeError, match="row 0 holds 9 tokens, more than max_seq_len 8"):
-        kernels.pack([samples[1:2] + samples[3:] * 4], 0, False, 8, 0)
-    assert kernels.pack([], 0, False, 8, 0).tokens.shape == (0, 8)
+        dsu_ops.pack([samples[1:2] + samples[3:] * 4], 0, False, 8, 0)
+    assert dsu_ops.pack([], 0, False, 8, 0).tokens.shape == (0, 8)
 
 
 def random_rows(rng, max_seq_len: int, deduplicate: bool) -> tuple[list[list[Pieces]], list[list[tuple]]]:
@@ -170,9 +170,9 @@ def random_rows(rng, max_seq_len: int, deduplicate: bool) -> tuple[list[list[Pie
     pieces = adversarial_pieces(max_seq_len) + [sample_pieces(rng) for _ in range(300)]
     built = [assemble(p, DSU_OFFSET, deduplicate) for p in pieces]
     fits = [i for i, (tokens, _) in enumerate(built) if len(tokens) <= max_seq_len]
-    lengths = kernels.measure(kernels.flatten([pieces[i] for i in fits]), deduplicate)
+    lengths = dsu_ops.measure(dsu_ops.flatten([pieces[i] for i in fits]), deduplicate)
     assert lengths.tolist() == [len(built[i][0]) for i in fits]
-    placed = kernels.place(lengths, max_seq_len, 8)
+    placed = dsu_ops.place(lengths, max_seq_len, 8)
     return [[pieces[fits[i]] for i in row] for row in placed], [[built[fits[i]] for i in row] for row in placed]
 
 
@@ -181,16 +181,16 @@ def test_pack_holds_the_samples_as_built_and_placed(max_seq_len):
     rng = np.random.default_rng(7)
     for deduplicate in (True, False):
         rows, expected = random_rows(rng, max_seq_len, deduplicate)
-        packed = kernels.pack(rows, DSU_OFFSET, deduplicate, max_seq_len, PAD_ID)
+        packed = dsu_ops.pack(rows, DSU_OFFSET, deduplicate, max_seq_len, PAD_ID)
         check_rows(packed, expected, max_seq_len)
-        flat = kernels.flatten([sample for row in rows for sample in row])
+        flat = dsu_ops.flatten([sample for row in rows for sample in row])
         row_offsets = np.cumsum([0, *map(len, rows)])
         for ours, theirs in zip(packed, reference.pack(*flat, row_offsets, DSU_OFFSET, deduplicate, max_seq_len, PAD_ID)):
             assert torch.equal(ours, theirs)
         # rows with empty samples in them: they take no room but keep their document number
         empty = Pieces()
         with_empty = [[empty, *row] for row in rows]
-        check_rows(kernels.pack(with_empty, DSU_OFFSET, deduplicate, max_seq_len, PAD_ID),
+        check_rows(dsu_ops.pack(with_empty, DSU_OFFSET, deduplicate, max_seq_len, PAD_ID),
                    [[(np.zeros(0, np.int64), np.zeros(0, np.int64)), *row] for row in expected], max_seq_len)
 
 
@@ -201,11 +201,11 @@ def test_golden_sft_samples_packed_keep_their_tokens_and_labels(golden, extended
     pieces = [builder.sft_asr_pieces(golden["samples"][c["sample"]], golden["sft_system_prompt"], c["train_on_input"])
               for c in cases]
     expected = [(np.array(c["tokens"]), np.array(c.get("labels", c["tokens"]))) for c in cases]
-    lengths = kernels.measure(kernels.flatten(pieces), True)
+    lengths = dsu_ops.measure(dsu_ops.flatten(pieces), True)
     assert lengths.tolist() == [len(t) for t, _ in expected]
-    placed = kernels.place(lengths, 2048, 8)
+    placed = dsu_ops.place(lengths, 2048, 8)
     assert len(placed) < len(cases)  # several samples share a row
-    packed = kernels.pack([[pieces[i] for i in row] for row in placed], tok.dsu_offset, True, 2048, PAD_ID)
+    packed = dsu_ops.pack([[pieces[i] for i in row] for row in placed], tok.dsu_offset, True, 2048, PAD_ID)
     check_rows(packed, [[expected[i] for i in row] for row in placed], 2048)
 
 
@@ -267,9 +267,9 @@ def test_stream_gives_every_sequence_once_per_epoch_as_built_and_restores_exactl
     for epoch, got in seen.items():
         built_now = [tiny.built(seqs, i, epoch) for i in range(len(seqs))]
         assert got == Counter(map(key, built_now)), epoch
-        # placed as kernels.place places the epoch's order
+        # placed as dsu_ops.place places the epoch's order
         lengths = [len(built_now[i][0]) for i in batches.epoch_order(len(seqs), 5, epoch, True)]
-        placed = [[lengths[i] for i in row] for row in kernels.place(lengths, max_seq_len, 3)]
+        placed = [[lengths[i] for i in row] for row in dsu_ops.place(lengths, max_seq_len, 3)]
         assert [[len(tokens) for tokens, _ in row] for _, e, row in draws if e == epoch] == placed
         assert max(len(t) for t, _ in built_now) == max_seq_len - (task == "cpt")  # cut as unpacked: CPT to L - 1
     if task == "sft":
@@ -325,9 +325,9 @@ def test_loss_and_gradients_over_packed_rows_equal_the_unpacked_batches(assets):
         return loss_sum.item(), count.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     unpacked = loss_and_grads([batches.collate(seqs.assembled(range(k, k + 4), 0), pad_id) for k in range(0, 24, 4)])
-    rows = [seqs.pieces_many(row, 0) for row in kernels.place([len(t) for t, _ in samples], 128, 8)]
+    rows = [seqs.pieces_many(row, 0) for row in dsu_ops.place([len(t) for t, _ in samples], 128, 8)]
     assert len(rows) < 24 / 2  # packing put several sequences in most rows
-    packed = loss_and_grads([kernels.pack(rows, seqs.builder.tok.dsu_offset, True, 128, pad_id)])
+    packed = loss_and_grads([dsu_ops.pack(rows, seqs.builder.tok.dsu_offset, True, 128, pad_id)])
     assert packed[1] == unpacked[1]
     assert packed[0] == pytest.approx(unpacked[0], rel=1e-5)
     for name, grad in unpacked[2].items():

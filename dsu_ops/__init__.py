@@ -1,4 +1,7 @@
-"""The fused data ops: a batch of samples, described as pieces, is deduplicated (DSU runs), mapped
+"""The fused data ops, the Python side of the C++ and CUDA sources in `kernels/`. (Not itself named
+`kernels`: Hugging Face's `kernels` distribution owns that import name, and transformers imports it.)
+
+A batch of samples, described as pieces, is deduplicated (DSU runs), mapped
 to token ids, masked, truncated, and either assembled flat or packed into rows, in one pass.
 
 Contract
@@ -48,11 +51,11 @@ This package imports nothing of the project: callers pass plain arrays and objec
 
 Where each sample goes is decided from `measure`'s lengths alone by a first-fit packer
 (`first_fit_packer`, a C++ torch class: first fit over a bounded window of open rows, streaming;
-kernels.packing has its rule); `place` runs it over one epoch.
+dsu_ops.packing has its rule); `place` runs it over one epoch.
 
 Implementations: C++ (CPU) and CUDA, registered as torch.ops.speech_llama and built on first use
-(`kernels.build`; `python -m kernels build` ahead of time), and the NumPy reference (with the
-packer in Python: `kernels.reference`), used with one warning when the extension cannot be built.
+(`dsu_ops.build`; `python -m dsu_ops build` ahead of time), and the NumPy reference (with the
+packer in Python: `dsu_ops.reference`), used with one warning when the extension cannot be built.
 The CUDA ops wait for the GPU to validate the offsets and to size or check their outputs.
 """
 
@@ -62,8 +65,8 @@ from typing import NamedTuple, Protocol, Sequence
 import numpy as np
 import torch
 
-from kernels import build, reference
-from kernels.packing import IGNORE, Packed
+from dsu_ops import build, reference
+from dsu_ops.packing import IGNORE, Packed
 
 __all__ = ["IGNORE", "Assembled", "FlatBatch", "Packed", "Pieces", "assemble_batch", "first_fit_packer", "flatten",
            "interleave_spans", "measure", "pack", "place"]
@@ -151,7 +154,7 @@ def interleave_spans(indices: Sequence[int], n_words: Sequence[int], epoch: int,
 
 
 def first_fit_packer(max_seq_len: int, capacity: int):
-    """A first-fit packer of `capacity` open rows of `max_seq_len` tokens (kernels.packing): the C++
+    """A first-fit packer of `capacity` open rows of `max_seq_len` tokens (dsu_ops.packing): the C++
     one, whose items are ints, or without the extension the reference."""
     if build.extension() is None:
         return reference.FirstFitPacker(max_seq_len, capacity)

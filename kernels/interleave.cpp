@@ -1,5 +1,5 @@
 // The speech_llama::interleave_spans op (CPU): the spans of the reference's CPT interleaving for a
-// batch of rows, from random draws bit for bit what NumPy gives (kernels/__init__.py).
+// batch of rows, from random draws bit for bit what NumPy gives (dsu_ops/__init__.py).
 //
 // For row index i the reference seeds `rng = np.random.default_rng((seed, epoch, i))`, draws
 // `rng.random() < 0.5` (start with text) and `np.maximum(rng.binomial(n, p, size=n_words), 1)`

@@ -1,5 +1,5 @@
 """NumPy implementation of the ops `measure`, `assemble` and `pack`, with their signatures and
-semantics (kernels/__init__.py), and the first-fit packer in Python (kernels/packing.py). `kernels`
+semantics (dsu_ops/__init__.py), and the first-fit packer in Python (dsu_ops/packing.py). `dsu_ops`
 uses them when the extension cannot be built; tests hold the C++ and CUDA code to them.
 """
 
@@ -8,7 +8,7 @@ from typing import Hashable, Sequence
 import numpy as np
 import torch
 
-from kernels.packing import IGNORE
+from dsu_ops.packing import IGNORE
 
 
 def _assembled(values, piece_offsets, piece_is_dsu, piece_masked, sample_piece_offsets, sample_limit,
@@ -91,7 +91,7 @@ def pack(values, piece_offsets, piece_is_dsu, piece_masked, sample_piece_offsets
 
 
 class FirstFitPacker:
-    """The first-fit packer (kernels/packing.py has its rule and methods), with any hashable items."""
+    """The first-fit packer (dsu_ops/packing.py has its rule and methods), with any hashable items."""
 
     def __init__(self, max_seq_len: int, capacity: int):
         if max_seq_len < 1 or capacity < 1:

@@ -1,5 +1,5 @@
 // The speech_llama ops (schemas and CPU kernels): measure, assemble and pack.
-// Semantics and layout: kernels/__init__.py; the CUDA kernels are in pack_cuda.cu.
+// Semantics and layout: dsu_ops/__init__.py; the CUDA kernels are in pack_cuda.cu.
 //
 // Each op measures every sample first (its length after deduplication and its limit), then
 // writes tokens straight into the output tensors: flat for assemble, rows of max_seq_len for pack.

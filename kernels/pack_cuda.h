@@ -1,6 +1,6 @@
 // The CUDA kernels of speech_llama::assemble and ::pack, behind a plain interface (device pointers and
 // sizes, CUDA runtime types only) so that pack_cuda.cu compiles with nvcc alone; pack_cuda.cpp is
-// the torch glue. Semantics and layout: kernels/__init__.py.
+// the torch glue. Semantics and layout: dsu_ops/__init__.py.
 //
 // Each op runs in two steps on one stream. The first measures the batch into a workspace and
 // ends with the output size (assemble) or the longest row (pack) in device memory; the caller

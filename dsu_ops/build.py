@@ -4,7 +4,7 @@ The build goes to `$XDG_CACHE_HOME/speech-llama/kernels/<key>` (default `~/.cach
 the key hashes the sources, the torch version and whether CUDA is in: later runs only load it.
 The CUDA sources join when torch sees a GPU and the CUDA toolkit (nvcc) is installed. When the
 build fails (no compiler, no ninja), `extension()` logs one warning and returns None, and
-`kernels` falls back to the NumPy reference.
+`dsu_ops` falls back to the NumPy reference.
 """
 
 import functools
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = Path(__file__).resolve().parent.parent / "kernels"  # the C++ and CUDA sources
 CPU_SOURCES = ["pack.cpp", "interleave.cpp", "first_fit.cpp"]
 CUDA_SOURCES = ["pack_cuda.cpp", "pack_cuda.cu"]
 NAME = "speech_llama_kernels"
@@ -47,7 +47,7 @@ def wants_cuda() -> bool:
 
 def build_directory(with_cuda: bool) -> Path:
     digest = hashlib.sha256(f"{torch.__version__} cuda={with_cuda} {CFLAGS} {CUDA_CFLAGS} {LDFLAGS}".encode())
-    for path in sorted(CSRC.iterdir()):
+    for path in sorted(SOURCES.iterdir()):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "speech-llama" / "kernels"
     return root / digest.hexdigest()[:16]
@@ -67,7 +67,7 @@ def compile_extension(with_cuda: bool) -> Path:
     _put_venv_ninja_on_path()
     directory = build_directory(with_cuda)
     directory.mkdir(parents=True, exist_ok=True)
-    sources = [str(CSRC / name) for name in CPU_SOURCES + (CUDA_SOURCES if with_cuda else [])]
+    sources = [str(SOURCES / name) for name in CPU_SOURCES + (CUDA_SOURCES if with_cuda else [])]
     cpp_extension.load(
         name=NAME,
         sources=sources,
@@ -92,10 +92,10 @@ def extension() -> Extension | None:
         directory = compile_extension(with_cuda)
     except Exception as error:  # noqa: BLE001 - a build fails in many ways; any of them means "fall back"
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        log.warning("kernels: cannot build the C++ extension (%s); using the NumPy reference implementation", reason)
+        log.warning("dsu_ops: cannot build the C++ extension (%s); using the NumPy reference implementation", reason)
         return None
     if torch.cuda.is_available() and not with_cuda:
-        log.warning("kernels: built without CUDA (no nvcc found); CUDA batches are assembled on the CPU")
+        log.warning("dsu_ops: built without CUDA (no nvcc found); CUDA batches are assembled on the CPU")
     return Extension(directory, with_cuda)
 
 
@@ -105,7 +105,7 @@ def check_cuda_commands(out_dir: Path) -> list[list[str]]:
     from torch.utils.cpp_extension import include_paths
 
     gencode = [flag for arch in CUDA_ARCHS for flag in ("-gencode", f"arch=compute_{arch},code=sm_{arch}")]
-    device_code, glue_code = str(CSRC / "pack_cuda.cu"), str(CSRC / "pack_cuda.cpp")
+    device_code, glue_code = str(SOURCES / "pack_cuda.cu"), str(SOURCES / "pack_cuda.cpp")
     kernels = ["nvcc", "-std=c++17", "-O3", *gencode, "-c", device_code, "-o", str(out_dir / "pack_cuda.o")]
     includes = [flag for path in include_paths() for flag in ("-isystem", path)]
     if not any((Path(path) / "c10/cuda/impl/cuda_cmake_macros.h").exists() for path in include_paths()):

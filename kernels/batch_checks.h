@@ -1,5 +1,5 @@
 // Shape, dtype and device checks shared by the CPU op and the CUDA op's torch glue.
-// Layout of a batch: kernels/__init__.py.
+// Layout of a batch: dsu_ops/__init__.py.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,6 +1,6 @@
 """What packing produces, and where each sample goes: the rule of the first-fit packer.
 
-`kernels.first_fit_packer(max_seq_len, capacity)` places samples, by length, into rows of
+`dsu_ops.first_fit_packer(max_seq_len, capacity)` places samples, by length, into rows of
 `max_seq_len` tokens as they stream in, a batch of them per `add(items, lengths)` call, which
 returns the rows that left meanwhile:
 
@@ -16,9 +16,9 @@ When no more samples will come, `finish()` re-places the open rows' samples long
 first. Rows are lists of the items given to `add`, in the order they were placed. `open_rows()`
 lists the open rows' items and `reopen(items, lengths)` restores them.
 
-The packer is C++ (kernels/csrc/first_fit.cpp; a Python call per sample cost more than placing
-it), with the same packer in Python in kernels/reference.py. The `pack` op then writes the rows
-(kernels/__init__.py).
+The packer is C++ (kernels/first_fit.cpp; a Python call per sample cost more than placing
+it), with the same packer in Python in dsu_ops/reference.py. The `pack` op then writes the rows
+(dsu_ops/__init__.py).
 """
 
 from typing import NamedTuple

@@ -1,7 +1,7 @@
 """Build the extension ahead of time, or compile-check the CUDA code without a GPU.
 
-    python -m kernels build        build (CUDA too when torch sees a GPU and nvcc), print where
-    python -m kernels check-cuda   nvcc-compile pack_cuda.cu for sm_80 and sm_90 and the torch
+    python -m dsu_ops build        build (CUDA too when torch sees a GPU and nvcc), print where
+    python -m dsu_ops check-cuda   nvcc-compile pack_cuda.cu for sm_80 and sm_90 and the torch
                                    glue against torch's headers (compile only; no GPU needed)
 
 Exit status 1 when the build or a check fails.
@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from kernels import build
+from dsu_ops import build
 
 
 def build_now() -> int:
@@ -42,7 +42,7 @@ def check_cuda() -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m dsu_ops", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["build", "check-cuda"])
     args = parser.parse_args()

@@ -1,5 +1,5 @@
 // speech_llama.FirstFitPacker, a torch class: where each sample goes when samples are packed into
-// rows of max_seq_len, from lengths alone. The rule is kernels/packing.py's; kernels/reference.py
+// rows of max_seq_len, from lengths alone. The rule is dsu_ops/packing.py's; dsu_ops/reference.py
 // holds the same packer in Python. Samples come a batch at a time: a call per sample into a torch
 // class costs more than placing it.
 
