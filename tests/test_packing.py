@@ -460,7 +460,7 @@ def test_refuses_a_packed_resume_into_an_unpacked_run(assets, packed_reference, 
 def test_two_packed_processes_match_one_with_twice_the_batch(assets, tmp_path):
     common = ["data.packed=true", "data.max_seq_len=128", "train.max_steps=4", "train.save_steps=4"]
     two, one = tmp_path / "two", tmp_path / "one"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+    command = [*tiny.TORCHRUN_TWO, "train.py",
                *run_args(assets, two, *common, "train.batch_size=2")]
     done = subprocess.run(command, cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -2,12 +2,16 @@
 
 import json
 import random
+import sys
 from pathlib import Path
 
 WORDS = ["the", "a", "cat", "dog", "red", "blue", "runs", "sits", "near", "over",
          "one", "two", "three", "four", "big", "small", "bird", "sings", "and", "green"]
 N_DSUS = 64
 FRAMES_PER_SECOND = 50  # 16 kHz audio, downsampling ratio 320: the default CPT settings
+# Two processes on this machine, launched as the README launches them: the environment's `torchrun`
+# script with --nproc-per-node spelt out (torchrun refuses the abbreviation --nproc as ambiguous, seen on Python 3.11).
+TORCHRUN_TWO = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", "2"]
 
 
 def rows(n: int, seed: int, prefix: str, n_dsus: int = N_DSUS) -> list[dict]:
