@@ -19,6 +19,7 @@ from pathlib import Path
 
 from data.samples import CPT_SEQUENCE_TYPES, SEED, Interleave
 from data.tokenizer import MAX_DSUS, Tokenizer
+from files import NotRegularFile, directory_problem, regular_file, regular_files_only
 from model import ModelConfig, check_weights
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -49,12 +50,19 @@ class Key:
         elif self.kind is int:
             good_type = isinstance(value, int) and not isinstance(value, bool)
         elif self.kind is float:
-            good_type = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            good_type = isinstance(value, (int, float)) and not isinstance(value, bool) and _finite_float(value)
         else:
             good_type = isinstance(value, self.kind)
         if not good_type or (self.ok is not None and not self.ok(value)):
             return f"must be {self.rule or describe_kind(self.kind)}"
         return None
+
+
+def _finite_float(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float, such as 10**400
+        return False
 
 
 def describe_kind(kind: type) -> str:
@@ -209,15 +217,17 @@ def apply_override(config: dict, text: str) -> str:
 
 def read_json_object(path: str | Path) -> dict:
     try:
-        loaded = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, not a config file") from None
+        loaded = json.loads(regular_file(path).read_text(encoding="utf-8"))  # a FIFO would block the read
+    except NotRegularFile as e:
+        raise ConfigError(f"{e} (the config file)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: config file cannot be read ({e.strerror})") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text ({e.reason})") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid JSON (nested too deeply)") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: a config is a JSON object")
     return loaded
@@ -271,12 +281,9 @@ def check_combinations(config: dict) -> None:
         raise ConfigError("'wandb.project' is set but the wandb package is not installed "
                           "(pip install wandb, or leave wandb.project empty)")
     for dotted in ("run_dir", "data.cache_dir"):
-        value = get(config, dotted)
-        if value and Path(value).exists() and not Path(value).is_dir():
-            raise ConfigError(f"'{dotted}': {value} exists and is not a directory")
-        blocker = next((p for p in Path(value).parents if p.exists() and not p.is_dir()), None) if value else None
-        if blocker is not None:
-            raise ConfigError(f"'{dotted}': {value} cannot be created: {blocker} is a file")
+        problem = directory_problem(get(config, dotted)) if get(config, dotted) else None
+        if problem:  # a file, a FIFO, a symlink loop: found now, not when the first checkpoint is saved
+            raise ConfigError(f"'{dotted}': {problem}")
 
 
 def model_tokenizer(model_dir: Path, data: dict) -> Tokenizer:
@@ -289,6 +296,7 @@ def model_tokenizer(model_dir: Path, data: dict) -> Tokenizer:
         if not (model_dir / name).is_file():
             raise ConfigError(f"{model_dir}: missing {name} (a model directory from extend.py, or a train.py checkpoint)")
     try:
+        regular_files_only(model_dir, "original")  # the readers below would block on a FIFO among the weights
         tok = Tokenizer(model_dir / "original" / "tokenizer.model")
         vocab = ModelConfig.from_file(model_dir / "config.json").vocab_size
         check_weights(model_dir)

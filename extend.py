@@ -60,9 +60,12 @@ from data.tokenizer import (
     read_bpe_file,
     units_text,
 )
+import files
 from files import atomic_write
 
 DEFAULT_SEED = SEED  # the reference's seed, as for everything it draws
+MAX_SEED = 2**63 - 1  # the head's generator takes seed + 1, and torch takes seeds below 2**64
+MAX_SENTENCEPIECE_VOCAB = 2**31 - 1  # sentencepiece's vocabulary size is a 32-bit integer
 COVARIANCE_SCALE = 1e-5
 STATS_CHUNK_ROWS = 8192  # rows converted to fp32 at a time for the mean and covariance
 
@@ -130,8 +133,10 @@ def learn_speech_bpe(data: str, n_dsus: int, merges: int, deduplicate: bool, ini
     """Learn `merges` merged-unit tokens from the speech_tokens of `data`, in memory (nothing written)."""
     import sentencepiece
 
-    if merges < 1:
-        raise ExtendError(f"--dsu-bpe must be at least 1, got {merges}")
+    most = MAX_SENTENCEPIECE_VOCAB - 1 - n_dsus  # the unknown piece and every unit come first
+    if not 1 <= merges <= most:
+        raise ExtendError(f"--dsu-bpe must be in 1..{most} (sentencepiece's vocabulary is at most 2**31-1 pieces), "
+                          f"got {merges}")
     try:
         texts = [units_text(deduplicate_runs(r["speech_tokens"]) if deduplicate else r["speech_tokens"])
                  for r in iter_rows(data, n_dsus=n_dsus, fields=("speech_tokens",), unique_ids=False)]
@@ -151,10 +156,11 @@ def learn_speech_bpe(data: str, n_dsus: int, merges: int, deduplicate: bool, ini
             bos_id=-1, eos_id=-1, unk_id=0, max_sentence_length=1 << 30, num_threads=1, minloglevel=2,
         )
     except RuntimeError as e:
-        most = re.search(r"value <= (\d+)", str(e))
-        if most:
-            raise ExtendError(f"--dsu-bpe {merges}: the speech_tokens of {data} support at most "
-                              f"{int(most.group(1)) - 1 - n_dsus} merged tokens") from None
+        largest = re.search(r"value <= (\d+)", str(e))
+        if largest:
+            supported = int(largest.group(1)) - 1 - n_dsus
+            how_many = f"at most {supported} merged tokens" if supported > 0 else "no merged token"
+            raise ExtendError(f"--dsu-bpe {merges}: the speech_tokens of {data} support {how_many}") from None
         raise ExtendError(f"--dsu-bpe-data {data}: sentencepiece could not learn the BPE ({e})") from None
     settings = {"n_dsus": n_dsus, "merges": merges, "deduplicated": deduplicate, "model_type": "bpe",
                 "embedding_init": init, "data": str(data), "sequences": len(texts),
@@ -192,22 +198,34 @@ def tensor_names(path: Path) -> list[str]:
         raise ExtendError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+def regular_file(path: Path) -> Path:
+    """`path`, when it is a regular file: a FIFO or a device would block or never end."""
+    try:
+        return files.regular_file(path)
+    except files.NotRegularFile as e:
+        raise ExtendError(str(e)) from None
+
+
 def weight_shards(base_dir: Path) -> dict[str, list[str]]:
     """Safetensors file name -> the tensor names it holds; a single file is preferred, as transformers does."""
-    if (base_dir / SINGLE_WEIGHTS).is_file():
-        return {SINGLE_WEIGHTS: tensor_names(base_dir / SINGLE_WEIGHTS)}
-    if not (base_dir / WEIGHTS_INDEX).is_file():
+    if os.path.lexists(base_dir / SINGLE_WEIGHTS):
+        return {SINGLE_WEIGHTS: tensor_names(regular_file(base_dir / SINGLE_WEIGHTS))}
+    if not os.path.lexists(base_dir / WEIGHTS_INDEX):
         raise ExtendError(f"{base_dir}: no {SINGLE_WEIGHTS} or {WEIGHTS_INDEX}")
-    weight_map = load_json(base_dir / WEIGHTS_INDEX).get("weight_map")
+    weight_map = load_json(regular_file(base_dir / WEIGHTS_INDEX)).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise ExtendError(f"{base_dir / WEIGHTS_INDEX}: missing or empty 'weight_map'")
     shards: dict[str, list[str]] = {}
     for name, shard in weight_map.items():
+        # A file name beside the index: the same name is written in the output directory.
+        if not isinstance(shard, str) or shard in ("", ".", "..") or Path(shard).name != shard:
+            raise ExtendError(f"{base_dir / WEIGHTS_INDEX}: 'weight_map' maps {name} to {json.dumps(shard)}, "
+                              "not a file name beside the index")
         shards.setdefault(shard, []).append(name)
     for shard, names in shards.items():
-        if not (base_dir / shard).is_file():
+        if not os.path.lexists(base_dir / shard):
             raise ExtendError(f"{base_dir / WEIGHTS_INDEX}: shard {shard} listed in 'weight_map' does not exist")
-        if set(tensor_names(base_dir / shard)) != set(names):
+        if set(tensor_names(regular_file(base_dir / shard))) != set(names):
             raise ExtendError(f"{base_dir / shard}: its tensors differ from those {WEIGHTS_INDEX} maps to it")
     return shards
 
@@ -400,8 +418,9 @@ def plan_extension(base_dir: Path, n_dsus: int, modality_tokens: bool, out_dir: 
     if not base_dir.is_dir():
         raise ExtendError(f"{base_dir}: base model directory does not exist")
     for required in (CONFIG, GENERATION_CONFIG, TOKENIZER, PARAMS):
-        if not (base_dir / required).is_file():
+        if not os.path.lexists(base_dir / required):
             raise ExtendError(f"{base_dir}: missing {required}")
+        regular_file(base_dir / required)
 
     ranks = check_tokenizer(base_dir / TOKENIZER, n_dsus, modality_tokens)
     bpe = learn_speech_bpe(n_dsus=n_dsus, **bpe_args) if bpe_args else None
@@ -478,6 +497,8 @@ def extend(base_dir, n_dsus: int, modality_tokens: bool = True, out_dir=None, se
     """Write the extended copy of `base_dir` and return its path; raises ExtendError on bad input.
     With `dsu_bpe` merges, a speech BPE learnt from `dsu_bpe_data` is added (module docstring)."""
     started = time.perf_counter()
+    if not 0 <= seed <= MAX_SEED:
+        raise ExtendError(f"--seed must be in 0..{MAX_SEED}, got {seed}")
     if (dsu_bpe is None) != (dsu_bpe_data is None):
         raise ExtendError("--dsu-bpe M and --dsu-bpe-data DATA go together")
     if dsu_bpe_init not in BPE_INITS:
@@ -518,7 +539,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--seed", type=int, default=DEFAULT_SEED, metavar="S",
-        help=f"seed of the new embedding rows (default {DEFAULT_SEED})",
+        help=f"seed of the new embedding rows, 0..2**63-1 (default {DEFAULT_SEED})",
     )
     parser.add_argument(
         "--dsu-bpe", type=int, default=None, metavar="M",

@@ -1,5 +1,7 @@
 """Writing a file or a directory atomically, the one way every stage writes its outputs; and
-checking that a path to be read is a regular file, so that no stage blocks on a FIFO or a device.
+checking that a path to be read is a regular file (`regular_file`, `regular_files_only`), so that no
+stage blocks on a FIFO or a device, and that a directory to use is one (`directory_problem`), so that
+a symlink loop is not read as an empty directory.
 
 The content is written under a temporary sibling name and renamed onto the real one when complete,
 so a crash or an error never leaves a partial output under the real name: only the temporary,
@@ -8,6 +10,8 @@ The output gets the permissions a plain open or mkdir would give under the umask
 it (mkdtemp, mkstemp and safetensors create theirs private).
 """
 
+import errno
+import hashlib
 import os
 import shutil
 import stat
@@ -69,8 +73,58 @@ def regular_file(path: str | os.PathLike) -> Path:
     except OSError as error:  # a symlink loop (ELOOP), a path through a file (ENOTDIR), no permission
         raise NotRegularFile(f"{path}: cannot be read ({error.strerror})") from None
     if not stat.S_ISREG(mode):
-        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
-                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
-                else "not a regular file")
-        raise NotRegularFile(f"{path}: is {kind}, where a regular file is expected")
+        raise NotRegularFile(f"{path}: is {_kind(mode)}, where a regular file is expected")
     return path
+
+
+def _kind(mode: int) -> str:
+    return ("a directory" if stat.S_ISDIR(mode) else "a regular file" if stat.S_ISREG(mode)
+            else "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+
+
+def _what(path: Path) -> str:
+    """What an existing (or dangling) path that is not a directory is, in words."""
+    try:
+        return _kind(path.stat().st_mode)
+    except FileNotFoundError:
+        return "a symlink to nothing"
+    except OSError as error:
+        return "a symlink loop" if error.errno == errno.ELOOP else f"unusable ({error.strerror})"
+
+
+def directory_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be used as a directory, or created as one: it, or the nearest of its parents
+    that exists, is something else (a file, a FIFO, a symlink loop, a symlink to nothing); None
+    when it is a directory or can be created. Path.is_dir() reads a symlink loop as absent."""
+    path = Path(path)
+    for nearest in (path, *path.parents):
+        if not os.path.lexists(nearest):
+            continue
+        if nearest.is_dir():
+            return None
+        if nearest == path:
+            return f"{path} is {_what(path)}, where a directory is expected"
+        return f"{path} cannot be created: {nearest} is {_what(nearest)}"
+    return None
+
+
+def regular_files_only(directory: str | os.PathLike, *subdirectories: str) -> None:
+    """Refuses (NotRegularFile) any entry of `directory` and of its `subdirectories` that is neither
+    a directory nor a regular file, before a reader opens one of them: a model directory's weights
+    are found by name or through an index, and opening a FIFO among them would block."""
+    directory = Path(directory)
+    for folder in (directory, *(directory / name for name in subdirectories)):
+        if folder.is_dir():
+            for entry in sorted(folder.iterdir()):
+                if not entry.is_dir():
+                    regular_file(entry)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a regular file's bytes, as `sha256sum` prints it."""
+    digest = hashlib.sha256()
+    with open(regular_file(path), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -19,8 +19,8 @@ overwritten without --overwrite. Bad input exits with status 2 and writes nothin
 """
 
 import argparse
-import copy
 import json
+import math
 import os
 import re
 import sys
@@ -38,6 +38,7 @@ from data import reference_run
 from data.dataset import ASR_FIELDS, DataError, Source, dataset_name, load_rows, split_files
 from data.samples import SampleBuilder
 from data.tokenizer import Tokenizer
+import files
 from files import atomic_write
 from model import KVCache, Llama, ModelConfig
 
@@ -45,6 +46,11 @@ STOP_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
 GENERATIONS, SETTINGS = "generations.jsonl", "generation_config.json"
 TRAINING_CONFIG = "training_config.json"
 BACKENDS = ("auto", "vllm", "torch")
+# Logits are divided by the temperature and the repetition penalty: past these bounds fp32 logits
+# overflow to inf and sampling fails. (vLLM decodes greedily below a temperature of 1e-5.)
+MIN_TEMPERATURE = 1e-5
+REPETITION_PENALTY_RANGE = (1e-5, 1e5)
+MAX_SEED = 2**32 - 1  # vLLM seeds numpy with it, which takes 0..2**32-1
 
 
 class GenerateError(Exception):
@@ -71,12 +77,17 @@ class Sampling:
     n: int = 1  # samples per prompt
 
     def __post_init__(self):
+        low, high = REPETITION_PENALTY_RANGE
+        floats = ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
         problems = [
+            *((math.isfinite(getattr(self, name)), f"{name} must be a finite number") for name in floats),
             (self.max_tokens >= 1, "max_tokens must be at least 1"),
-            (self.temperature >= 0, "temperature must be >= 0"),
+            (self.temperature == 0 or self.temperature >= MIN_TEMPERATURE,
+             f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k must be >= 0"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (low <= self.repetition_penalty <= high, f"repetition_penalty must be in [{low:g}, {high:g}]"),
+            (0 <= self.seed <= MAX_SEED, f"seed must be in 0..{MAX_SEED}"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (all(i >= 0 for i in self.stop_token_ids), "stop token ids must be >= 0"),
@@ -98,23 +109,42 @@ class Generation:
 # -- settings ----------------------------------------------------------------------------------
 
 
-def data_settings(checkpoint: Path, overrides: list[str], n_dsus: int | None) -> dict:
-    """The data section that builds the prompts: the checkpoint's training config (or the schema's
-    defaults when it has none), then `overrides`, then --n-dsus; checked against the schema."""
-    settings = {"data": config.defaults()["data"]}
-    config_path = checkpoint / TRAINING_CONFIG
+def checked_file(path) -> Path:
+    """`path`, when it is a regular file (reading a FIFO or a device would block or never end)."""
     try:
-        if config_path.is_file():
+        return files.regular_file(path)
+    except files.NotRegularFile as error:
+        raise GenerateError(str(error)) from None
+
+
+def training_config(checkpoint: Path) -> Path | None:
+    """The checkpoint's training_config.json, or None when it has none."""
+    path = checkpoint / TRAINING_CONFIG
+    return checked_file(path) if os.path.lexists(path) else None
+
+
+def data_settings(checkpoint: Path, overrides: list[str], n_dsus: int | None,
+                  from_yaml: dict[str, tuple[object, str]] | None = None) -> dict:
+    """The data section that builds the prompts: the checkpoint's training config (or the schema's
+    defaults when it has none), then the settings a reference run's YAML gives (`from_yaml`:
+    {setting: (value, the file and key)}), then `overrides`, then --n-dsus; each checked against
+    the schema, and an error names where the value came from."""
+    settings = {"data": config.defaults()["data"]}
+    config_path = training_config(checkpoint)
+    try:
+        if config_path is not None:
             saved = config.read_json_object(config_path)
             if not isinstance(saved.get("data"), dict):
                 raise ConfigError(f"{config_path}: expected a 'data' object")
             config.merge(settings, {"data": saved["data"]}, str(config_path))
+        for setting, (value, where) in (from_yaml or {}).items():
+            set_checked(settings, f"data.{setting}", value, where)
         for text in overrides:
             if not text.startswith("data."):
                 raise ConfigError(f"override '{text}': only data.* keys apply to generation")
             config.check_values(settings, f"override '{text}'", prefix=config.apply_override(settings, text))
         if n_dsus is not None:
-            settings["data"]["n_dsus"] = n_dsus
+            set_checked(settings, "data.n_dsus", n_dsus, "--n-dsus")
         if settings["data"]["n_dsus"] is None:
             raise ConfigError(
                 f"{checkpoint}: no {TRAINING_CONFIG} to read n_dsus from; pass --n-dsus N (and data.deduplicate=..., "
@@ -124,6 +154,18 @@ def data_settings(checkpoint: Path, overrides: list[str], n_dsus: int | None) ->
     except ConfigError as error:
         raise GenerateError(str(error)) from None
     return settings["data"]
+
+
+def set_checked(settings: dict, dotted: str, value, where: str) -> None:
+    """Set one schema key to `value`, which `where` gave (a file and key, or an option)."""
+    problem = config.SCHEMA[dotted].problem(value)
+    if problem is not None:
+        raise ConfigError(f"{where}: {problem} (for {dotted}), got {json.dumps(value, default=str)}")
+    *parents, leaf = dotted.split(".")
+    node = settings
+    for parent in parents:
+        node = node[parent]
+    node[leaf] = value
 
 
 def load_tokenizer(checkpoint: Path, data: dict) -> Tokenizer:
@@ -137,11 +179,16 @@ def load_tokenizer(checkpoint: Path, data: dict) -> Tokenizer:
 def resolve_data_path(data_arg: str | None, split: str, data: dict, checkpoint: Path) -> str:
     """--data, or `<split>.jsonl` beside the training config's data.train."""
     if data_arg:
+        if os.path.lexists(data_arg) and not os.path.isdir(data_arg):
+            checked_file(data_arg)  # a directory or a glob is the loader's to resolve
         return data_arg
-    cached = reference_run.cached_dataset(checkpoint)  # the reference's hub dataset, if in the local cache
+    try:  # the reference's hub dataset, if in the local cache
+        cached = reference_run.cached_dataset(checkpoint)
+    except reference_run.ReferenceError as error:
+        raise GenerateError(str(error)) from None
     if cached is not None:
         return str(cached)
-    if not (checkpoint / TRAINING_CONFIG).is_file():
+    if training_config(checkpoint) is None:
         raise GenerateError(f"{checkpoint}: no {TRAINING_CONFIG} to find the test data from; pass --data PATH")
     if not data["train"]:
         raise GenerateError(
@@ -150,12 +197,12 @@ def resolve_data_path(data_arg: str | None, split: str, data: dict, checkpoint: 
     if Path(data["train"]).is_dir() and split_files(Path(data["train"])) is not None:
         return data["train"]  # a dataset directory holds every split; Source picks this one
     path = Path(data["train"]).parent / f"{split}.jsonl"
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise GenerateError(
             f"{path}: no such file (the {split} split is looked for beside data.train {data['train']}); "
             "pass --data PATH"
         )
-    return str(path)
+    return str(checked_file(path))
 
 
 def default_out_dir(checkpoint: Path, data_path: str, split: str) -> Path:
@@ -450,10 +497,10 @@ def choose_device(name: str) -> torch.device:
 
 def check_out_dir(out_dir: Path, overwrite: bool) -> None:
     """Before any work: the output directory can be created, and holds no generations unless --overwrite."""
-    blocker = next((p for p in (out_dir, *out_dir.parents) if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise GenerateError(f"--out {out_dir}: {blocker} is a file, not a directory")
-    if not overwrite and (out_dir / GENERATIONS).exists():
+    problem = files.directory_problem(out_dir)  # a file or a symlink loop in the way
+    if problem is not None:
+        raise GenerateError(f"{problem} (the output directory)")
+    if not overwrite and os.path.lexists(out_dir / GENERATIONS):
         raise GenerateError(f"{out_dir / GENERATIONS}: already exists; pass --overwrite or choose another --out")
 
 
@@ -471,7 +518,7 @@ def write_outputs(out_dir: Path, records: list[dict], settings: dict, overwrite:
             temporary.write_text(text, encoding="utf-8")
 
 
-def prompt_limit(checkpoint: Path, overrides: list[str], max_tokens: int) -> tuple[int, str]:
+def prompt_limit(checkpoint: Path, data: dict, overrides: list[str], max_tokens: int) -> tuple[int, str]:
     """No limit of training's: the model's max_position_embeddings, less room for --max-tokens, or
     data.max_seq_len when given on the command line (as the reference's tokenizer.max_seq_len)."""
     try:
@@ -480,25 +527,28 @@ def prompt_limit(checkpoint: Path, overrides: list[str], max_tokens: int) -> tup
         raise GenerateError(f"{checkpoint / 'config.json'}: no max_position_embeddings") from None
     limit = positions - max_tokens
     name = f"the model's max_position_embeddings={positions} less --max-tokens={max_tokens}"
-    asked = [text for text in overrides if text.startswith("data.max_seq_len=")]
-    if asked:
-        _, value = config.parse_override(asked[-1])
-        if isinstance(value, int) and 0 < value < limit:
-            limit, name = value, f"data.max_seq_len={value} (given on the command line)"
+    asked = data["max_seq_len"]  # checked against the schema: an integer > 0, never a boolean
+    if any(text.startswith("data.max_seq_len=") for text in overrides) and asked < limit:
+        limit, name = asked, f"data.max_seq_len={asked} (given on the command line)"
     return limit, name
 
 
 def run(args: argparse.Namespace, skip_done: bool = False) -> Path | None:
     """Generate for the checkpoint args.checkpoint; with `skip_done`, return None at once when its
     output already exists (run mode), rather than refusing to overwrite it."""
+    try:
+        sampling = Sampling(args.max_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty,
+                            args.seed, args.presence_penalty, args.frequency_penalty, tuple(args.stop_token_ids), args.n)
+    except ValueError as error:
+        raise GenerateError(str(error)) from None
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_dir():
         raise GenerateError(f"{checkpoint}: checkpoint directory does not exist")
     try:  # a reference checkpoint's settings come from its torchtune_config.yaml, under the command line's
-        from_reference, sources = reference_run.generation_settings(checkpoint, args.overrides, args.n_dsus)
+        from_yaml, sources = reference_run.generation_settings(checkpoint, args.overrides, args.n_dsus)
     except reference_run.ReferenceError as error:
         raise GenerateError(str(error)) from None
-    data = data_settings(checkpoint, from_reference + args.overrides, args.n_dsus)
+    data = data_settings(checkpoint, args.overrides, args.n_dsus, from_yaml)
     for line in reference_run.describe_settings(data, sources):
         print(f"generate: {line}", file=sys.stderr)
     tok = load_tokenizer(checkpoint, data)
@@ -508,11 +558,6 @@ def run(args: argparse.Namespace, skip_done: bool = False) -> Path | None:
         print(f"generate: {checkpoint.name}: done already ({out_dir / GENERATIONS})", file=sys.stderr)
         return None
     check_out_dir(out_dir, args.overwrite)
-    try:
-        sampling = Sampling(args.max_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty,
-                            args.seed, args.presence_penalty, args.frequency_penalty, tuple(args.stop_token_ids), args.n)
-    except ValueError as error:
-        raise GenerateError(str(error)) from None
     vocab_size = ModelConfig.from_file(checkpoint / "config.json").vocab_size  # load_tokenizer checked it
     outside = [i for i in sampling.stop_token_ids if i >= vocab_size]
     if outside:
@@ -521,10 +566,10 @@ def run(args: argparse.Namespace, skip_done: bool = False) -> Path | None:
     if not rows:
         raise DataError(f"{data_path}: no rows")
     try:
-        prompts = build_prompts(rows, tok, data, *prompt_limit(checkpoint, args.overrides, args.max_tokens))
+        prompts = build_prompts(rows, tok, data, *prompt_limit(checkpoint, data, args.overrides, args.max_tokens))
     except GenerateError as error:
         raise GenerateError(f"{data_path}: {error}") from None
-    if data["task"] != "sft" and (checkpoint / TRAINING_CONFIG).is_file():
+    if data["task"] != "sft" and training_config(checkpoint) is not None:
         print(f"generate.py: warning: the checkpoint was trained with data.task={data['task']!r}; "
               "prompts use the SFT (ASR) chat format", file=sys.stderr)
 
@@ -648,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="device of the built-in engine (default: auto)")
     parser.add_argument("--batch-size", type=int, default=32, help="prompts per batch, built-in engine (default: 32)")
     parser.add_argument("--max-tokens", type=int, default=256, help="most new tokens per utterance (default: 256)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy, else at least 1e-5 (default: 0)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1)")
     parser.add_argument("--top-k", type=int, default=0,
                         help="sample among the k most likely tokens; 0: all (default: 0)")
@@ -662,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
                         "<|eom_id|> and <|end_of_text|>")
     parser.add_argument("--n", type=int, default=1,
                         help="samples per utterance, with --temperature > 0; all go in 'candidates' (default: 1)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed, 0..2**32-1 (default: 0)")
     parser.add_argument("--kv-cache-mib", type=int,
                         help="vLLM's KV-cache memory in MiB (default: what this run's sequences need)")
     parser.add_argument("--enforce-eager", action="store_true",

@@ -14,7 +14,9 @@ a step consumes batch_size x grad_accum x world_size rows: fixed tokens per step
 The data position is then the packer's state, saved with each checkpoint.
 
 Checkpoints are Hugging Face LlamaForCausalLM directories (plus training_state.pt), written under a
-temporary name and renamed, in <run_dir>/checkpoints/step_NNNNNNN.
+temporary name and renamed, in <run_dir>/checkpoints/step_NNNNNNN. The training state records the
+settings that change token ids, with the tokenizer files' SHA-256; a resume with other ones is
+refused (`check_same_settings`).
 """
 
 import argparse
@@ -38,13 +40,14 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from config import ConfigError, describe, load_config, model_tokenizer
+from config import get as config_get
 from data import reference_run
 from data.batches import (PackedStream, Sequences, StepBatches, collate, load_data, packed_micro_batches, prefetched,
                           step_micro_batches, token_kinds)
 from data.dataset import DataError
 from data.samples import IGNORE
-from data.tokenizer import dsu_bpe_files
-from files import atomic_write
+from data.tokenizer import DSU_BPE_MODEL, DSU_BPE_SETTINGS, dsu_bpe_files
+from files import NotRegularFile, atomic_write, directory_problem, file_sha256, regular_file, regular_files_only
 from model import DTYPES, CompiledForward, Llama, check_weights, save_pretrained
 
 # -- processes ---------------------------------------------------------------------------------
@@ -116,9 +119,12 @@ def train(cfg: dict) -> None:
         tok = model_tokenizer(model_path, data_cfg)
     except ConfigError as error:
         raise ConfigError(f"'model.path': {error}") from None
+    settings = id_settings(cfg, tok)
     resume_from, saved = resolve_resume(cfg, run_dir)
-    if saved is not None:
-        check_resumable(saved, cfg, world)  # before the data is converted: a refused run writes nothing
+    if saved is not None:  # before the data is converted: a refused run writes nothing
+        check_same_settings(resume_from, saved, cfg, settings, announce=rank == 0)
+        check_resumable(saved, cfg, world)
+    earlier_metrics = kept_metrics(run_dir, saved["step"] if saved is not None else 0)
     train_seqs, dev_seqs = load_data(data_cfg, run_dir, tok)
     stream = PackedStream(train_seqs, data_cfg["max_seq_len"], cfg["seed"], data_cfg["shuffle"]) if data_cfg["packed"] else None
 
@@ -142,7 +148,7 @@ def train(cfg: dict) -> None:
         if stream is not None:
             stream.load_state_dict(saved["packer"])
 
-    metrics = MetricsLog(run_dir, start_step, cfg, enabled=rank == 0)
+    metrics = MetricsLog(run_dir, earlier_metrics, cfg, enabled=rank == 0)
     if rank == 0:
         where = f"resuming from {resume_from}" if resume_from else f"from {model_path}"
         packing = f", packed into rows of {data_cfg['max_seq_len']}" if stream is not None else ""
@@ -218,7 +224,7 @@ def train(cfg: dict) -> None:
         if done % save_steps == 0 or done == max_steps:
             metrics.flush()  # a resumed run keeps the lines up to its checkpoint
             state = {"totals": dict(zip(TOTALS, totals.tolist())), "batch_size": cfg["train"]["batch_size"],
-                     "grad_accum": cfg["train"]["grad_accum"], "world_size": world}
+                     "grad_accum": cfg["train"]["grad_accum"], "world_size": world, "settings": settings}
             if stream is not None:
                 state["packer"] = packer_state
             save_checkpoint(run_dir, done, model, optimizer, scheduler, cfg, model_path, state)
@@ -226,7 +232,7 @@ def train(cfg: dict) -> None:
     progress.close()
     metrics.close()
     if rank == 0:
-        print(f"train: loss curves in {plot_losses(run_dir / 'metrics.jsonl', run_dir / 'losses.png')}", flush=True)
+        print(f"train: loss curves in {plot_losses(run_dir / METRICS, run_dir / 'losses.png')}", flush=True)
     if dist.is_initialized():
         dist.barrier()  # ranks leave together: gloo can abort a rank that tears down while a peer still works
         dist.destroy_process_group()
@@ -287,6 +293,8 @@ def resume_advice(run_dir: Path, step: int) -> str:
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "training_state.pt"
+METRICS = "metrics.jsonl"
+STATE_KEYS = ("step", "totals", "optimizer", "scheduler", "rng", "batch_size", "grad_accum", "world_size")
 
 
 CHECKPOINT_FILES = ("config.json", "generation_config.json", "original/tokenizer.model", "original/params.json",
@@ -296,17 +304,26 @@ NUMPY_ARRAY_GLOBALS = [np.empty(0).__reduce__()[0], np.ndarray, np.dtype, type(n
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """The run's checkpoints, oldest first (temporary directories of unfinished saves are not)."""
+    """The run's checkpoints, oldest first (temporary directories of unfinished saves are not).
+    A checkpoints directory, or a step_N in it, that is something else (a file, a symlink loop)
+    is refused: read as "no checkpoints", the run would start over and fail at its first save."""
     root = run_dir / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    done = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    done = [p for p in root.glob("step_*") if p.name[5:].isdigit()] if root.is_dir() else []
+    for path in (root, *done):
+        problem = directory_problem(path)
+        if problem:
+            raise ConfigError(f"{problem} (it holds the run's checkpoints): remove it, or choose another run_dir")
     return sorted(done, key=lambda p: int(p.name[5:]))
 
 
 def checkpoint_damage(checkpoint: Path) -> str | None:
-    """What makes `checkpoint` unusable for resuming (a missing, truncated or damaged file), or
-    None. Reads the weights' headers and the training state's zip directory, not the tensors."""
+    """What makes `checkpoint` unusable for resuming (a missing, truncated or damaged file, or one
+    that is not a regular file), or None. Reads the weights' headers and the training state's zip
+    directory, not the tensors."""
+    try:
+        regular_files_only(checkpoint, "original")  # a FIFO would block the readers below
+    except NotRegularFile as error:
+        return str(error)
     for name in CHECKPOINT_FILES:
         if not (checkpoint / name).is_file():
             return f"{name} is missing"
@@ -355,9 +372,13 @@ def read_training_state(checkpoint: Path) -> dict:
     path = checkpoint / STATE_FILE
     try:
         with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(regular_file(path), map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
         raise ConfigError(f"{path}: cannot be read ({str(error).splitlines()[0]})") from None
+    missing = [key for key in STATE_KEYS if key not in state] if isinstance(state, dict) else ["all of them"]
+    if missing:
+        raise ConfigError(f"{path}: not a training state (no {', '.join(missing)})")
+    return state
 
 
 def restore_training_state(state: dict, model, optimizer, scheduler) -> None:
@@ -389,7 +410,7 @@ def resolve_resume(cfg: dict, run_dir: Path) -> tuple[Path | None, dict | None]:
         return None, None
     if resume != "auto":
         path = Path(resume)
-        problem = checkpoint_damage(path) if path.is_dir() else "no such directory"
+        problem = checkpoint_damage(path) if path.is_dir() else directory_problem(path) or "no such directory"
         if problem:
             raise ConfigError(f"resume: {path} cannot be resumed from: {problem}")
         return path, read_training_state(path)
@@ -408,6 +429,99 @@ def resolve_resume(cfg: dict, run_dir: Path) -> tuple[Path | None, dict | None]:
     return None, None  # nothing saved yet
 
 
+# Settings that change the token ids of a row or what its loss trains on: a run resumes only with
+# the checkpoint's. The task's own ones are compared for the run's task; all are recorded.
+ID_SETTINGS = ("data.task", "data.n_dsus", "data.deduplicate", "data.modality_tokens", "data.max_seq_len")
+SFT_SETTINGS = ("data.sft.system_prompt", "data.sft.train_on_input")
+CPT_SETTINGS = ("data.cpt.sequence_type",)
+INTERLEAVE_SETTINGS = ("data.cpt.sampling_rate", "data.cpt.downsampling_ratio", "data.cpt.mean_seq_len_tokens",
+                       "data.cpt.binom_prob")
+DATA_SETTINGS = ID_SETTINGS + SFT_SETTINGS + CPT_SETTINGS + INTERLEAVE_SETTINGS
+TOKENIZER_SETTINGS = ("tokenizer.sha256", "tokenizer.speech_bpe")
+NOT_RECORDED = "(not recorded)"
+
+
+def tokenizer_settings(tokenizer_file: Path) -> dict:
+    """The SHA-256 of a tokenizer file, and its speech BPE's (merged tokens and model hash, or None)."""
+    bpe = tokenizer_file.parent / DSU_BPE_MODEL
+    try:
+        speech_bpe = None
+        if os.path.lexists(bpe):
+            merges = json.loads(regular_file(bpe.with_name(DSU_BPE_SETTINGS)).read_bytes()).get("merges")
+            speech_bpe = f"{merges} merged tokens, {DSU_BPE_MODEL} sha256 {file_sha256(bpe)}"
+        return {"tokenizer.sha256": file_sha256(tokenizer_file), "tokenizer.speech_bpe": speech_bpe}
+    except (OSError, ValueError, AttributeError, RecursionError) as error:  # NotRegularFile, bad JSON: ValueErrors
+        raise ConfigError(f"{tokenizer_file.parent}: cannot read the tokenizer files ({error})") from None
+
+
+def id_settings(cfg: dict, tok) -> dict:
+    """What a checkpoint records (in its training state) of the settings that change token ids."""
+    return {**{key: config_get(cfg, key) for key in DATA_SETTINGS}, **tokenizer_settings(Path(tok.path))}
+
+
+def compared_keys(cfg: dict) -> tuple[str, ...]:
+    """The settings of `id_settings` that this run's task uses."""
+    data = cfg["data"]
+    if data["task"] == "sft":
+        return ID_SETTINGS + SFT_SETTINGS
+    interleaved = data["cpt"]["sequence_type"] == "interleaved"
+    return ID_SETTINGS + CPT_SETTINGS + (INTERLEAVE_SETTINGS if interleaved else ())
+
+
+def recorded(tree: dict, dotted: str):
+    """A dotted key's value in a nested dict read from a checkpoint, or NOT_RECORDED."""
+    for key in dotted.split("."):
+        if not isinstance(tree, dict) or key not in tree:
+            return NOT_RECORDED
+        tree = tree[key]
+    return tree
+
+
+def checkpoint_records(checkpoint: Path, saved: dict, announce: bool) -> list[tuple[str, dict]]:
+    """(where, settings) that a checkpoint holds of how it was trained: its training state's record
+    (checkpoints saved before there was one: none), its training_config.json (data settings) and
+    its own copy of the tokenizer files."""
+    path = checkpoint / "training_config.json"
+    try:
+        saved_config = json.loads(regular_file(path).read_bytes())
+    except (OSError, ValueError, RecursionError) as error:  # NotRegularFile, bad JSON
+        raise ConfigError(f"{path}: cannot be read ({error})") from None
+    if not isinstance(saved_config, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    records = [(str(path), {key: recorded(saved_config, key) for key in DATA_SETTINGS}),
+               (str(checkpoint / "original"), tokenizer_settings(checkpoint / "original" / "tokenizer.model"))]
+    if isinstance(saved.get("settings"), dict):
+        return [(str(checkpoint / STATE_FILE), saved["settings"]), *records]
+    if announce:
+        print(f"train.py: note: {checkpoint / STATE_FILE} has no record of the settings that change token ids "
+              "(saved by an earlier version): this run is compared with the checkpoint's training_config.json "
+              "and its original/tokenizer.model instead", file=sys.stderr, flush=True)
+    return records
+
+
+def check_same_settings(checkpoint: Path, saved: dict, cfg: dict, settings: dict, announce: bool) -> None:
+    """Refuses a resume whose settings would build other token ids than the checkpoint was trained
+    on (n_dsus, deduplication, modality tokens, task, sequence type, prompt, max_seq_len, the
+    tokenizer and speech BPE files): naming each key with both values, and the way to train on from
+    those weights as a new run."""
+    keys = compared_keys(cfg) + TOKENIZER_SETTINGS
+    for where, then in checkpoint_records(checkpoint, saved, announce):
+        differ = [key for key in keys if key in then and then[key] != settings[key]]
+        if differ:
+            raise ConfigError(
+                f"resume: {checkpoint} was trained with {shown(differ, then)} (per {where}), this run has "
+                f"{shown(differ, settings)}. These change the token ids or what is trained on, so this would not "
+                f"continue that run. To train from its weights with this run's settings, start a new run: "
+                f"model.path={checkpoint} run_dir=<a new directory>, without resume"
+            )
+
+
+def shown(keys: list[str], settings: dict) -> str:
+    """'key value, ...' with long values (a system prompt) cut."""
+    values = [value if value == NOT_RECORDED else json.dumps(value) for value in map(settings.get, keys)]
+    return ", ".join(f"{key} {text if len(text) <= 100 else text[:97] + '...'}" for key, text in zip(keys, values))
+
+
 def check_resumable(saved: dict, cfg: dict, world: int) -> None:
     if ("packer" in saved) != cfg["data"]["packed"]:
         raise ConfigError(
@@ -415,9 +529,6 @@ def check_resumable(saved: dict, cfg: dict, world: int) -> None:
             f"{json.dumps(cfg['data']['packed'])}; its data position means nothing to this run. Start a new run "
             "from it (model.path) instead."
         )
-    if "packer" in saved and saved["packer"]["max_seq_len"] != cfg["data"]["max_seq_len"]:
-        raise ConfigError(f"resume: the checkpoint packed rows of {saved['packer']['max_seq_len']} tokens, this run "
-                          f"has data.max_seq_len {cfg['data']['max_seq_len']}")
     now = {"batch_size": cfg["train"]["batch_size"], "grad_accum": cfg["train"]["grad_accum"], "world_size": world}
     then = {key: saved[key] for key in now}
     if then != now and not cfg["resume_force"]:
@@ -452,21 +563,45 @@ def plot_losses(metrics_path: Path, png_path: Path) -> Path:
     return png_path
 
 
-class MetricsLog:
-    """metrics.jsonl in the run directory (rank 0); on resume, lines after the resumed step are dropped.
-    Each step's loss stays on the device until `flush` (at log steps, and before evaluations,
-    checkpoints and stops) writes the pending ones together: logging a step never waits for it."""
+def kept_metrics(run_dir: Path, start_step: int) -> list[str]:
+    """The lines of the run's metrics.jsonl up to `start_step` (the resumed checkpoint's; 0 for a new
+    run: none), read before anything is written. A last line cut short by a kill is dropped; any
+    other line that is not a record with a step is refused, naming it."""
+    path = run_dir / METRICS
+    if not os.path.lexists(path):
+        return []
+    try:  # checked even when nothing is kept: writing to a FIFO would block as well
+        lines = regular_file(path).read_text(encoding="utf-8").splitlines() if start_step else []
+    except (OSError, ValueError) as error:  # NotRegularFile (a FIFO would block), not UTF-8
+        raise ConfigError(f"{path}: cannot be read ({error})") from None
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
+            step = None
+        if not isinstance(step, int) or isinstance(step, bool):
+            if number == len(lines):
+                break  # a write cut short
+            raise ConfigError(f"{path}:{number}: not a metrics record with a step; repair or remove the line")
+        if step <= start_step:
+            kept.append(line)
+    return kept
 
-    def __init__(self, run_dir: Path, start_step: int, cfg: dict, enabled: bool):
+
+class MetricsLog:
+    """metrics.jsonl in the run directory (rank 0), starting with the `kept` lines of the run so
+    far (`kept_metrics`; on resume, lines after the resumed step are dropped). Each step's loss stays
+    on the device until `flush` (at log steps, and before evaluations, checkpoints and stops) writes
+    the pending ones together: logging a step never waits for it."""
+
+    def __init__(self, run_dir: Path, kept: list[str], cfg: dict, enabled: bool):
         self.enabled, self.pending = enabled, []
         self.wandb = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = run_dir / "metrics.jsonl"
-        kept = []
-        if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+        self.path = run_dir / METRICS
         self.path.write_text("".join(line + "\n" for line in kept))
         self.file = self.path.open("a")
         if cfg["wandb"]["project"]:

@@ -40,8 +40,13 @@ per utterance, training tokens and wall-clock. Options show when not default (de
 no speech BPE): "no dedup", "bpe 512"; "-" when all are default. `compare.md` (percent),
 `compare.csv` (fractions and seconds, empty where unknown) and `compare.png` (WER bars by cell,
 colored by regime) go into `--out DIR` (default: the first PATH if a directory, else the directory
-of the first wer.json), never overwritten without `--overwrite`. Reports scored with different
-normalisers are refused: their WERs are not comparable.
+of the first wer.json), never overwritten without `--overwrite`, all three or none. Reports scored
+with different normalisers are refused: their WERs are not comparable. So is a report or cell.json
+whose figures are not finite numbers >= 0 (counts: integers, never booleans), or whose interval is
+not {low <= high, confidence in (0, 1)}. Cells of the same name are told apart by their reports'
+directories.
+
+Every file read must be a regular file: a FIFO, a device or a symlink loop is refused, never waited on.
 """
 
 import argparse
@@ -49,8 +54,11 @@ import csv
 import io
 import json
 import math
+import os
 import re
 import sys
+from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
 
 import jiwer
@@ -60,7 +68,7 @@ from whisper_normalizer.english import EnglishTextNormalizer
 from data import reference_run
 from data.dataset import DataError, Source, load_rows
 from data.matrix import OPTION_DEFAULTS
-from files import atomic_write
+from files import NotRegularFile, atomic_write, directory_problem, regular_file
 
 NORMALIZERS = ("whisper", "none")
 CONFIDENCE = 0.95
@@ -69,6 +77,51 @@ BOOTSTRAP_CELLS = 4_000_000  # resampled indices held in memory at once
 
 class InputError(Exception):
     """Bad input, reported to the user with exit status 2."""
+
+
+def readable(path: Path) -> Path:
+    """`path`, refused unless a regular file: reading a FIFO would wait for a writer forever."""
+    try:
+        return regular_file(path)
+    except NotRegularFile as error:
+        raise InputError(str(error)) from None
+
+
+def check_output(path: Path, directory: bool) -> None:
+    """Refuses, before any work, an --out that cannot be written: a file where a directory is meant
+    or the reverse, or a path below something that is not a directory."""
+    if directory:
+        problem = directory_problem(path)
+    elif path.is_dir():
+        problem = f"{path} is a directory, where the report file is expected"
+    else:
+        problem = directory_problem(path.parent)
+    if problem:
+        raise InputError(f"--out: {problem}")
+
+
+def check_overwrite(paths: list[Path], overwrite: bool) -> None:
+    """Outputs are replaced only with --overwrite, and a directory in an output's place never
+    (it would fail the last rename, after the others)."""
+    directories = [path for path in paths if path.is_dir()]
+    if directories:
+        raise InputError(f"{directories[0]} is a directory, where an output file goes")
+    existing = [str(path) for path in paths if os.path.lexists(path)]
+    if existing and not overwrite:
+        raise InputError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
+
+
+def write_into(directory: Path, contents: dict[Path, bytes]) -> None:
+    """Writes every output into `directory` (made if missing), or none: each under a temporary name,
+    all renamed once all are written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with ExitStack() as stack:
+            temporaries = {path: stack.enter_context(atomic_write(path)) for path in contents}
+            for path, data in contents.items():
+                temporaries[path].write_bytes(data)
+    except OSError as error:
+        raise InputError(f"cannot write into {directory} ({error.strerror or error})") from None
 
 
 def collapse_whitespace(text: str) -> str:
@@ -192,7 +245,7 @@ def read_generations(path: Path, need_reference: bool) -> list[dict]:
     required = ("id", "text", "reference") if need_reference else ("id", "text")
     records, first_line_of, kinds = [], {}, set()
     try:
-        with open(path, "rb") as file:
+        with open(readable(path), "rb") as file:
             for line_number, raw in enumerate(file, start=1):
                 if not raw.strip():
                     continue
@@ -377,11 +430,6 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json_atomically(path: Path, data: dict) -> None:
-    with atomic_write(path) as temporary:
-        temporary.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 # -- a whole run -----------------------------------------------------------------------------------
 
 RUN_TABLE, RUN_PLOT = "wer_by_step.tsv", "wer_by_step.png"
@@ -438,8 +486,8 @@ def format_run_table(rows: list[dict], sep: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def plot_run(rows: list[dict], png_path: Path, title: str) -> None:
-    """WER (%) against step, a line per dataset/split, with its bootstrap interval as a band."""
+def plot_run(rows: list[dict], title: str) -> bytes:
+    """WER (%) against step, a line per dataset/split, with its bootstrap interval as a band, as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -457,8 +505,10 @@ def plot_run(rows: list[dict], png_path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    return png.getvalue()
 
 
 def main_run(args) -> int:
@@ -466,20 +516,16 @@ def main_run(args) -> int:
     out_dir = args.out or args.generations
     table, png = out_dir / RUN_TABLE, out_dir / RUN_PLOT
     try:
-        if args.references is not None or args.by is not None:
-            raise InputError("--references and --by score one generations file, not a run directory")
-        existing = [str(path) for path in (table, png) if path.exists()]
-        if existing and not args.overwrite:
-            raise InputError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
+        if args.references is not None or args.dataset is not None or args.by is not None:
+            raise InputError("--references, --dataset and --by score one generations file, not a run directory")
+        check_output(out_dir, directory=True)
+        check_overwrite([table, png], args.overwrite)
         rows = score_run(args.generations, args.normalizer, args.bootstrap, args.seed)
+        title = f"{args.generations.resolve().name}: WER by checkpoint ({args.normalizer} normaliser)"
+        write_into(out_dir, {table: format_run_table(rows, sep="\t").encode(), png: plot_run(rows, title)})
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_write(table) as temporary:
-        temporary.write_text(format_run_table(rows, sep="\t"), encoding="utf-8")
-    with atomic_write(png) as temporary:
-        plot_run(rows, temporary, f"{args.generations.resolve().name}: WER by checkpoint ({args.normalizer} normaliser)")
     print(format_run_table(rows))
     print(f"\nwrote {table} and {png}")
     return 0
@@ -516,58 +562,114 @@ def find_reports(paths: list[Path]) -> list[tuple[Path, str]]:
 
 def read_json_object(path: Path) -> dict:
     try:
-        obj = json.loads(path.read_bytes().decode("utf-8"))
+        obj = json.loads(readable(path).read_bytes().decode("utf-8"))
     except OSError as error:
         raise InputError(f"{path}: cannot read ({error.strerror})") from None
     except UnicodeDecodeError as error:
         raise InputError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     except json.JSONDecodeError as error:
         raise InputError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
+    except RecursionError:
+        raise InputError(f"{path}: nested too deeply to be a report") from None
     if not isinstance(obj, dict):
         raise InputError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     return obj
 
 
-def number(value, where: str) -> float | None:
-    """`value` if a number, None if absent; anything else is bad input (it would be drawn and tabled)."""
+def shown(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def number(value, path: Path, key: str) -> float | None:
+    """`value` if a finite number >= 0 (every figure a report or cell.json holds), None if absent;
+    anything else, a boolean or NaN included, is bad input: it would be drawn and tabled."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InputError(f"{where} must be a number, got {json.dumps(value)}")
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0
+            or isinstance(value, float) and not math.isfinite(value)):  # NaN is not < 0
+        raise InputError(f"{path}: '{key}' must be a finite number >= 0, got {shown(value)}")
     return value
 
 
-def pooled_wer(groups: list[dict]) -> float | None:
-    """Total errors over total reference words of some speakers (None without any word).
-    A speaker whose references are all empty has no error count in wer.json and is left out."""
-    errors = sum(g["errors"] for g in groups if g.get("n_ref_words"))
-    words = sum(g["n_ref_words"] for g in groups if g.get("n_ref_words"))
-    return errors / words if words else None
+def count(value, path: Path, key: str) -> int | None:
+    """`value` if an integer >= 0 (a boolean is not one), None if absent."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InputError(f"{path}: '{key}' must be an integer >= 0, got {shown(value)}")
+    return value
 
 
-def seen_unseen_wer(report: dict, unseen, where: Path) -> tuple[float | None, float | None]:
+def text(value, path: Path, key: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise InputError(f"{path}: '{key}' must be a string, got {shown(value)}")
+    return value
+
+
+def wer_interval(report: dict, path: Path) -> dict:
+    """The report's WER interval {low, high, confidence}; {} when it was scored without one (null)."""
+    interval = report.get("wer_interval")
+    if interval is None:
+        return {}
+    if not isinstance(interval, dict):
+        raise InputError(f"{path}: 'wer_interval' must be an object or null, got {shown(interval)}")
+    low, high = (number(interval.get(key), path, f"wer_interval.{key}") for key in ("low", "high"))
+    if low is None or high is None or low > high:
+        raise InputError(f"{path}: 'wer_interval' needs numbers low <= high, as wer.py writes it, got {shown(interval)}")
+    confidence = interval.get("confidence")
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
+        raise InputError(f"{path}: 'wer_interval.confidence' must be a number between 0 and 1 (0.95 for 95%), "
+                         f"got {shown(confidence)}")
+    return {"low": low, "high": high, "confidence": confidence}
+
+
+def speaker_counts(groups, path: Path) -> dict[str, tuple[int, int]]:
+    """{speaker: (errors, reference words)} of a report scored `--by speaker`. A speaker whose
+    references are all empty has no words, and no error count (null) in wer.json."""
+    if not isinstance(groups, dict):
+        raise InputError(f"{path}: 'groups' is not {{speaker: {{errors, n_ref_words, ...}}}} as wer.py --by "
+                         f"writes it, got {shown(groups)}")
+    counts = {}
+    for speaker, group in groups.items():
+        if not isinstance(group, dict):
+            raise InputError(f"{path}: 'groups.{speaker}' must be an object, got {shown(group)}")
+        words = count(group.get("n_ref_words"), path, f"groups.{speaker}.n_ref_words")
+        errors = count(group.get("errors"), path, f"groups.{speaker}.errors")
+        if words is None or (words and errors is None):
+            raise InputError(f"{path}: 'groups.{speaker}' needs n_ref_words and, when it is not 0, errors")
+        counts[speaker] = (errors if words else 0, words)  # no words: nothing to pool
+    return counts
+
+
+def pooled_wer(counts: list[tuple[int, int]]) -> float | None:
+    """Total errors over total reference words of some speakers (None without any word)."""
+    words = sum(w for _, w in counts)
+    return sum(e for e, _ in counts) / words if words else None
+
+
+def seen_unseen_wer(report: dict, unseen, report_path: Path, cell_path: Path) -> tuple[float | None, float | None]:
     """WER on the speakers not in `unseen` and on those in it, from a report scored `--by speaker`."""
-    groups = report.get("groups")
-    if report.get("by") != "speaker" or not isinstance(groups, dict) or not isinstance(unseen, list):
+    if unseen is not None and (not isinstance(unseen, list) or not all(isinstance(s, str) for s in unseen)):
+        raise InputError(f"{cell_path}: 'unseen_speakers' must be a list of speaker names, got {shown(unseen)}")
+    if unseen is None or report.get("by") != "speaker":
         return None, None
-    try:
-        seen = pooled_wer([g for speaker, g in groups.items() if speaker not in unseen])
-        return seen, pooled_wer([g for speaker, g in groups.items() if speaker in unseen])
-    except (TypeError, AttributeError, KeyError):
-        raise InputError(f"{where}: 'groups' is not {{speaker: {{errors, n_ref_words, ...}}}} "
-                         "as wer.py --by writes it") from None
+    counts = speaker_counts(report.get("groups"), report_path)
+    return (pooled_wer([c for speaker, c in counts.items() if speaker not in unseen]),
+            pooled_wer([c for speaker, c in counts.items() if speaker in unseen]))
 
 
-def format_options(options) -> str:
+def format_options(options, cell_path: Path) -> str:
     """The non-default options as a short phrase ("no dedup, bpe 512"), "-" when all are default,
     "" when unknown."""
-    if not isinstance(options, dict):
+    if options is None:
         return ""
-    parts = []
-    if options.get("deduplicate", True) is False:
-        parts.append("no dedup")
-    if options.get("dsu_bpe"):
-        parts.append(f"bpe {options['dsu_bpe']}")
+    if not isinstance(options, dict):
+        raise InputError(f"{cell_path}: 'options' must be an object, got {shown(options)}")
+    if not isinstance(options.get("deduplicate", True), bool):
+        raise InputError(f"{cell_path}: 'options.deduplicate' must be true or false, got {shown(options['deduplicate'])}")
+    bpe = count(options.get("dsu_bpe"), cell_path, "options.dsu_bpe")
+    parts = (["no dedup"] if options.get("deduplicate") is False else []) + ([f"bpe {bpe}"] if bpe else [])
     parts += [f"{key}={value}" for key, value in options.items() if key not in OPTION_DEFAULTS]
     return ", ".join(parts) or "-"
 
@@ -577,35 +679,48 @@ def compare_row(report_path: Path, fallback_name: str) -> dict:
     report = read_json_object(report_path)
     if report.get("wer") is None:
         raise InputError(f"{report_path}: no 'wer' field; not a report written by wer.py")
+    wer = number(report["wer"], report_path, "wer")
+    if report.get("normalizer") not in NORMALIZERS:
+        raise InputError(f"{report_path}: 'normalizer' must be {' or '.join(NORMALIZERS)}, got "
+                         f"{shown(report.get('normalizer'))}")
     cell_path = report_path.with_name("cell.json")
-    cell = read_json_object(cell_path) if cell_path.exists() else {}
-    interval = report.get("wer_interval") if isinstance(report.get("wer_interval"), dict) else {}  # null: --bootstrap 0
-    seconds = cell.get("seconds")
-    seen, unseen = seen_unseen_wer(report, cell.get("unseen_speakers"), report_path)
+    cell = read_json_object(cell_path) if os.path.lexists(cell_path) else {}
+    interval = wer_interval(report, report_path)
+    seconds = {} if cell.get("seconds") is None else cell["seconds"]
+    if not isinstance(seconds, dict):
+        raise InputError(f"{cell_path}: 'seconds' must be an object of seconds per stage, got {shown(seconds)}")
+    seen, unseen = seen_unseen_wer(report, cell.get("unseen_speakers"), report_path, cell_path)
     return {
-        "cell": str(cell.get("cell") or fallback_name), "units": str(cell.get("units") or ""),
-        "regime": str(cell.get("regime") or ""), "options": format_options(cell.get("options")),
-        "wer": number(report["wer"], f"{report_path}: 'wer'"),
-        "wer_low": number(interval.get("low"), f"{report_path}: 'wer_interval.low'"),
-        "wer_high": number(interval.get("high"), f"{report_path}: 'wer_interval.high'"),
+        "cell": text(cell.get("cell"), cell_path, "cell") or fallback_name,
+        "units": text(cell.get("units"), cell_path, "units") or "",
+        "regime": text(cell.get("regime"), cell_path, "regime") or "",
+        "options": format_options(cell.get("options"), cell_path),
+        "wer": wer,
+        "wer_low": interval.get("low"), "wer_high": interval.get("high"),
         "wer_seen": seen, "wer_unseen": unseen,
-        "cer": number(report.get("cer"), f"{report_path}: 'cer'"),
-        "speech_tokens_per_utterance": number(cell.get("speech_tokens_per_utterance"),
-                                              f"{cell_path}: 'speech_tokens_per_utterance'"),
-        "training_tokens": number(cell.get("training_tokens"), f"{cell_path}: 'training_tokens'"),
-        "seconds": number(seconds.get("total"), f"{cell_path}: 'seconds.total'") if isinstance(seconds, dict) else None,
+        "cer": number(report.get("cer"), report_path, "cer"),
+        "speech_tokens_per_utterance": number(cell.get("speech_tokens_per_utterance"), cell_path,
+                                              "speech_tokens_per_utterance"),
+        "training_tokens": count(cell.get("training_tokens"), cell_path, "training_tokens"),
+        "seconds": number(seconds.get("total"), cell_path, "seconds.total"),
         # not columns: what the header line and the normaliser check need
-        "normalizer": report.get("normalizer"), "confidence": interval.get("confidence"), "source": report_path,
+        "normalizer": report["normalizer"], "confidence": interval.get("confidence"), "source": report_path,
     }
 
 
 def compare_rows(paths: list[Path]) -> list[dict]:
-    """Every report's row; reports scored with different normalisers are refused (their WERs differ in kind)."""
+    """Every report's row; reports scored with different normalisers are refused (their WERs differ
+    in kind), and cells of the same name are told apart by where their reports are."""
     rows = [compare_row(path, name) for path, name in find_reports(paths)]
     for row in rows[1:]:
         if row["normalizer"] != rows[0]["normalizer"]:
             raise InputError(f"{rows[0]['source']} was scored with the {rows[0]['normalizer']} normaliser but "
                              f"{row['source']} with {row['normalizer']}: their WERs are not comparable")
+    named = Counter(row["cell"] for row in rows)
+    for row in rows:
+        if named[row["cell"]] > 1:
+            source = row["source"]
+            row["cell"] += f" ({source.parent if source.name == 'wer.json' else source})"
     return rows
 
 
@@ -653,9 +768,9 @@ def format_compare_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_compare(rows: list[dict], png_path: Path) -> None:
+def plot_compare(rows: list[dict]) -> bytes:
     """Horizontal WER bars, one per cell in table order, colored by regime, the bootstrap interval
-    as error bars and seen/unseen WER as markers on the cell's row."""
+    as error bars and seen/unseen WER as markers on the cell's row, as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -671,8 +786,9 @@ def plot_compare(rows: list[dict], png_path: Path) -> None:
     bounded = [(y, row) for y, row in enumerate(rows) if row["wer_low"] is not None]
     if bounded:
         ax.errorbar([100 * row["wer"] for _, row in bounded], [y for y, _ in bounded], fmt="none", color="black",
-                    capsize=3, xerr=[[100 * (row["wer"] - row["wer_low"]) for _, row in bounded],
-                                     [100 * (row["wer_high"] - row["wer"]) for _, row in bounded]])
+                    # a percentile interval may miss its estimate: no bar then, rather than a negative one
+                    capsize=3, xerr=[[100 * max(0, row["wer"] - row["wer_low"]) for _, row in bounded],
+                                     [100 * max(0, row["wer_high"] - row["wer"]) for _, row in bounded]])
     for key, marker, label in (("wer_seen", "o", "seen voices"), ("wer_unseen", "x", "unseen voices")):
         marked = [(100 * row[key], y) for y, row in enumerate(rows) if row[key] is not None]
         if marked:
@@ -685,8 +801,10 @@ def plot_compare(rows: list[dict], png_path: Path) -> None:
     ax.set_xlim(left=0)
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: bars fill the axes
-    fig.savefig(png_path, dpi=100, bbox_inches="tight")
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
+    return png.getvalue()
 
 
 def main_compare(args) -> int:
@@ -697,23 +815,17 @@ def main_compare(args) -> int:
         rows = compare_rows(args.compare)
         first = args.compare[0]
         out_dir = args.out or (first if first.is_dir() else rows[0]["source"].parent)
+        check_output(out_dir, directory=True)
         outputs = [out_dir / name for name in COMPARE_OUTPUTS]
-        existing = [str(path) for path in outputs if path.exists()]
-        if existing and not args.overwrite:
-            raise InputError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
+        check_overwrite(outputs, args.overwrite)
+        markdown = format_compare_markdown(rows)
+        contents = (markdown.encode(), format_compare_csv(rows).encode(), plot_compare(rows))
+        write_into(out_dir, dict(zip(outputs, contents)))
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    markdown, table, png = outputs
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_write(markdown) as temporary:
-        temporary.write_text(format_compare_markdown(rows), encoding="utf-8")
-    with atomic_write(table) as temporary:
-        temporary.write_text(format_compare_csv(rows), encoding="utf-8")
-    with atomic_write(png) as temporary:
-        plot_compare(rows, temporary)
-    print(format_compare_markdown(rows))
-    print(f"wrote {markdown}, {table} and {png}")
+    print(markdown)
+    print(f"wrote {', '.join(map(str, outputs[:-1]))} and {outputs[-1]}")
     return 0
 
 
@@ -725,6 +837,8 @@ def main(argv=None) -> int:
         return main_run(args)
     out = args.out or args.generations.with_name("wer.json")
     try:
+        readable(args.generations)  # before anything opens it
+        check_output(out, directory=False)
         if out.exists() and not args.overwrite:
             raise InputError(f"{out} already exists; pass --overwrite to replace it")
         references = reference_source(args, infer=reference_run.holds_vllm_records(args.generations))
@@ -746,14 +860,13 @@ def main(argv=None) -> int:
         if groups is not None:
             hyps = [record["text"] for record in records]
             result = {**result, "by": args.by, "groups": score_groups(hyps, refs, groups, args.normalizer)}
+        if references is not None:
+            references = str(references) + (f" (split {references.split})" if references.split else "")
+        result = {"input": str(args.generations), "references": references, **result}
+        write_into(out.parent, {out: (json.dumps(result, indent=2, ensure_ascii=False) + "\n").encode()})
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if references is not None:
-        references = str(references) + (f" (split {references.split})" if references.split else "")
-    result = {"input": str(args.generations), "references": references, **result}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(out, result)
     print(format_report(result))
     print(f"\nwrote {out}")
     return 0
@@ -791,7 +904,7 @@ def parse_args(argv):
                         "first wer.json's directory)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report")
     parser.add_argument("--bootstrap", type=non_negative_int, default=1000, help="bootstrap resamples, 0 to skip (default: 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="bootstrap seed (default: 0)")
     parser.add_argument("--worst", type=non_negative_int, default=10, help="worst utterances to list (default: 10)")
     return parser.parse_args(argv)
 

@@ -220,7 +220,7 @@ class PackedStream:
                 "left_rows": list(self.left), "max_seq_len": self.max_seq_len}
 
     def load_state_dict(self, state: dict) -> None:
-        assert state["max_seq_len"] == self.max_seq_len, "train.check_resumable compares them first"
+        assert state["max_seq_len"] == self.max_seq_len, "train.check_same_settings compares data.max_seq_len first"
         self._start_epoch(state["epoch"], state["position"])
         open_rows, left = state["open_rows"], state.get("left_rows")
         if left is None:  # saved before rows were queued: an epoch's last rows were then still open

@@ -10,9 +10,12 @@ Hugging Face hub and `datasets` lay them out are read too, one split at a time (
 - `datasets`' `save_to_disk` output: a `DatasetDict` directory (`dataset_dict.json` and one
   directory per split) or a `Dataset` directory (`state.json` naming its `.arrow` files).
 Such a directory given without a split is refused: rows of two splits are only ever mixed by
-naming their files (or a glob matching them). Rows are read file by file (JSONL line by line, Parquet one record batch
-at a time) and checked as they stream, so a bad row fails with a `DataError` that names the file,
-the line (JSONL, 1-based) or row (Parquet, 0-based), and the field at fault.
+naming their files (or a glob matching them). A split is complete or refused: numbered shards
+(`-0000K-of-0000N`) must all be there (`check_shards`). Where a data file is expected, a FIFO, a
+device or a symlink loop is refused before it is opened. Rows are read file by file (JSONL line
+by line, Parquet one record batch at a time) and checked as they stream, so a bad row fails with a
+`DataError` that names the file, the line (JSONL, 1-based) or row (Parquet, 0-based), and the field
+at fault.
 
 Which fields each consumer needs (pass them as `fields=`; unrequested schema fields are neither
 checked nor returned, and Parquet does not even read their columns): `task_fields` for training
@@ -35,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data.tokenizer import MAX_DSUS
+from files import NotRegularFile, regular_file
 
 SCHEMA_FIELDS = (
     "transcript",
@@ -129,40 +133,113 @@ def _checked_columns(columns: dict) -> dict[str, str]:
 
 def resolve_files(source: str) -> list[Path]:
     """The data files of `source`: a file, a directory (its data files, sorted, or one split's
-    files in a dataset layout; see the module docstring) or a glob (sorted)."""
+    files in a dataset layout; see the module docstring) or a glob (sorted). Numbered shards
+    (`-0000K-of-0000N`) of a directory or a glob must all be there (`check_shards`); a file
+    named alone is read as it is."""
     path = Path(source)
-    split = source.split if isinstance(source, Source) else None
-    if path.is_dir():
-        path = _hub_cache_snapshot(path)
-        if (path / "state.json").is_file():  # a save_to_disk Dataset: one split already
-            return _save_to_disk_files(path)
-        by_split = split_files(path)
-        if by_split is None:
-            files = sorted(p for p in path.iterdir() if p.is_file() and _is_data_file(p))
-            if not files:
-                raise DataError(f"{source}: no {', '.join(DATA_SUFFIXES)} files in directory")
-            return files
-        if split is None:
-            counts = ", ".join(f"{name} ({len(files)} file(s))" for name, files in by_split.items())
-            raise DataError(
-                f"{source}: a dataset directory with splits {counts}; one split is read at a time "
-                "(data.train reads train, data.dev validation, generate.py --split, default test)"
-            )
-        if not by_split.get(split):
-            raise DataError(f"{source}: no {split} split (it has {', '.join(by_split) or 'none'})")
-        return by_split[split]
     if path.is_file():
-        files = [path]
-    else:
-        files = sorted(Path(p) for p in glob.glob(str(source), recursive=True) if Path(p).is_file())
+        return _checked_extensions([_regular(path)])
+    files = _directory_files(path, source) if path.is_dir() else _glob_files(source)
+    check_shards(files, source)
+    return files
+
+
+def _directory_files(path: Path, source: str) -> list[Path]:
+    split = source.split if isinstance(source, Source) else None
+    path = _hub_cache_snapshot(path)
+    if (path / "state.json").is_file():  # a save_to_disk Dataset: one split already
+        return _save_to_disk_files(path)
+    by_split = split_files(path)
+    if by_split is None:
+        files = _data_files_in(path)
         if not files:
-            raise DataError(f"{source}: no such file or directory, and no file matches it as a glob")
+            raise DataError(f"{source}: no {', '.join(DATA_SUFFIXES)} files in directory")
+        return files
+    if split is None:
+        counts = ", ".join(f"{name} ({len(files)} file(s))" for name, files in by_split.items())
+        raise DataError(
+            f"{source}: a dataset directory with splits {counts}; one split is read at a time "
+            "(data.train reads train, data.dev validation, generate.py --split, default test)"
+        )
+    if not by_split.get(split):
+        raise DataError(f"{source}: no {split} split (it has {', '.join(by_split) or 'none'})")
+    return by_split[split]
+
+
+def _glob_files(source: str) -> list[Path]:
+    # A match that is not a directory is a file to read: a FIFO or a symlink loop is refused, not skipped.
+    files = sorted(_regular(Path(p)) for p in glob.glob(str(source), recursive=True) if not Path(p).is_dir())
+    if not files:
+        raise DataError(f"{source}: no such file or directory, and no file matches it as a glob")
+    return _checked_extensions(files)
+
+
+def _checked_extensions(files: list[Path]) -> list[Path]:
     for file in files:
         if not _is_data_file(file):
             raise DataError(
                 f"{file}: unknown extension {file.suffix!r} (expected one of {', '.join(DATA_SUFFIXES)})"
             )
     return files
+
+
+def _regular(path: Path) -> Path:
+    """`path`, refused unless a regular file: reading a FIFO or a device would block."""
+    try:
+        return regular_file(path)
+    except NotRegularFile as error:
+        raise DataError(str(error)) from None
+
+
+def _data_files_in(directory: Path) -> list[Path]:
+    """The data files directly in `directory`, sorted; an entry with a data extension that is not a
+    regular file (a FIFO, a symlink to nothing, a loop) is refused rather than passed over."""
+    return sorted(_regular(p) for p in directory.iterdir() if _is_data_file(p) and not p.is_dir())
+
+
+SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<index>\d+)-of-(?P<count>\d+)(?P<tail>.*)$")
+
+
+def check_shards(files: list[Path], source: str) -> None:
+    """Numbered shards (`train-00000-of-00004.parquet`, ...: the hub's names) are a split only when
+    all are there: the shards of a name agree on their count, and each index from 0 to count - 1
+    appears exactly once; the error names the missing files. A split read in part would train on
+    part of it, or score WER on part of a test set, without a word."""
+    groups: dict[tuple[Path, str], list[tuple[Path, re.Match]]] = {}
+    for file in files:
+        match = SHARD_NAME.match(file.name)
+        if match:
+            groups.setdefault((file.parent, match["stem"]), []).append((file, match))
+    for (folder, stem), shards in groups.items():
+        problem = _shard_problem(folder, stem, shards)
+        if problem:
+            raise DataError(f"{source}: {problem}")
+
+
+def _shard_problem(folder: Path, stem: str, shards: list[tuple[Path, re.Match]]) -> str | None:
+    """What is wrong with the shards `<stem>-K-of-N` of `folder`, or None when they are all there."""
+    counts = sorted({int(m["count"]) for _, m in shards})
+    if len(counts) > 1:
+        named = ", ".join(f"{f.name} (of {int(m['count'])})" for f, m in shards)
+        return f"the shards {folder / stem}-* disagree on how many there are: {named}"
+    seen: dict[int, Path] = {}
+    for file, match in shards:
+        index = int(match["index"])
+        if index in seen:
+            return f"shard {index} of {folder / stem}-* twice: {seen[index].name}, {file.name}"
+        seen[index] = file
+    count, first = counts[0], shards[0][1]
+    if max(seen) >= count:
+        return f"{seen[max(seen)].name} numbers a shard past the count"
+    missing = [k for k in range(count) if k not in seen]
+    if not missing:
+        return None
+    tails = {m["tail"] for _, m in shards}  # ".parquet", or "-<hash>.parquet" in older hub datasets
+    tail = tails.pop() if len(tails) == 1 and first["tail"].startswith(".") else "*"
+    names = [f"{stem}-{k:0{len(first['index'])}d}-of-{first['count']}{tail}" for k in missing[:5]]
+    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+    return (f"incomplete split: {len(seen)} of the {count} shards {stem}-*-of-{first['count']}: missing "
+            f"{', '.join(names)}{more} in {folder} (a split is read whole: fetch the missing shards)")
 
 
 def split_files(directory: Path) -> dict[str, list[Path]] | None:
@@ -174,9 +251,9 @@ def split_files(directory: Path) -> dict[str, list[Path]] | None:
     if (directory / "state.json").is_file():
         return None
     data_dir = directory / "data"
-    if not any(_is_data_file(p) for p in directory.iterdir() if p.is_file()) and data_dir.is_dir():
-        directory = data_dir
-    files = sorted(p for p in directory.iterdir() if p.is_file() and _is_data_file(p))
+    files = _data_files_in(directory)
+    if not files and data_dir.is_dir():
+        directory, files = data_dir, _data_files_in(data_dir)
     named = {p: SPLIT_NAME.match(p.name) for p in files}
     if not any(named.values()):
         return None
@@ -196,8 +273,12 @@ def _hub_cache_snapshot(directory: Path) -> Path:
     """A hub cache entry (`datasets--owner--name`) stands for the snapshot its `refs/main` names."""
     ref = directory / "refs" / "main"
     if directory.name.startswith("datasets--") and ref.is_file() and (directory / "snapshots").is_dir():
-        snapshot = directory / "snapshots" / ref.read_text().strip()
-        if not snapshot.is_dir():
+        try:
+            revision = ref.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise DataError(f"{ref}: not a readable revision ({error})") from None
+        snapshot = directory / "snapshots" / revision
+        if not revision or Path(revision).name != revision or not snapshot.is_dir():
             raise DataError(f"{ref}: names snapshot {snapshot.name}, which is not in {directory / 'snapshots'}")
         return snapshot
     return directory
@@ -205,10 +286,9 @@ def _hub_cache_snapshot(directory: Path) -> Path:
 
 def _save_to_disk_splits(directory: Path) -> dict[str, list[Path]]:
     where = directory / "dataset_dict.json"
-    try:
-        splits = json.loads(where.read_text())["splits"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise DataError(f"{where}: expected a JSON object with a 'splits' list") from None
+    splits = _json_file(where).get("splits")
+    if not isinstance(splits, list) or not all(isinstance(name, str) and name for name in splits):
+        raise DataError(f"{where}: expected a JSON object with a 'splits' list of names")
     out = {}
     for name in splits:
         files = _save_to_disk_files(directory / name)
@@ -222,17 +302,28 @@ def _save_to_disk_splits(directory: Path) -> dict[str, list[Path]]:
 def _save_to_disk_files(directory: Path) -> list[Path]:
     """The `.arrow` files a `save_to_disk` `Dataset` directory's `state.json` lists, in its order."""
     where = directory / "state.json"
-    try:
-        names = [entry["filename"] for entry in json.loads(where.read_text())["_data_files"]]
-    except FileNotFoundError:
-        raise DataError(f"{where}: missing (a save_to_disk split directory has one)") from None
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise DataError(f"{where}: expected a JSON object whose '_data_files' list names the .arrow files") from None
-    files = [directory / name for name in names]
+    entries = _json_file(where).get("_data_files")
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("filename"), str)
+                                                for e in entries):
+        raise DataError(f"{where}: expected a JSON object whose '_data_files' list names the .arrow files")
+    files = [directory / entry["filename"] for entry in entries]
     for file in files:
-        if not file.is_file():
-            raise DataError(f"{where}: lists {file.name}, which is missing")
+        try:
+            regular_file(file)
+        except NotRegularFile as error:
+            raise DataError(f"{where}: lists {file.name}, which cannot be read: {error}") from None
     return files
+
+
+def _json_file(path: Path) -> dict:
+    """A JSON object file that `datasets` writes beside its data."""
+    try:
+        loaded = json.loads(_regular(path).read_bytes())
+    except (OSError, ValueError, RecursionError) as error:  # not UTF-8, not JSON, nested too deeply
+        raise DataError(f"{path}: not a readable JSON file ({error})") from None
+    if not isinstance(loaded, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    return loaded
 
 
 def dataset_name(source: str) -> str:
@@ -311,7 +402,7 @@ def count_rows(source: str) -> int:
         elif _is_arrow(path):
             total += sum(batch.num_rows for batch in _arrow_batches(path))
         else:
-            with open(path, "rb") as f:
+            with _open_jsonl(path) as f:
                 total += sum(1 for line in f if line.strip())
     return total
 
@@ -328,8 +419,15 @@ def _is_arrow(path: Path) -> bool:
     return path.suffix.lower() in ARROW_SUFFIXES
 
 
+def _open_jsonl(path: Path):
+    try:
+        return open(_regular(path), "rb")
+    except OSError as e:  # no permission, or gone since it was listed
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    with open(path, "rb") as f:
+    with _open_jsonl(path) as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -340,6 +438,8 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
                 raise DataError(f"{where}: not valid UTF-8 ({e.reason})") from None
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: malformed JSON: {e.msg} at column {e.colno}") from None
+            except RecursionError:
+                raise DataError(f"{where}: malformed JSON: nested too deeply") from None
             if not isinstance(row, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
             yield where, row
@@ -486,9 +586,10 @@ def _check_word_ends(row: dict, n_frames: int, frame_rate: float, where: str) ->
     tokens means the times and the DSUs do not belong together (or the frame rate is wrong)."""
     words = row.get("tokenized") or []
     for word, end in enumerate(row["aligned_token_end_time"]):
-        if math.ceil(end * frame_rate) > n_frames + 1:
+        frame = math.ceil(end * frame_rate) if _finite(end * frame_rate) else math.inf
+        if frame > n_frames + 1:
             name = f" ({words[word]!r})" if word < len(words) else ""
-            problem = (f"word {word}{name} ends at {end} s, frame {math.ceil(end * frame_rate)}, "
+            problem = (f"word {word}{name} ends at {end} s, frame {frame}, "
                        f"but speech_tokens has {n_frames} frames ({n_frames / frame_rate:g} s at {frame_rate:g} "
                        "frames/s; check data.cpt.sampling_rate and downsampling_ratio)")
             raise _field_error(where, "aligned_token_end_time", problem)
@@ -500,8 +601,15 @@ def _check_times(times, where: str, field: str) -> None:
     for word, t in enumerate(times):
         if isinstance(t, bool) or not isinstance(t, (int, float)):
             raise _field_error(where, field, f"word {word}: expected a number, got {type(t).__name__}")
-        if not math.isfinite(t) or t < 0:
+        if not _finite(t) or t < 0:
             raise _field_error(where, field, f"word {word}: time {t} is not a finite non-negative number")
+
+
+def _finite(number) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an integer beyond any float
+        return False
 
 
 def _dsu_array(value, where: str, dsu_limit: int) -> np.ndarray:
@@ -509,6 +617,10 @@ def _dsu_array(value, where: str, dsu_limit: int) -> np.ndarray:
     if isinstance(value, list):
         if not value:
             return np.empty(0, dtype=np.int64)
+        if bool in set(map(type, value)):  # numpy would take true as unit 1
+            position = next(i for i, v in enumerate(value) if isinstance(v, bool))
+            problem = f"position {position}: {json.dumps(value[position])} is a boolean, not a DSU id (an integer)"
+            raise _field_error(where, "speech_tokens", problem)
         try:
             value = np.array(value)
         except (ValueError, OverflowError):

@@ -27,6 +27,8 @@ from math import gcd
 
 import numpy as np
 
+from files import NotRegularFile, regular_file
+
 SAMPLE_RATE = 16000
 WIN_LENGTH = 400
 HOP_LENGTH = 320
@@ -195,6 +197,14 @@ def _kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.nda
     return x[chosen].copy()
 
 
+def _check_points(x: np.ndarray, k: int) -> None:
+    if len(x) < k:
+        raise FeatureError(f"k-means needs at least k={k} frames, got {len(x)}")
+    if not np.isfinite(x).all():  # one NaN frame would make every centroid NaN
+        raise FeatureError(f"k-means input holds NaN or infinite values ({int((~np.isfinite(x)).any(1).sum())} "
+                           f"of {len(x)} frames)")
+
+
 def fit_kmeans(x: np.ndarray, k: int, seed: int, max_iter: int = 100, max_frames: int = 100_000) -> np.ndarray:
     """(k, dim) centroids from k-means++ then Lloyd iterations until no assignment changes.
 
@@ -202,8 +212,7 @@ def fit_kmeans(x: np.ndarray, k: int, seed: int, max_iter: int = 100, max_frames
     A cluster left empty is moved onto the point farthest from its centroid.
     """
     x = np.asarray(x, dtype=np.float64)
-    if len(x) < k:
-        raise FeatureError(f"k-means needs at least k={k} frames, got {len(x)}")
+    _check_points(x, k)
     rng = np.random.default_rng(seed)
     if len(x) > max_frames:
         x = x[np.sort(rng.choice(len(x), size=max_frames, replace=False))]
@@ -233,10 +242,10 @@ def fit_kmeans_torch(x: np.ndarray, k: int, seed: int, max_iter: int = 100, tol:
     takes minutes per iteration at HuBERT sizes on a CPU. Deterministic given `seed` and device."""
     import torch
 
-    if len(x) < k:
-        raise FeatureError(f"k-means needs at least k={k} frames, got {len(x)}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    _check_points(x, k)
     generator = torch.Generator().manual_seed(seed)
-    points = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=device)
+    points = torch.as_tensor(x, device=device)
     norms = (points * points).sum(1)
 
     def nearest(centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,8 +323,10 @@ def load_centroids(path: str | os.PathLike, allow_pickle: bool = False, settings
     `allow_pickle`, a pickled scikit-learn / fairseq k-means. The format is told by the file's
     first bytes, never by its name, so that a pickle renamed `.npy` is still refused."""
     try:
-        with open(path, "rb") as f:
+        with open(regular_file(path), "rb") as f:
             magic = f.read(6)
+    except NotRegularFile as e:
+        raise FeatureError(str(e)) from None
     except OSError as e:
         raise FeatureError(f"{path}: cannot read ({e.strerror})") from None
     if magic == b"\x93NUMPY":

@@ -4,7 +4,10 @@
     make matrix [MATRIX=small|tiny] [MATRIX_DIR=DIR] [MATRIX_CACHE=DIR]
 
 A grid (configs/matrix.json) names unit variants, regimes, option cells and a training budget in
-optimizer steps per cell. Each cell is the chain a user would type by hand, run as subprocesses
+optimizer steps per cell. Every key of the file is declared below (FILE, GRID, UNIT, ...) with its
+type and rule; an unknown key, a wrong type or a name that is not a plain directory name (the
+names of units, regimes and grids become directories) is refused, naming the file and the key,
+before anything runs. Each cell is the chain a user would type by hand, run as subprocesses
 whose commands are printed:
 
     units   the bundled data/mini, or a variant of it: the corpus re-synthesised once with its audio
@@ -36,17 +39,18 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from config import COMMENT, REQUIRED, Key, at_least, choice, nonempty, positive
 from data import dataset, units
 from data.samples import CPT_SEQUENCE_TYPES, deduplicate_runs
 from data.tokenizer import MAX_DSUS, Tokenizer
-from files import atomic_write
+from files import NotRegularFile, atomic_write, directory_problem, regular_file
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "data" / "mini"
 SPLIT_PREFIXES = {"train": "train", "dev": "validation", "test": "test"}  # data.units shard names
-OPTION_DEFAULTS = {"deduplicate": True, "dsu_bpe": 0}
 
 
 class MatrixError(ValueError):
@@ -54,79 +58,261 @@ class MatrixError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# The grid
+# The grid file's schema, in config.py's style: every key with its type, rule and meaning, declared
+# once and checked before anything runs, so that a typo is refused instead of silently ignored.
+
+
+@dataclass(frozen=True)
+class Section:
+    """An object of the declared `keys`."""
+    keys: dict
+    help: str
+    default: object = REQUIRED
+
+
+@dataclass(frozen=True)
+class Named:
+    """An object of entries the user names, each an object of `keys` (those in `optional` may be
+    given elsewhere). The names become directory names, so each must be a plain name."""
+    keys: dict
+    help: str
+    default: object = REQUIRED
+    optional: tuple = ()
+
+
+@dataclass(frozen=True)
+class Each:
+    """A list of objects of `keys`."""
+    keys: dict
+    help: str
+    default: object = None
+
+
+def strings(value: list) -> bool:
+    return all(isinstance(item, str) for item in value)
+
+
+def overrides(value: list) -> bool:
+    return all(isinstance(item, str) and item.partition("=")[0] and "=" in item for item in value)
+
+
+UNIT = {
+    "bundled": Key(False, bool, "data/mini's own units (MFCC, K=128, 50 Hz); then no encoder, k or stack"),
+    "encoder": choice(None, "the features k-means clusters (python -m data.units --encoder)", "mfcc", "logmel"),
+    "k": Key(None, int, "the codebook size: DSUs in the vocabulary", f"an integer in 1..{MAX_DSUS}",
+             lambda v: 1 <= v <= MAX_DSUS),
+    "stack": positive(int, 1, "frames joined per unit: 50/stack units per second"),
+}
+REGIME = {  # {} is SFT alone
+    "cpt": choice(None, "CPT's sequence type, before SFT", *CPT_SEQUENCE_TYPES),
+    "cpt_share": Key(None, float, "the share of the steps spent on CPT", "a number between 0 and 1",
+                     lambda v: 0 < v < 1),
+}
+OPTION_DEFAULTS = {"deduplicate": True, "dsu_bpe": 0}
+OPTIONS = {
+    "deduplicate": Key(OPTION_DEFAULTS["deduplicate"], bool, "collapse runs of a repeated DSU (data.deduplicate)"),
+    "dsu_bpe": at_least(int, 0, OPTION_DEFAULTS["dsu_bpe"], "merged-unit tokens of a speech BPE (extend.py --dsu-bpe)"),
+}
+EXTRA = {
+    "units": nonempty(REQUIRED, "a name declared under the top-level 'units'"),
+    "regime": nonempty(REQUIRED, "a name declared under the top-level 'regimes'"),
+    "options": Section(OPTIONS, "the cell's options; those not given are the defaults", default=None),
+}
+CORPUS = {
+    "n_train": at_least(int, 1, REQUIRED, "training utterances (python -m data.corpus build --n-train)"),
+    "n_dev": at_least(int, 0, REQUIRED, "dev utterances"),
+    "n_test": at_least(int, 1, REQUIRED, "test utterances, those scored"),
+    "seed": at_least(int, 0, REQUIRED, "the seed of the corpus's sentences and voices, and of k-means"),
+}
+CONFIGS = {
+    "cpt": nonempty(REQUIRED, "train.py's config of the CPT stage, relative to the project root"),
+    "sft": nonempty(REQUIRED, "train.py's config of the SFT stage, relative to the project root"),
+}
+SETTINGS = {  # at the top of the file for every grid, or in a grid for itself alone
+    "steps": at_least(int, 2, REQUIRED, "optimizer steps per cell, CPT and SFT together"),
+    "save_steps": positive(int, None, "a checkpoint every this many steps (default: only the last)"),
+    "corpus": Section(CORPUS, "the corpus every cell trains and is tested on"),
+    "configs": Section(CONFIGS, "the stages' train.py configs"),
+    "base_model": Key(REQUIRED, list, "tiny_model.py's arguments for the base model", "a list of strings", strings),
+    "generate": Key([], list, "generate.py's further arguments", "a list of strings", strings),
+    "train_overrides": Key([], list, "train.py overrides of every stage", "a list of key=value strings", overrides),
+}
+GRID = {
+    **SETTINGS,
+    "units": Key(REQUIRED, list, "the unit variants crossed with the regimes", "a list of names declared under 'units'",
+                 strings),
+    "regimes": Key(REQUIRED, list, "the regimes crossed with the unit variants",
+                   "a list of names declared under 'regimes'", strings),
+    "extra": Each(EXTRA, "cells beyond the cross, each {units, regime, options}"),
+}
+FILE = {
+    **SETTINGS,
+    "units": Named(UNIT, "the unit variants, by name"),
+    "regimes": Named(REGIME, "the training regimes, by name"),
+    "grids": Named(GRID, "the grids, by name (--grid NAME)", optional=tuple(SETTINGS)),  # shared at the top
+}
+
+
+def shown(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_object(value, keys: dict, source: str, dotted: str, optional=()) -> None:
+    """`value` against `keys`: an object with no other key ("//" is a comment), each value of its
+    declared type and rule, every required key given (but those in `optional`)."""
+    if not isinstance(value, dict):
+        raise MatrixError(f"{source}: '{dotted}' must be an object of {', '.join(keys)}, got {shown(value)}")
+    for name, item in value.items():
+        if name == COMMENT:
+            continue
+        where = f"{dotted}.{name}" if dotted else name
+        if name not in keys:
+            raise MatrixError(f"{source}: unknown key '{where}' (the keys {'of ' + repr(dotted) if dotted else 'here'}: "
+                              f"{', '.join(keys)})")
+        check_value(item, keys[name], source, where)
+    for name, node in keys.items():
+        if node.default is REQUIRED and value.get(name) is None and name not in optional:
+            raise MatrixError(f"{source}: '{f'{dotted}.{name}' if dotted else name}' must be given: {node.help}")
+
+
+def check_value(value, node, source: str, dotted: str) -> None:
+    if isinstance(node, Key):
+        try:
+            problem = node.problem(value)
+        except OverflowError:  # an integer too large for the float rule's finiteness check
+            problem = f"must be {node.rule}"
+        if problem is not None:
+            raise MatrixError(f"{source}: '{dotted}' {problem}, got {shown(value)}")
+    elif isinstance(node, Section):
+        check_object(value, node.keys, source, dotted)
+    elif isinstance(node, Each):
+        if not isinstance(value, list):
+            raise MatrixError(f"{source}: '{dotted}' must be a list of objects ({node.help}), got {shown(value)}")
+        for i, item in enumerate(value):
+            check_object(item, node.keys, source, f"{dotted}[{i}]")
+    else:
+        if not isinstance(value, dict):
+            raise MatrixError(f"{source}: '{dotted}' must be an object of {node.help}, got {shown(value)}")
+        for name, item in value.items():
+            if name != COMMENT:
+                check_plain_name(name, source, dotted)
+                check_object(item, node.keys, source, f"{dotted}.{name}", node.optional)
+
+
+def check_plain_name(name: str, source: str, dotted: str) -> None:
+    """A name that becomes a directory stays inside its parent: one path component."""
+    if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise MatrixError(f"{source}: the name {name!r} in '{dotted}' is not a plain name: it becomes a directory, "
+                          "so it must not be empty, '.' or '..', nor hold '/' or '\\'")
+
+
+def without_comments(entries: dict) -> dict:
+    return {name: value for name, value in entries.items() if name != COMMENT}
+
+
+def read_grid_file(path: Path) -> dict:
+    """The grid file as JSON, refused unless a regular UTF-8 file of a JSON object without a
+    repeated key (the later one would silently win)."""
+    def unique(pairs):
+        keys = [key for key, _ in pairs]
+        repeated = next((key for key in keys if keys.count(key) > 1), None)
+        if repeated is not None:
+            raise MatrixError(f"{path}: the key {repeated!r} is given twice in one object")
+        return dict(pairs)
+
+    try:
+        spec = json.loads(regular_file(path).read_bytes().decode("utf-8"), object_pairs_hook=unique)
+    except NotRegularFile as error:
+        raise MatrixError(f"{error} (the grid file)") from None
+    except OSError as error:
+        raise MatrixError(f"{path}: cannot read the grid file ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise MatrixError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise MatrixError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+    except RecursionError:
+        raise MatrixError(f"{path}: nested too deeply to be a grid file") from None
+    if not isinstance(spec, dict):
+        raise MatrixError(f"{path}: a grid file is a JSON object, got {type(spec).__name__}")
+    return spec
+
+
+def check_declarations(units: dict, regimes: dict, source: str) -> None:
+    """What no single key's rule says: a unit variant is bundled or encoded, a regime is SFT alone
+    or CPT with its share (without the share it would silently train SFT alone)."""
+    for name, unit in units.items():
+        encoded = {key for key in ("encoder", "k", "stack") if unit.get(key) is not None}
+        if encoded if unit.get("bundled") else not {"encoder", "k"} <= encoded:
+            raise MatrixError(f"{source}: 'units.{name}' {shown(unit)}: give bundled: true alone, or an encoder "
+                              "and k (and stack)")
+    for name, regime in regimes.items():
+        if (regime.get("cpt") is None) != (regime.get("cpt_share") is None):
+            raise MatrixError(f"{source}: 'regimes.{name}' {shown(regime)}: SFT alone is {{}}; CPT then SFT needs "
+                              "both cpt and cpt_share")
 
 
 def load_grid(path: Path, name: str) -> dict:
-    """The named grid with the shared settings it does not override, and its cells."""
-    try:
-        spec = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise MatrixError(f"{path}: cannot read the grid file ({e})") from None
-    grids = spec.get("grids", {})
-    if not isinstance(grids, dict) or not isinstance(grids.get(name), dict):
+    """The named grid with the shared settings it does not override, and its cells; the whole file
+    is checked against the schema first."""
+    spec, source = read_grid_file(path), str(path)
+    check_object(spec, FILE, source, "", optional=SETTINGS)
+    units, regimes, grids = (without_comments(spec[key]) for key in ("units", "regimes", "grids"))
+    check_declarations(units, regimes, source)
+    if name not in grids:
         raise MatrixError(f"{path}: no grid {name!r}; the grids are {', '.join(grids)}")
-    for key in ("units", "regimes"):  # declared at the top by name, listed by each grid
-        if not isinstance(spec.get(key), dict) or not all(isinstance(v, dict) for v in spec[key].values()):
-            raise MatrixError(f"{path}: needs a top-level {key!r} object declaring each by name as an object")
-        listed = grids[name].get(key)
-        if not isinstance(listed, list) or not all(isinstance(v, str) for v in listed):
-            raise MatrixError(f"{path}: grid {name!r} needs {key!r}: a list of names from the top-level {key!r}")
-    grid = {**{k: v for k, v in spec.items() if k != "grids"}, **grids[name], "name": name}
-    where = f"{path}: grid {name!r}"
-    for key in ("steps", "corpus", "configs", "base_model"):
-        if key not in grid:
-            raise MatrixError(f"{where} has no {key!r}")
-    check_settings(grid, spec, where)
-    cells = [(u, r, {}) for u in grid["units"] for r in grid["regimes"]]
-    cells += [(e.get("units"), e.get("regime"), e.get("options", {})) for e in grid.get("extra", [])]
-    grid["cells"] = []
-    for unit_name, regime_name, options in cells:
-        if unit_name not in spec["units"]:
-            raise MatrixError(f"{where}: unknown units {unit_name!r}; declared: {', '.join(spec['units'])}")
-        if regime_name not in spec["regimes"]:
-            raise MatrixError(f"{where}: unknown regime {regime_name!r}; declared: {', '.join(spec['regimes'])}")
-        if spec["units"][unit_name].get("bundled") and not bundled_matches(grid["corpus"]):
-            raise MatrixError(f"{where}: units {unit_name!r} are the bundled corpus's, but the grid's corpus settings "
-                              f"{grid['corpus']} are not data/mini's: its variants would come from other utterances")
-        unknown = set(options) - set(OPTION_DEFAULTS)
-        if unknown:
-            raise MatrixError(f"{where}: unknown options {sorted(unknown)}; choose from {sorted(OPTION_DEFAULTS)}")
-        if not isinstance(options.get("deduplicate", True), bool) or not is_count(options.get("dsu_bpe", 0), 0):
-            raise MatrixError(f"{where}: options {options}: deduplicate must be true or false, dsu_bpe an integer >= 0")
-        grid["cells"].append({"units": unit_name, "unit_spec": spec["units"][unit_name], "regime": regime_name,
-                              "regime_spec": spec["regimes"][regime_name], "options": {**OPTION_DEFAULTS, **options}})
+    own, where = grids[name], f"{path}: grid {name!r}"
+    grid = {key: own[key] if own.get(key) is not None else spec.get(key) for key in SETTINGS}  # the grid's own first
+    for key, node in SETTINGS.items():
+        if grid[key] is None and node.default is REQUIRED:
+            raise MatrixError(f"{where} has no {key!r}, in the grid or at the top of the file ({node.help})")
+        if grid[key] is None:
+            grid[key] = json.loads(json.dumps(node.default))  # a copy
+    grid.update(name=name, units=own["units"], regimes=own["regimes"], extra=own.get("extra") or [])
+    grid["cells"] = grid_cells(grid, units, regimes, where)
+    check_grid(grid, where)
     return grid
 
 
-def is_count(value, least: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+def grid_cells(grid: dict, units: dict, regimes: dict, where: str) -> list[dict]:
+    """The grid's cells in order: units x regimes, then the extra cells; each declared, none twice."""
+    listed = [(u, r, {}) for u in grid["units"] for r in grid["regimes"]]
+    listed += [(e["units"], e["regime"], without_comments(e.get("options") or {})) for e in grid["extra"]]
+    cells, names = [], set()
+    for unit_name, regime_name, options in listed:
+        if unit_name not in units:
+            raise MatrixError(f"{where}: unknown units {unit_name!r}; declared: {', '.join(units)}")
+        if regime_name not in regimes:
+            raise MatrixError(f"{where}: unknown regime {regime_name!r}; declared: {', '.join(regimes)}")
+        cell = {"units": unit_name, "unit_spec": units[unit_name], "regime": regime_name,
+                "regime_spec": regimes[regime_name], "options": {**OPTION_DEFAULTS, **options}}
+        if cell_name(cell) in names:  # one directory, two settings
+            raise MatrixError(f"{where}: the cell {cell_name(cell)} is listed twice")
+        names.add(cell_name(cell))
+        cells.append(cell)
+    if not cells:
+        raise MatrixError(f"{where} has no cells: give it units and regimes, or extra cells")
+    return cells
 
 
-def check_settings(grid: dict, spec: dict, where: str) -> None:
-    """The grid's numbers and the declarations it uses, before anything runs: a bad one would
-    otherwise fail a cell an hour in, or (a CPT regime without its share) silently train another."""
-    if not is_count(grid["steps"], 2):
-        raise MatrixError(f"{where}: steps must be an integer >= 2, got {grid['steps']!r}")
-    corpus = grid["corpus"]
-    if not all(is_count(corpus.get(key), 1 if key == "n_train" else 0) for key in ("n_train", "n_dev", "n_test", "seed")):
-        raise MatrixError(f"{where}: corpus {corpus} needs integers n_train >= 1, n_dev, n_test, seed >= 0")
-    if not isinstance(grid.get("extra", []), list) or not all(isinstance(e, dict) for e in grid.get("extra", [])):
-        raise MatrixError(f"{where}: extra must be a list of {{units, regime, options}} objects")
-    for name in {*grid["units"], *(e.get("units") for e in grid.get("extra", []))} & set(spec["units"]):
-        unit = spec["units"][name]
-        stack = unit.get("stack", 1)
-        if not unit.get("bundled") and not (unit.get("encoder") in ("mfcc", "logmel") and is_count(unit.get("k"), 1)
-                                            and unit["k"] <= MAX_DSUS and is_count(stack, 1)):
-            raise MatrixError(f"{where}: units {name!r} {unit}: give bundled: true, or encoder mfcc or logmel, "
-                              f"k in 1..{MAX_DSUS} and stack >= 1")
-    for name in {*grid["regimes"], *(e.get("regime") for e in grid.get("extra", []))} & set(spec["regimes"]):
-        regime = spec["regimes"][name]
-        share = regime.get("cpt_share")
-        if regime and not (regime.get("cpt") in CPT_SEQUENCE_TYPES and isinstance(share, (int, float))
-                           and 0 < round(grid["steps"] * share) < grid["steps"]):
-            raise MatrixError(f"{where}: regime {name!r} {regime}: SFT alone is {{}}; CPT then SFT needs cpt in "
-                              f"{', '.join(CPT_SEQUENCE_TYPES)} and a cpt_share leaving both stages steps")
+def check_grid(grid: dict, where: str) -> None:
+    """What depends on the grid as a whole, before anything runs: a bad one would otherwise fail a
+    cell an hour in, or train on other utterances than the test references'."""
+    for cell in grid["cells"]:
+        if cell["unit_spec"].get("bundled") and not bundled_matches(grid["corpus"]):
+            raise MatrixError(f"{where}: units {cell['units']!r} are the bundled corpus's, but the grid's corpus "
+                              f"settings {grid['corpus']} are not data/mini's: its variants would come from other "
+                              "utterances")
+        share = cell["regime_spec"].get("cpt_share")
+        if share is not None and not 0 < round(grid["steps"] * share) < grid["steps"]:
+            raise MatrixError(f"{where}: regime {cell['regime']!r}: a cpt_share of {share} of {grid['steps']} steps "
+                              "leaves CPT or SFT no step")
+    uses_cpt = any(cell["regime_spec"].get("cpt") for cell in grid["cells"])
+    for stage in ("cpt", "sft") if uses_cpt else ("sft",):
+        try:
+            regular_file(ROOT / grid["configs"][stage])
+        except ValueError as error:  # NotRegularFile, or a NUL in the name
+            raise MatrixError(f"{where}: configs.{stage}: {error}") from None
 
 
 def cell_name(cell: dict) -> str:
@@ -161,9 +347,20 @@ def write_json(path: Path, value: dict) -> None:
         temporary.write_text(json.dumps(value, indent=2) + "\n")
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object that this driver or a stage wrote: a damaged one is named, not a traceback."""
+    try:
+        value = json.loads(regular_file(path).read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as error:  # NotRegularFile, not UTF-8, not JSON
+        raise MatrixError(f"{path}: cannot be read as JSON ({error}); remove it to redo what wrote it") from None
+    if not isinstance(value, dict):
+        raise MatrixError(f"{path}: not a JSON object; remove it to redo what wrote it")
+    return value
+
+
 def bundled_matches(corpus: dict) -> bool:
     """Whether the grid's corpus settings are those data/mini was built with."""
-    meta = json.loads((BUNDLED / "corpus.json").read_text())
+    meta = read_json(BUNDLED / "corpus.json")
     sizes = {split: meta["sizes"][split]["utterances"] for split in ("train", "dev", "test")}
     return sizes == {s: corpus[f"n_{s}"] for s in sizes} and meta["seed"] == corpus["seed"]
 
@@ -200,7 +397,7 @@ def prepare_units(grid: dict, name: str, spec: dict) -> dict:
     """Train, dev and test data of a unit variant and the train.py settings it implies; built on
     first use into the cache, under the corpus they encode."""
     if spec.get("bundled"):
-        meta = json.loads((grid["text"] / "corpus.json").read_text())
+        meta = read_json(grid["text"] / "corpus.json")
         info = {"n_dsus": meta["n_dsus"], "sampling_rate": meta["sample_rate"],
                 "downsampling_ratio": meta["downsampling_ratio"]}
         return {"seconds": 0.0, "overrides": units.overrides(info), "n_dsus": meta["n_dsus"],
@@ -217,12 +414,12 @@ def prepare_units(grid: dict, name: str, spec: dict) -> dict:
     for split, prefix in SPLIT_PREFIXES.items():
         target = where / split
         info_path = target / "units.json"
-        if not (info_path.exists() and json.loads(info_path.read_text()).get("complete")):
+        if not (info_path.exists() and read_json(info_path).get("complete")):
             resume = ["--resume"] if info_path.exists() else []
             seconds += run(python("-m", "data.units", "encode", target, *encoder, "--kmeans", kmeans, "--split", prefix,
                                   *resume, corpus / "wav" / f"{split}.jsonl"), f"encoding {split} with {name}")
         data[split] = str(target / "data")
-    info = json.loads((where / "train" / "units.json").read_text())
+    info = read_json(where / "train" / "units.json")
     return {"seconds": seconds, "overrides": units.overrides(info), "n_dsus": info["n_dsus"], **data}
 
 
@@ -258,7 +455,7 @@ def train(grid: dict, config: str, run_dir: Path, model: Path, data: dict, optio
         f"run_dir={run_dir}", f"model.path={model}", f"data.train={data['train']}", f"data.dev={data['dev']}",
         *data["overrides"], f"data.deduplicate={str(options['deduplicate']).lower()}",
         f"data.cache_dir={out / 'data_cache'}", f"train.max_steps={steps}", f"train.eval_steps={steps}",
-        f"train.save_steps={grid.get('save_steps', steps)}", "resume=auto", *extra, *grid.get("train_overrides", []),
+        f"train.save_steps={grid['save_steps'] or steps}", "resume=auto", *extra, *grid["train_overrides"],
     ]
     if cuda_available():
         overrides.append("train.device=cuda")
@@ -300,10 +497,10 @@ def run_cell(grid: dict, cell: dict, out: Path) -> None:
     plan = {"cell": name, "units": cell["units"], "unit_spec": cell["unit_spec"], "regime": cell["regime"],
             "regime_spec": cell["regime_spec"], "options": cell["options"], "steps": grid["steps"],
             "corpus": grid["corpus"], "configs": grid["configs"], "base_model": grid["base_model"],
-            "train_overrides": grid.get("train_overrides", []), "generate": grid.get("generate", [])}
+            "train_overrides": grid["train_overrides"], "generate": grid["generate"]}
     started_path = cell_dir / "plan.json"
     if started_path.exists():
-        before = json.loads(started_path.read_text())
+        before = read_json(started_path)
         differ = sorted(k for k in plan if before.get(k) != plan[k])
         if differ:
             raise MatrixError(f"{cell_dir} was started with other settings ({', '.join(differ)}): remove it, or "
@@ -315,7 +512,7 @@ def run_cell(grid: dict, cell: dict, out: Path) -> None:
         print(f"   done: {cell_dir / 'wer.json'}")
         return
     seconds_path = cell_dir / "seconds.json"
-    seconds = json.loads(seconds_path.read_text()) if seconds_path.exists() else {}
+    seconds = read_json(seconds_path) if seconds_path.exists() else {}
 
     def stage(key: str, spent: float) -> None:
         if spent:  # a skipped stage keeps the seconds of the attempt that finished it
@@ -338,7 +535,7 @@ def run_cell(grid: dict, cell: dict, out: Path) -> None:
     generations = cell_dir / "test" / "generations.jsonl"
     if not generations.exists():
         stage("generate", run(python("generate.py", last_checkpoint(sft, steps - cpt_steps), "--data", data["test"],
-                                     "--out", generations.parent, *grid.get("generate", [])), f"generating for {name}"))
+                                     "--out", generations.parent, *grid["generate"]), f"generating for {name}"))
     references = grid["text"]
     if not (cell_dir / "wer.json").exists():
         stage("wer", run(python("wer.py", generations, "--references", references / "test.jsonl", "--by", "speaker",
@@ -350,9 +547,18 @@ def run_cell(grid: dict, cell: dict, out: Path) -> None:
         "steps": {"cpt": cpt_steps, "sft": steps - cpt_steps},
         "speech_tokens_per_utterance": speech_tokens_per_utterance(data["test"], model, cell["options"]["deduplicate"]),
         "training_tokens": sum(training_tokens(r) for r in runs),
-        "unseen_speakers": json.loads((references / "corpus.json").read_text())["voices"]["test_only"],
+        "unseen_speakers": read_json(references / "corpus.json")["voices"]["test_only"],
         "seconds": seconds, "complete": True,
     })
+
+
+def output_directory(path: Path, flag: str) -> Path:
+    """`path` resolved, refused before anything runs unless it is a directory or can be made one
+    (a symlink loop is neither, and would stop resolve())."""
+    problem = directory_problem(path)
+    if problem:
+        raise MatrixError(f"{flag}: {problem}")
+    return path.resolve()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -373,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
                 done = (out / "cells" / cell_name(cell) / "cell.json").exists()
                 print(f"{'done   ' if done else 'pending'}  {cell_name(cell)}")
             return 0
-        out, grid["cache"] = out.resolve(), args.cache.resolve()
+        out, grid["cache"] = output_directory(out, "--out"), output_directory(args.cache, "--cache")
         grid["text"] = text_corpus(grid)
         started = time.time()
         for i, cell in enumerate(grid["cells"], 1):

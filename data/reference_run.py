@@ -12,9 +12,12 @@ A reference run looks like
 `${hydra:...}`, which only exist while Hydra runs), `???` for values never given, and Python tags
 such as `!!python/object/apply:pathlib.PosixPath`. It is read here with a YAML loader that turns
 every tag into plain data (never an object), and interpolations between its own keys are resolved
-when a setting is asked for; anything else stays unresolved and is reported by name.
+when a setting is asked for; anything else stays unresolved and is reported by name. It is read
+only as the config of a checkpoint in the layout above, and within limits of size, nesting, and
+alias and `${...}` expansion (MAX_* below): past them the file is refused, naming the key.
 """
 
+import glob
 import json
 import os
 import re
@@ -22,9 +25,13 @@ from pathlib import Path
 
 import yaml
 
+import files
+
 CONFIG_NAME = "torchtune_config.yaml"
 TRAINING_CONFIG = "training_config.json"  # this project's own checkpoints carry it
 MISSING = "???"  # OmegaConf's mandatory-but-missing value
+STEP_DIR = re.compile(r"global_step_(\d+)")
+EPOCH_DIR = re.compile(r"epoch_\d+")
 
 # Settings that change token ids, as this project names them (generate.py's data.* keys), and the
 # places in the reference's config that hold them, first found first. `speech.*` is what the user
@@ -53,9 +60,53 @@ class ReferenceError(ValueError):
 
 # -- the YAML, as data -------------------------------------------------------------------------
 
+# The file is read with limits, as a hostile one (billion laughs, a self-referencing anchor, a
+# tower of `${...}`) would otherwise take all memory or end in a RecursionError. A real config is
+# about 10 KB, 300 values and 6 levels deep, its references a few levels more.
+MAX_BYTES = 4 << 20
+MAX_VALUES = 100_000  # values in the file with every alias expanded
+MAX_DEPTH = 64  # levels of nesting, through aliases; and, resolving, nesting plus references
+MAX_RESOLVED = 1 << 20  # values and characters that resolving one key may produce
+
+
+class _Refused(Exception):
+    """A bound that the file passes at `node` (a yaml.Node, for its line) under key `key`."""
+
+    def __init__(self, node, key: str, why: str):
+        super().__init__(why)
+        key = key if len(key) <= 80 else key[:77] + "..."
+        self.line, self.key, self.why = node.start_mark.line + 1, key or "(top)", why
+
+
+def _key_name(keys: list) -> str:
+    """`a.b[2].c` for the keys and positions the composer descends through."""
+    name = ""
+    for index in keys:
+        if isinstance(index, int):
+            name += f"[{index}]"
+        elif isinstance(index, yaml.ScalarNode):
+            name += f".{index.value}" if name else index.value
+        else:  # a mapping key being composed, or a key that is itself a collection
+            name += ".?" if name else "?"
+    return name
+
 
 class _DataLoader(yaml.SafeLoader):
-    """SafeLoader that reads any tag as the plain data under it (a path tag as its path string)."""
+    """SafeLoader that reads any tag as the plain data under it (a path tag as its path string),
+    and refuses nesting past MAX_DEPTH while composing (the composer recurses once per level)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._keys = []
+
+    def compose_node(self, parent, index):
+        self._keys.append(index)
+        try:
+            if len(self._keys) > MAX_DEPTH + 1:  # the document itself is the first
+                raise _Refused(self.peek_event(), _key_name(self._keys[1:]), f"nests deeper than {MAX_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._keys.pop()
 
 
 def _plain(loader: _DataLoader, suffix: str, node: yaml.Node):
@@ -73,6 +124,55 @@ def _plain(loader: _DataLoader, suffix: str, node: yaml.Node):
 _DataLoader.add_multi_constructor("", _plain)
 
 
+def _check_aliases(root: yaml.Node) -> None:
+    """Refuse a node graph that refers to itself through an alias, or that aliases expand past
+    MAX_VALUES values or MAX_DEPTH levels. Each node is counted once (an alias only refers to
+    an anchor already composed), so this takes time linear in the file."""
+    sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (values, levels) once expanded
+    open_nodes: set[int] = set()
+
+    def children(node, key):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                name = k.value if isinstance(k, yaml.ScalarNode) else "?"
+                yield k, key
+                yield v, f"{key}.{name}" if key else name
+        elif isinstance(node, yaml.SequenceNode):
+            yield from ((item, f"{key}[{i}]") for i, item in enumerate(node.value))
+
+    def walk(node, key):
+        if id(node) in open_nodes:
+            raise _Refused(node, key, "refers to itself through an alias")
+        if id(node) not in sizes:
+            open_nodes.add(id(node))
+            values, levels = 1, 1
+            for child, child_key in children(node, key):
+                child_values, child_levels = walk(child, child_key)
+                values, levels = values + child_values, max(levels, child_levels + 1)
+                if values > MAX_VALUES:
+                    raise _Refused(node, key, f"expands through aliases to more than {MAX_VALUES} values")
+                if levels > MAX_DEPTH:
+                    raise _Refused(node, key, f"nests through aliases deeper than {MAX_DEPTH} levels")
+            open_nodes.discard(id(node))
+            sizes[id(node)] = values, levels
+        return sizes[id(node)]
+
+    walk(root, "")
+
+
+def _load(path: Path):
+    """The YAML document at `path` as plain data, within the limits above."""
+    loader = _DataLoader(path.read_text(encoding="utf-8"))
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_aliases(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 class Unresolved(str):
     """A value that cannot be known from the file alone; the str says why."""
 
@@ -83,34 +183,62 @@ class ReferenceConfig:
     def __init__(self, path: Path):
         self.path = Path(path)
         try:
-            tree = yaml.load(self.path.read_text(encoding="utf-8"), Loader=_DataLoader)  # noqa: S506 (data only)
+            size = files.regular_file(self.path).stat().st_size
+        except files.NotRegularFile as e:  # a FIFO would block the read
+            raise ReferenceError(str(e)) from None
+        except OSError as e:
+            raise ReferenceError(f"{self.path}: cannot read ({e})") from None
+        if size > MAX_BYTES:
+            raise ReferenceError(f"{self.path}: larger than {MAX_BYTES >> 20} MiB, where a training config is a "
+                                 "few KB: refused")
+        try:
+            tree = _load(self.path)
         except (OSError, UnicodeDecodeError) as e:
             raise ReferenceError(f"{self.path}: cannot read ({e})") from None
+        except _Refused as e:
+            raise ReferenceError(f"{self.path}:{e.line}: key '{e.key}' {e.why}: refused") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f":{mark.line + 1}" if mark is not None else ""
             raise ReferenceError(f"{self.path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        except (ValueError, TypeError, OverflowError) as e:  # a scalar its tag cannot hold, e.g. `!!int abc`
+            raise ReferenceError(f"{self.path}: not valid YAML ({e})") from None
         if not isinstance(tree, dict):
             raise ReferenceError(f"{self.path}: expected a YAML mapping at the top")
         self.tree = tree
+        self._asked, self._budget = "", 0  # the key get() resolves, and what it may still produce
 
-    def get(self, dotted: str, _depth: int = 0):
+    def get(self, dotted: str):
         """The value at `dotted`, interpolations resolved; None when the key is absent;
-        an `Unresolved` when it is `???` or depends on something outside the file."""
-        if _depth > 20:
-            return Unresolved(f"{dotted}: interpolations nest too deep (a cycle?)")
+        an `Unresolved` when it is `???` or depends on something outside the file. Resolving
+        past MAX_RESOLVED values and characters, or MAX_DEPTH levels, raises ReferenceError."""
+        self._asked, self._budget = dotted, MAX_RESOLVED
+        return self._get(dotted, 0)
+
+    def _get(self, dotted: str, depth: int):
         node = self.tree
         for key in dotted.split("."):
             if not isinstance(node, dict) or key not in node:
                 return None
             node = node[key]
-        return self._resolve(node, dotted, _depth)
+        return self._resolve(node, dotted, depth)
+
+    def _refuse(self, why: str) -> ReferenceError:
+        return ReferenceError(f"{self.path}: key '{self._asked}' resolves through ${{...}} {why}: refused")
+
+    def _spend(self, amount: int) -> None:
+        self._budget -= amount
+        if self._budget < 0:
+            raise self._refuse(f"to more than {MAX_RESOLVED} values and characters")
 
     def _resolve(self, value, where: str, depth: int):
+        if depth > MAX_DEPTH:
+            raise self._refuse(f"deeper than {MAX_DEPTH} levels (a cycle?)")
+        self._spend(1 + (len(value) if isinstance(value, str) else 0))
         if isinstance(value, dict):
-            return {k: self._resolve(v, f"{where}.{k}", depth) for k, v in value.items()}
+            return {k: self._resolve(v, f"{where}.{k}", depth + 1) for k, v in value.items()}
         if isinstance(value, list):
-            return [self._resolve(v, where, depth) for v in value]
+            return [self._resolve(v, where, depth + 1) for v in value]
         if not isinstance(value, str):
             return value
         if value == MISSING:
@@ -127,14 +255,16 @@ class ReferenceConfig:
             if ":" in ref:  # a resolver (hydra:, oc.env:, ...): only known while the reference ran
                 return Unresolved(f"{where} is {value!r}, which needs the resolver '{ref.split(':')[0]}:'")
             target = self._absolute(ref, where)
-            got = self.get(target, depth + 1)
+            got = self._get(target, depth + 1)
             if got is None:
                 return Unresolved(f"{where} is {value!r}, and {target} is not in the file")
             if isinstance(got, Unresolved):
                 return Unresolved(f"{where} is {value!r}, and {got}")
             if value.strip() == piece:
                 return got  # a whole-value interpolation keeps the target's type
-            resolved.append(got if isinstance(got, str) else json.dumps(got))
+            text = got if isinstance(got, str) else json.dumps(got, default=str)
+            self._spend(len(text))
+            resolved.append(text)
         return "".join(resolved)
 
     @staticmethod
@@ -148,19 +278,18 @@ class ReferenceConfig:
 
 
 def find_config(checkpoint: Path) -> Path | None:
-    """The reference's training config for a checkpoint, looked for as the reference does: in the
-    weights' directory, then each directory above it, up to the run directory (the one holding
-    `checkpoints/`)."""
-    here = Path(checkpoint).absolute()
-    for _ in range(4):
-        if (here / CONFIG_NAME).is_file():
-            return here / CONFIG_NAME
-        if here.name == "checkpoints" or here.parent == here:
-            if here.name == "checkpoints" and (here.parent / CONFIG_NAME).is_file():
-                return here.parent / CONFIG_NAME
-            return None
-        here = here.parent
-    return None
+    """The reference's training config of a checkpoint in its run's layout, and nowhere else:
+    `<run>/checkpoints/torchtune_config.yaml` for `<run>/checkpoints/epoch_E/global_step_N` (or the
+    newer reference's `<run>/checkpoints/step_N`). A checkpoint elsewhere (an extended model, this
+    project's own) has none, whatever YAML lies in a directory above it."""
+    checkpoint = Path(checkpoint).absolute()
+    older = STEP_DIR.fullmatch(checkpoint.name) and EPOCH_DIR.fullmatch(checkpoint.parent.name)
+    newer = re.fullmatch(r"step_\d+", checkpoint.name) and not (checkpoint / "training_state.pt").exists()
+    checkpoints = checkpoint.parent.parent if older else checkpoint.parent if newer else None
+    if checkpoints is None or checkpoints.name != "checkpoints":
+        return None
+    path = checkpoints / CONFIG_NAME
+    return path if os.path.lexists(path) else None  # ReferenceConfig refuses one that is no regular file
 
 
 # -- settings for generation ------------------------------------------------------------------
@@ -169,9 +298,9 @@ def find_config(checkpoint: Path) -> Path | None:
 def _data_keys(training_config: Path) -> set[str]:
     """The data.* keys a checkpoint's training_config.json sets (dotted, below data)."""
     try:
-        data = json.loads(training_config.read_text()).get("data", {})
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return set()  # generate.py reports a broken file itself
+        data = json.loads(files.regular_file(training_config).read_text(encoding="utf-8")).get("data", {})
+    except (OSError, ValueError, AttributeError):  # absent, no regular file, not JSON: generate.py reports it
+        return set()
     keys = set()
     for key, value in data.items() if isinstance(data, dict) else ():
         if isinstance(value, dict):
@@ -183,10 +312,11 @@ def _data_keys(training_config: Path) -> set[str]:
 def generation_settings(checkpoint: Path, overrides: list[str], n_dsus: int | None):
     """The token-id settings of `checkpoint` that come from a reference `torchtune_config.yaml`.
 
-    Returns (extra overrides, sources): overrides as `data.key=<json>` strings for the settings
-    that neither the command line (`overrides`, `n_dsus`) nor the checkpoint's training_config.json
-    gives, and {setting: where it came from} for all four. Without a reference config it returns
-    ([], sources of what the command line and training_config.json give). A setting that is needed
+    Returns (from_yaml, sources): {setting: (value, where)} for the settings that neither the
+    command line (`overrides`, `n_dsus`) nor the checkpoint's training_config.json gives, `where`
+    naming the file and key (for the caller to check the value against its schema and name them),
+    and {setting: where it came from} for all four. Without a reference config it returns
+    ({}, sources of what the command line and training_config.json give). A setting that is needed
     but unresolved in the YAML raises ReferenceError naming it and how to give it.
     """
     checkpoint = Path(checkpoint)
@@ -194,8 +324,8 @@ def generation_settings(checkpoint: Path, overrides: list[str], n_dsus: int | No
     if n_dsus is not None:
         given.add("n_dsus")
     own = checkpoint / TRAINING_CONFIG
-    saved = _data_keys(own) if own.is_file() else set()
-    sources, extra = {}, []
+    saved = _data_keys(own)
+    sources, from_yaml = {}, {}
     yaml_path = find_config(checkpoint) if not saved >= set(TOKEN_SETTINGS) else None
     config = ReferenceConfig(yaml_path) if yaml_path else None
     for setting, places in TOKEN_SETTINGS.items():
@@ -211,10 +341,9 @@ def generation_settings(checkpoint: Path, overrides: list[str], n_dsus: int | No
                     f"{setting}: not on the command line nor in a {TRAINING_CONFIG}, and {config.path} does not "
                     f"resolve it ({why}); pass {HOW_TO_GIVE[setting]}"
                 )
-            _check_type(setting, value, config.path, place)
-            extra.append(f"data.{setting}={json.dumps(value)}")
-            sources[setting] = f"{config.path} ({place})"
-    return extra, sources
+            sources[setting] = f"{config.path}, key '{place}'"
+            from_yaml[setting] = value, sources[setting]
+    return from_yaml, sources
 
 
 def describe_settings(data: dict, sources: dict[str, str]) -> list[str]:
@@ -240,15 +369,7 @@ def _first_value(config: ReferenceConfig, places):
     return first_unresolved or (None, None)
 
 
-def _check_type(setting: str, value, path: Path, place: str) -> None:
-    wanted = {"n_dsus": int, "deduplicate": bool, "modality_tokens": bool, "sft.system_prompt": str}[setting]
-    if not isinstance(value, wanted) or (wanted is int and isinstance(value, bool)):
-        raise ReferenceError(f"{path}: {place} is {value!r}, expected {wanted.__name__} for {setting}")
-
-
 # -- checkpoints and outputs ------------------------------------------------------------------
-
-STEP_DIR = re.compile(r"global_step_(\d+)")
 
 
 def generations_dir(checkpoint: Path) -> Path | None:
@@ -256,7 +377,7 @@ def generations_dir(checkpoint: Path) -> Path | None:
     `<run>/checkpoints/epoch_E/global_step_N` (the reference swaps `checkpoints` for `generations`)."""
     checkpoint = Path(checkpoint).absolute()
     parts = checkpoint.parts
-    if (len(parts) >= 4 and parts[-3] == "checkpoints" and re.fullmatch(r"epoch_\d+", parts[-2])
+    if (len(parts) >= 4 and parts[-3] == "checkpoints" and EPOCH_DIR.fullmatch(parts[-2])
             and STEP_DIR.fullmatch(parts[-1])):
         return checkpoint.parents[2] / "generations" / parts[-2] / parts[-1]
     return None
@@ -283,7 +404,7 @@ def reference_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def is_reference_checkpoint(path: Path) -> bool:
-    if STEP_DIR.fullmatch(path.name) and re.fullmatch(r"epoch_\d+", path.parent.name):
+    if STEP_DIR.fullmatch(path.name) and EPOCH_DIR.fullmatch(path.parent.name):
         return path.is_dir()
     return path in reference_checkpoints(path.parent)  # the newer step_N, beside its training_state.pt
 
@@ -340,13 +461,15 @@ def hub_cache_dataset(name: str) -> Path | None:
     wer.py takes its owner's datasets by name); None when it is not there or is ambiguous."""
     roots = [os.environ.get("HF_HUB_CACHE"), os.environ.get("HF_HOME") and os.path.join(os.environ["HF_HOME"], "hub"),
              os.path.expanduser("~/.cache/huggingface/hub")]
-    pattern = "datasets--" + (name.replace("/", "--") if "/" in name else f"*--{name}")
+    escaped = glob.escape(name)  # a name is a name, never a pattern that could match another dataset
+    pattern = "datasets--" + (escaped.replace("/", "--") if "/" in name else f"*--{escaped}")
     found = {p for root in roots if root and Path(root).is_dir() for p in Path(root).glob(pattern) if p.is_dir()}
     return found.pop() if len(found) == 1 else None
 
 
 def cached_dataset(checkpoint: Path) -> Path | None:
-    """The local hub cache entry of the dataset a reference checkpoint's config names, if there."""
+    """The local hub cache entry of the dataset a reference checkpoint's config names, if there;
+    ReferenceError when the config cannot be read."""
     path = find_config(checkpoint)
     if path is None:
         return None
@@ -367,9 +490,9 @@ def infer_split(generations: Path) -> str | None:
 def holds_vllm_records(path: Path) -> bool:
     """Whether a generations file's first record is a vLLM one (`outputs`, no `text`)."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(files.regular_file(path), encoding="utf-8") as f:  # never a FIFO: it would block
             first = next((line for line in f if line.strip()), "")
         record = json.loads(first) if first else None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False  # wer.py reports the file's problem itself
+    except (OSError, ValueError):  # no regular file, not UTF-8, not JSON: wer.py reports the file's problem itself
+        return False
     return isinstance(record, dict) and "outputs" in record and "text" not in record

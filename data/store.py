@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data.dataset import SCHEMA_FIELDS, TIME_FIELDS, count_rows, iter_rows, resolve_files
-from files import atomic_write
+from data.dataset import SCHEMA_FIELDS, TIME_FIELDS, DataError, count_rows, iter_rows, resolve_files
+from files import atomic_write, regular_files_only
 
 FORMAT_VERSION = 2
 INDEX_WIDTH = 5  # dsus, times, id, transcript, words
@@ -48,12 +48,17 @@ class RowStore:
 
     def __init__(self, directory: Path):
         self.directory = directory
-        self.meta = json.loads((directory / "meta.json").read_text())
-        self.fields = tuple(self.meta["fields"])
-        self.n_rows = self.meta["n_rows"]
-        # Unbuffered files read with os.pread: no shared file position, so forked readers are safe.
-        self._files = {name: open(directory / name, "rb", buffering=0)
-                       for name in ("index.i64", "dsus.u16", "times.f64", "text.u8")}
+        try:  # a store is this code's output, but a FIFO or a damaged file in it must not block or crash a run
+            regular_files_only(directory)
+            self.meta = json.loads((directory / "meta.json").read_bytes())
+            self.fields = tuple(self.meta["fields"])
+            self.n_rows = int(self.meta["n_rows"])
+            # Unbuffered files read with os.pread: no shared file position, so forked readers are safe.
+            self._files = {name: open(directory / name, "rb", buffering=0)
+                           for name in ("index.i64", "dsus.u16", "times.f64", "text.u8")}
+        except (OSError, ValueError, KeyError, TypeError) as error:  # NotRegularFile and bad JSON are ValueErrors
+            raise DataError(f"{directory}: not a readable data store ({error}); remove it to convert the "
+                            "source again") from None
 
     def __len__(self) -> int:
         return self.n_rows

@@ -19,6 +19,8 @@ from functools import cached_property
 import numpy as np
 import tiktoken
 
+from files import NotRegularFile, regular_file
+
 DSU_BASE = 0xF0000  # DSU i is chr(DSU_BASE + i): Supplementary Private Use Area-A
 MAX_DSUS = 65534  # U+F0000 .. U+FFFFD
 MODALITY_SPEECH = "\ue000"
@@ -69,7 +71,13 @@ class TokenizerFileError(ValueError):
 def read_bpe_file(path: str | os.PathLike) -> dict[bytes, int]:
     """Parse a tiktoken BPE file, checking that ranks are unique and contiguous from 0."""
     ranks: dict[bytes, int] = {}
-    with open(path, "rb") as f:
+    try:
+        f = open(regular_file(path), "rb")  # checked first: opening a FIFO would block
+    except NotRegularFile as e:
+        raise TokenizerFileError(str(e)) from None
+    except OSError as e:
+        raise TokenizerFileError(f"{path}: cannot be read ({e.strerror})") from None
+    with f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -161,11 +169,9 @@ class DsuBpe:
     def load(cls, directory: str) -> "DsuBpe":
         where = os.path.join(directory, DSU_BPE_MODEL)
         try:
-            with open(os.path.join(directory, DSU_BPE_SETTINGS)) as f:
-                settings = json.load(f)
-            with open(where, "rb") as f:
-                model = f.read()
-        except (OSError, ValueError) as e:
+            settings = json.loads(regular_file(os.path.join(directory, DSU_BPE_SETTINGS)).read_bytes())
+            model = regular_file(where).read_bytes()
+        except (OSError, ValueError, RecursionError) as e:  # NotRegularFile and bad JSON are ValueErrors
             raise TokenizerFileError(f"{where}: cannot read the speech BPE or its {DSU_BPE_SETTINGS} ({e})") from None
         if not isinstance(settings, dict):
             raise TokenizerFileError(f"{os.path.join(directory, DSU_BPE_SETTINGS)}: expected a JSON object")

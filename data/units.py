@@ -19,11 +19,14 @@ Encoders: `hubert` (transformers HubertModel, the output of transformer layer --
 `output_layer` counts, then the nearest k-means centroid), `mimi` (transformers MimiModel, first,
 semantic codebook), `speechtokenizer` (its package, RVQ-0), `mfcc` and `logmel` (data.features,
 the bundled corpus's units; `--stack N` joins N frames into one unit, 50 / N units per second).
-Model weights are read from local directories only.
+Model weights are read from local directories only. An utterance's units do not depend on what it
+is batched with; audio longer than --chunk-seconds is encoded in chunks, each with context on both
+sides that is encoded and dropped (`chunk_pieces`).
 
 OUT_DIR gets `units.json` (encoder, layer, centroid hash, n_dsus, sampling_rate, downsampling_ratio,
-what was encoded) and `data/SPLIT-XXXXX-of-YYYYY.parquet`, each shard written under a temporary
-name and renamed when complete; `--resume` continues a killed run, keeping its finished shards.
+chunk context, what was encoded) and `data/SPLIT-XXXXX-of-YYYYY.parquet` (--split: a plain name),
+each shard written under a temporary name and renamed when complete; `--resume` continues a killed
+run, keeping its finished shards. Refused input (exit status 2) leaves no new OUT_DIR behind.
 Train with `data.train=OUT_DIR/data` and the settings `overrides` prints.
 """
 
@@ -33,16 +36,18 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from data import features
 from data.tokenizer import MAX_DSUS
-from files import atomic_write
+from files import NotRegularFile, atomic_write, regular_file
 
 AUDIO_SUFFIXES = (".wav", ".flac")
 AUDIO_EXTRA = "pip install -r requirements-audio.txt"
@@ -53,6 +58,23 @@ FORMAT_VERSION = 1
 
 class InputError(ValueError):
     """Bad input; the message names the file, line or field."""
+
+
+def readable(path: str | os.PathLike) -> Path:
+    """`path`, checked to be a regular file before anything opens it (a FIFO would block the read)."""
+    try:
+        return regular_file(path)
+    except NotRegularFile as e:
+        raise InputError(str(e)) from None
+
+
+def plain_name(name: str, what: str) -> str:
+    """`name`, checked to be usable as one file name: it becomes part of an output path, so it
+    must not reach out of its directory (no separators, not `.` or `..`, not hidden)."""
+    if not re.fullmatch(r"\w[\w.+-]*", name):
+        raise InputError(f"{what} {name!r}: expected a plain name (letters, digits, '_', '-', '.', '+'; "
+                         "no path separators, not starting with '.')")
+    return name
 
 
 @dataclass
@@ -101,7 +123,7 @@ def check_unique_ids(utterances: list[Utterance]) -> None:
 def _bare_audio(path: Path, need_transcript: bool) -> Utterance:
     text_file = path.with_suffix(".txt")
     if text_file.exists():
-        transcript = " ".join(text_file.read_text(encoding="utf-8").split())
+        transcript = " ".join(" ".join(_read_lines(text_file)).split())
     elif need_transcript:
         raise InputError(f"{path}: no transcript: put it in {text_file}, or list the audio in a JSONL or TSV manifest")
     else:
@@ -111,7 +133,7 @@ def _bare_audio(path: Path, need_transcript: bool) -> Utterance:
 
 def _read_lines(path: Path) -> list[str]:
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        return readable(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: cannot read ({e})") from None
 
@@ -268,9 +290,11 @@ def attach_alignments(utterances: list[Utterance], source: str) -> None:
     path = Path(source)
     if path.is_dir():
         def lookup(u: Utterance):
+            if Path(u.id).is_absolute() or ".." in Path(u.id).parts:  # the id names a file inside the directory
+                raise InputError(f"{u.where}: id {u.id!r} would name a TextGrid outside {source}")
             grid = path / f"{u.id}.TextGrid"
             return read_textgrid(grid) if grid.exists() else None
-    elif path.is_file():
+    elif path.exists():
         ctm = read_ctm(path)
         lookup = lambda u: ctm.get(u.id)  # noqa: E731
     else:
@@ -293,11 +317,11 @@ def read_audio(path: Path, rate: int, block_seconds: float = 30.0) -> np.ndarray
     import soxr
 
     try:
-        with soundfile.SoundFile(str(path)) as f:
+        with soundfile.SoundFile(str(readable(path))) as f:
             source_rate = f.samplerate
             stream = soxr.ResampleStream(source_rate, rate, 1, dtype="float32") if source_rate != rate else None
             pieces = []
-            for block in f.blocks(blocksize=int(block_seconds * source_rate), dtype="float32", always_2d=True):
+            for block in _finite_blocks(f, path, int(block_seconds * source_rate)):
                 mono = block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0]
                 pieces.append(stream.resample_chunk(mono) if stream else mono.copy())
             if stream:
@@ -307,9 +331,25 @@ def read_audio(path: Path, rate: int, block_seconds: float = 30.0) -> np.ndarray
     return np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
 
 
+def _finite_blocks(f, path: Path, block_frames: int):
+    """The blocks of an open soundfile, refusing NaN or infinite samples (a float file may hold
+    them; every encoder would turn them into constant units)."""
+    done = 0
+    for block in f.blocks(blocksize=block_frames, dtype="float32", always_2d=True):
+        bad = ~np.isfinite(block).all(axis=1)
+        if bad.any():
+            second = (done + int(np.argmax(bad))) / f.samplerate
+            raise InputError(f"{path}: holds NaN or infinite samples (the first at {second:.3f} s)")
+        done += len(block)
+        yield block
+
+
 # ---------------------------------------------------------------------------------------------
-# Encoders. Each turns a list of mono arrays at `sampling_rate` into one int64 array of DSUs each,
-# `frames(n)` long; `features` (k-means encoders) gives the frames k-means is fitted on.
+# Encoders. Each takes a batch of mono arrays at `sampling_rate` (whole utterances, or pieces of
+# long ones) and gives `frames(n)` frames for each: k-means encoders their `features`, codecs
+# their DSUs (`encode`). `encode_audios`, below, cuts long audio into pieces and joins the frames.
+
+CONTEXT_SECONDS = 10.0  # audio encoded on each side of a chunk, then dropped, for models that see their whole input
 
 
 def _transformers():
@@ -329,6 +369,19 @@ def _torch_device(name: str):
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {name}: no CUDA device here")
     return torch.device(name)
+
+
+@contextmanager
+def _exact_float32(torch):
+    """Float32 without TF32 inside, whatever the process set: TF32's 10-bit mantissa rounds
+    differently for each batch shape (cuDNN uses it for convolutions by default), which on a GPU
+    changed units of Mimi with their batch companions."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def assign(x, centroids: np.ndarray, device=None) -> np.ndarray:
@@ -355,7 +408,9 @@ class Encoder:
     downsampling_ratio = 320
     n_dsus = 0
     batch_size = 1
-    chunk_overlap = 0  # samples a chunk reaches into the next (the receptive field minus the hop)
+    chunked = True  # long audio may be encoded in pieces
+    chunk_overlap = 0  # samples a frame reaches past its hop (the receptive field minus the hop)
+    context = (0, 0)  # samples encoded before and after a piece's own frames, then dropped
     centroids = None
 
     def frames(self, n_samples: int) -> int:
@@ -364,11 +419,15 @@ class Encoder:
     def settings(self) -> dict:
         return {}
 
-    def features(self, audios: list[np.ndarray]) -> list[np.ndarray]:
-        raise InputError(f"the {self.name} encoder has its own codebook; k-means applies to mfcc, logmel and hubert")
+    def prepare(self, audio: np.ndarray) -> np.ndarray:
+        """What is done to a whole utterance before it is cut into pieces."""
+        return audio
+
+    def features(self, audios: list[np.ndarray]) -> list:
+        raise NotImplementedError(f"the {self.name} encoder has its own codebook")
 
     def encode(self, audios: list[np.ndarray]) -> list[np.ndarray]:
-        return [assign(f, self.centroids, getattr(self, "device", None)) for f in self.features(audios)]
+        raise NotImplementedError(f"the {self.name} encoder's units are k-means clusters of its features")
 
     def set_centroids(self, path: str, allow_pickle: bool, dim: int, settings: dict | None = None) -> None:
         if not path:
@@ -382,7 +441,10 @@ class Encoder:
 class SpectralEncoder(Encoder):
     """MFCC or log-mel frames (data.features) and k-means: the bundled corpus's units. `stack`
     consecutive 20 ms frames join into one vector before k-means, so a unit spans `stack` frames:
-    50 / stack units per second (2: 25 Hz; 4: 12.5 Hz, Mimi's rate). A trailing part-unit is dropped."""
+    50 / stack units per second (2: 25 Hz; 4: 12.5 Hz, Mimi's rate). A trailing part-unit is dropped.
+    Each utterance is computed on its own, and never in pieces (its features are normalised over it)."""
+
+    chunked = False
 
     def __init__(self, kind: str, kmeans: str | None, allow_pickle: bool = False, stack: int = 1):
         if stack < 1:
@@ -413,7 +475,9 @@ class SpectralEncoder(Encoder):
 
 class HubertEncoder(Encoder):
     """transformers HubertModel cut after transformer layer `layer` (fairseq's output_layer, 1-based:
-    no final layer norm), then k-means."""
+    no final layer norm), then k-means. Padding is masked out of the attention and its frames are
+    never used, so batched utterances get their features alone (up to float rounding). Attention
+    sees the whole input, so a piece of a long file is encoded with CONTEXT_SECONDS around it."""
 
     name = "hubert"
 
@@ -435,18 +499,23 @@ class HubertEncoder(Encoder):
             lambda _m, _i, out: self._captured.append(out[0] if isinstance(out, tuple) else out))
         self.model = model.eval().to(self.device)
         self.torch = torch
-        preprocessor = self.model_dir / "preprocessor_config.json"
-        pre = json.loads(preprocessor.read_text()) if preprocessor.exists() else {}
+        pre = _json_object(self.model_dir / "preprocessor_config.json", required=False)
         # HuBERT large was trained on utterance-normalised audio, base on raw audio (fairseq's
         # task.normalize); the Hugging Face preprocessor config says which.
-        self.normalize = bool(pre.get("do_normalize", model.config.feat_extract_norm == "layer"))
-        self.sampling_rate = int(pre.get("sampling_rate", 16000))
+        self.normalize = pre.get("do_normalize", model.config.feat_extract_norm == "layer")
+        self.sampling_rate = pre.get("sampling_rate", 16000)
+        where = self.model_dir / "preprocessor_config.json"
+        if not isinstance(self.normalize, bool):
+            raise InputError(f"{where}: field 'do_normalize': expected true or false, got {self.normalize!r}")
+        if not _positive_int(self.sampling_rate):
+            raise InputError(f"{where}: field 'sampling_rate': expected a positive integer, got {self.sampling_rate!r}")
         self.downsampling_ratio = int(np.prod(model.config.conv_stride))
         receptive = 1
         for kernel, stride in reversed(list(zip(model.config.conv_kernel, model.config.conv_stride))):
             receptive = (receptive - 1) * stride + kernel
         self.receptive_field = receptive
         self.chunk_overlap = receptive - self.downsampling_ratio
+        self.context = (int(CONTEXT_SECONDS * self.sampling_rate),) * 2
         # Group norm (HuBERT base) normalises over time, padding included: batch only on layer norm.
         self.batch_size = batch_size if model.config.feat_extract_norm == "layer" else 1
         if kmeans is not None:
@@ -459,17 +528,19 @@ class HubertEncoder(Encoder):
         return {"model": str(self.model_dir), "model_sha256": _model_hash(self.model_dir), "layer": self.layer,
                 "normalize": self.normalize}
 
+    def prepare(self, audio):
+        # Over the whole utterance, as Wav2Vec2FeatureExtractor does, so that its pieces share it.
+        return (audio - audio.mean()) / np.sqrt(audio.var() + 1e-7) if self.normalize else audio
+
     def features(self, audios):
         torch = self.torch
         lengths = [len(a) for a in audios]
         batch = np.zeros((len(audios), max(lengths)), np.float32)
         mask = np.zeros(batch.shape, np.int64)
         for i, a in enumerate(audios):
-            if self.normalize:
-                a = (a - a.mean()) / np.sqrt(a.var() + 1e-7)  # as Wav2Vec2FeatureExtractor does
             batch[i, : len(a)], mask[i, : len(a)] = a, 1
         self._captured.clear()
-        with torch.inference_mode():
+        with torch.inference_mode(), _exact_float32(torch):
             self.model(torch.from_numpy(batch).to(self.device),
                        attention_mask=torch.from_numpy(mask).to(self.device) if len(audios) > 1 else None)
         hidden = self._captured[0]
@@ -489,14 +560,22 @@ class CodecEncoder(Encoder):
 
 
 class MimiEncoder(CodecEncoder):
-    """transformers MimiModel, the first (semantic) codebook of its split RVQ. Mimi is causal, so
-    padding after an utterance leaves its codes alone and utterances batch freely."""
+    """transformers MimiModel, the first (semantic) codebook of its split RVQ.
+
+    Mimi is causal, so padding after an utterance cannot reach its full frames, but it reaches the
+    last, part-filled one: alone, each strided convolution pads its input to a whole window with
+    zeros (or its last frame repeated), while in a batch the encoding of the padding audio fills
+    that window. Hooks on those convolutions give each utterance of a batch the padding it gets
+    alone, so its codes do not depend on its companions (up to float rounding). Its reach back is
+    finite (the convolutions and the transformer's attention window), so a chunk of a long file
+    encoded with that much audio before it gets exactly the frames of a single pass."""
 
     name = "mimi"
 
     def __init__(self, model_dir: str, device: str, batch_size: int):
         transformers = _transformers()
         import torch
+        from transformers.models.mimi.modeling_mimi import MimiConv1d
 
         self.model_dir = _model_dir(model_dir)
         self.device = _torch_device(device)
@@ -505,8 +584,50 @@ class MimiEncoder(CodecEncoder):
         self.sampling_rate = int(config.sampling_rate)
         self.downsampling_ratio = int(round(config.sampling_rate / config.frame_rate))
         self.n_dsus = int(config.codebook_size)
-        self.batch_size = batch_size
         self.torch = torch
+        # Where this transformers version keeps them: in MimiModel.encoder, or beside it.
+        seanet = getattr(self.model.encoder, "encoder_seanet", self.model.encoder)
+        downsample = getattr(self.model.encoder, "downsample", None) or getattr(self.model, "downsample", None)
+        convs = [m for m in [*seanet.modules(), downsample] if isinstance(m, MimiConv1d)]
+        strided = [m for m in convs if m.conv.stride[0] > 1]
+        causal = config.use_causal_conv and all(m.pad_mode in ("constant", "replicate") for m in strided)
+        window = getattr(config, "sliding_window", None)
+        # Unless every layer looks only back, padding reaches every frame: then one utterance at a time.
+        self.batch_size = batch_size if causal else 1
+        self._valid: dict[int, list[int]] = {}  # input length at a layer -> each utterance's own length there
+        if causal:
+            for conv in strided:
+                conv.register_forward_pre_hook(self._pad_as_alone)
+                conv.register_forward_hook(self._record_lengths)
+        context = int(CONTEXT_SECONDS * self.sampling_rate)
+        self.context = (self._reach(convs, downsample, window), 0) if causal and window else (context, context)
+
+    @staticmethod
+    def _reach(convs: list, downsample, window: int) -> int:
+        """Samples before a frame's hop that can change it: the receptive field of the convolutions
+        (residual branches counted in series: a bound) and the transformer's attention window,
+        which works between the SEANet and the downsampling convolution."""
+        reach, jump = 0, 1
+        for conv in convs:
+            if conv is downsample:
+                reach += (window - 1) * jump
+            reach += (int(conv.kernel_size) - 1) * jump
+            jump *= conv.conv.stride[0]
+        return reach if downsample is not None else reach + (window - 1) * jump
+
+    def _pad_as_alone(self, conv, args):
+        x = args[0]
+        valid = self._valid[x.shape[-1]]
+        if min(valid) == x.shape[-1]:
+            return None
+        x = x.clone()
+        for i, n in enumerate(valid):
+            x[i, :, n:] = x[i, :, n - 1 : n] if conv.pad_mode == "replicate" else 0
+        return (x, *args[1:])
+
+    def _record_lengths(self, conv, args, out):
+        stride = conv.conv.stride[0]
+        self._valid[out.shape[-1]] = [-(-n // stride) for n in self._valid[args[0].shape[-1]]]
 
     def encode(self, audios):
         torch = self.torch
@@ -514,14 +635,16 @@ class MimiEncoder(CodecEncoder):
         batch = np.zeros((len(audios), 1, max(lengths)), np.float32)
         for i, a in enumerate(audios):
             batch[i, 0, : len(a)] = a
-        with torch.inference_mode():
+        self._valid = {batch.shape[-1]: lengths}
+        with torch.inference_mode(), _exact_float32(torch):
             codes = self.model.encode(torch.from_numpy(batch).to(self.device), num_quantizers=1).audio_codes
         return [codes[i, 0, : self.frames(n)].cpu().numpy().astype(np.int64) for i, n in enumerate(lengths)]
 
 
 class SpeechTokenizerEncoder(CodecEncoder):
     """The speechtokenizer package's model, RVQ-0 codes. Its encoder is not causal (convolutions
-    and a BiLSTM see the padding), so utterances go one at a time."""
+    and a BiLSTM see the padding), so utterances go one at a time, and a piece of a long file is
+    encoded with CONTEXT_SECONDS around it."""
 
     name = "speechtokenizer"
 
@@ -533,27 +656,50 @@ class SpeechTokenizerEncoder(CodecEncoder):
         import torch
 
         self.model_dir = _model_dir(model_dir)
-        config, weights = self.model_dir / "config.json", self.model_dir / "SpeechTokenizer.pt"
-        for needed in (config, weights):
-            if not needed.exists():
-                raise InputError(f"{self.model_dir}: no {needed.name} (the directory holds config.json and SpeechTokenizer.pt)")
+        config_path, weights = self.model_dir / "config.json", self.model_dir / "SpeechTokenizer.pt"
+        if not weights.exists():
+            raise InputError(f"{self.model_dir}: no {weights.name} (the directory holds config.json and SpeechTokenizer.pt)")
+        config = _json_object(config_path)
+        for key in ("codebook_size", "sample_rate"):
+            if not _positive_int(config.get(key)):
+                raise InputError(f"{config_path}: field '{key}': expected a positive integer, got {config.get(key)!r}")
+        self.n_dsus = config["codebook_size"]
         self.device = _torch_device(device)
-        self.model = SpeechTokenizer(json.loads(config.read_text()))
+        self.model = SpeechTokenizer(config)
         # Read as data: the package's own loader would unpickle the checkpoint.
-        self.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        self.model.load_state_dict(torch.load(readable(weights), map_location="cpu", weights_only=True))
         self.model = self.model.eval().to(self.device)
         self.sampling_rate = int(self.model.sample_rate)
         self.downsampling_ratio = int(self.model.downsample_rate)
-        self.n_dsus = int(json.loads(config.read_text()).get("codebook_size", 1024))
+        self.context = (int(CONTEXT_SECONDS * self.sampling_rate),) * 2
         self.torch = torch
 
     def encode(self, audios):
         out = []
         for a in audios:
-            with self.torch.inference_mode():
+            with self.torch.inference_mode(), _exact_float32(self.torch):
                 codes = self.model.encode(self.torch.from_numpy(a)[None, None].to(self.device), n_q=1)
             out.append(codes[0, 0].cpu().numpy().astype(np.int64))
         return out
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _json_object(path: Path, required: bool = True) -> dict:
+    """A JSON file holding an object; {} for an absent optional one. Errors name the file."""
+    if not required and not path.exists():
+        return {}
+    try:
+        value = json.loads(readable(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read ({e})") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _model_dir(model_dir: str | None) -> Path:
@@ -562,14 +708,20 @@ def _model_dir(model_dir: str | None) -> Path:
     path = Path(model_dir)
     if not (path / "config.json").exists():
         raise InputError(f"--model {model_dir}: no config.json there (a Hugging Face model directory is expected)")
+    for entry in _model_files(path):
+        readable(entry)  # a FIFO among them would block the model's loader
     return path
+
+
+def _model_files(model_dir: Path) -> list[Path]:
+    return sorted(p for p in model_dir.iterdir() if p.suffix in (".json", ".safetensors", ".bin", ".pt"))
 
 
 def _model_hash(model_dir: Path) -> str:
     """sha256 over the directory's config and weight files (names and contents)."""
     digest = hashlib.sha256()
-    for path in sorted(model_dir.iterdir()):
-        if path.is_file() and path.suffix in (".json", ".safetensors", ".bin", ".pt"):
+    for path in _model_files(model_dir):
+        if path.is_file():
             digest.update(path.name.encode())
             with open(path, "rb") as f:
                 while block := f.read(1 << 24):
@@ -599,37 +751,95 @@ def make_encoder(args, need_kmeans: bool = True) -> Encoder:
 
 
 # ---------------------------------------------------------------------------------------------
-# Encoding, with long audio in chunks
+# Encoding, with long audio in pieces
 
 
-def chunk_bounds(n_samples: int, encoder: Encoder, chunk_seconds: float) -> list[tuple[int, int]]:
-    """(start, stop) sample ranges whose frames, concatenated, are exactly the frames of the
-    whole: chunks start on a frame boundary and reach `chunk_overlap` samples into the next."""
+@dataclass(frozen=True)
+class Piece:
+    """Samples [start, stop) of an utterance, encoded as one; of its frames, `count` from `first`
+    on are kept, the others being context. `start` is on a frame boundary, so the piece's frame j
+    is the utterance's frame start / hop + j."""
+
+    start: int
+    stop: int
+    first: int
+    count: int
+
+
+def chunk_pieces(n_samples: int, encoder: Encoder, chunk_seconds: float) -> list[Piece]:
+    """The pieces an utterance is encoded in: its frames in chunks of `chunk_seconds`, each encoded
+    with `encoder.context` samples of audio before and after it (the window moved inwards at the
+    ends of the file, so every piece is as long, and chunks that end up in the same window share
+    one piece), so that its frames see what a single pass shows them: exactly where the model's
+    reach is finite (Mimi), nearly where it attends to its whole input (HuBERT)."""
+    n_frames = encoder.frames(n_samples)
     hop = encoder.downsampling_ratio
-    step = max(1, int(chunk_seconds * encoder.sampling_rate) // hop) * hop
-    if n_samples <= step + encoder.chunk_overlap:
-        return [(0, n_samples)]
-    return [(start, min(n_samples, start + step + encoder.chunk_overlap)) for start in range(0, n_samples, step)
-            if encoder.frames(min(n_samples, start + step + encoder.chunk_overlap) - start) > 0]
+    step = max(1, int(chunk_seconds * encoder.sampling_rate) // hop)
+    if not encoder.chunked or n_frames <= step:
+        return [Piece(0, n_samples, 0, n_frames)]
+    before, after = (-(-c // hop) for c in encoder.context)  # whole frames
+    window = before + step + after
+    pieces = []
+    for first in range(0, n_frames, step):
+        last = min(n_frames, first + step)
+        # Frames [first - before, first + step + after), moved inside the file where they cross its ends.
+        start = max(0, min(first - before, n_frames - window))
+        stop = min(n_frames, start + window)
+        piece = Piece(start * hop, n_samples if stop == n_frames else stop * hop + encoder.chunk_overlap,
+                      first - start, last - first)
+        if pieces and (pieces[-1].start, pieces[-1].stop) == (piece.start, piece.stop):  # the same window: once
+            before_it = pieces.pop()
+            piece = Piece(piece.start, piece.stop, before_it.first, before_it.count + piece.count)
+        pieces.append(piece)
+    return pieces
 
 
-def encode_audios(encoder: Encoder, audios: list[np.ndarray], chunk_seconds: float) -> list[np.ndarray]:
-    """DSUs of each audio, long ones in chunks; pieces go through the encoder `batch_size` at a
-    time, longest first (less padding), and come back in order."""
-    if isinstance(encoder, SpectralEncoder):  # utterance-normalised features: never chunked
-        pieces = list(enumerate(audios))
-    else:
-        pieces = [(i, a[s:e]) for i, a in enumerate(audios) for s, e in chunk_bounds(len(a), encoder, chunk_seconds)]
-    order = sorted(range(len(pieces)), key=lambda p: -len(pieces[p][1]))
-    results = [None] * len(pieces)
+def _in_pieces(encoder: Encoder, audios: list[np.ndarray], chunk_seconds: float, run) -> list[list]:
+    """`run` (the encoder's `features` or `encode`) over the pieces of every audio, `batch_size`
+    pieces at a time, longest first (less padding); per audio, the kept frames of its pieces in order."""
+    audios = [encoder.prepare(a) for a in audios]
+    pieces = [(i, p) for i, a in enumerate(audios) for p in chunk_pieces(len(a), encoder, chunk_seconds)]
+    order = sorted(range(len(pieces)), key=lambda k: pieces[k][1].start - pieces[k][1].stop)
+    kept = [None] * len(pieces)
     for first in range(0, len(order), encoder.batch_size):
-        group = order[first : first + encoder.batch_size]
-        for p, units in zip(group, encoder.encode([pieces[p][1] for p in group])):
-            results[p] = units
-    out = [[] for _ in audios]
-    for (i, _), units in zip(pieces, results):
-        out[i].append(units)
-    return [np.concatenate(u).astype(np.int64) for u in out]
+        batch = order[first : first + encoder.batch_size]
+        outputs = run([audios[pieces[k][0]][pieces[k][1].start : pieces[k][1].stop] for k in batch])
+        for k, out in zip(batch, outputs):
+            p = pieces[k][1]
+            kept[k] = out[p.first : p.first + p.count]
+    per_audio = [[] for _ in audios]
+    for (i, _), frames in zip(pieces, kept):
+        per_audio[i].append(frames)
+    return per_audio
+
+
+def utterance_features(encoder: Encoder, audios: list[np.ndarray], chunk_seconds: float,
+                       names: list[str] | None = None) -> list:
+    """Per audio, the (frames x dims) features a k-means encoder clusters: torch on the encoder's
+    device, or numpy. Non-finite features are refused, naming the audio (`names`)."""
+    out = []
+    for i, parts in enumerate(_in_pieces(encoder, audios, chunk_seconds, encoder.features)):
+        if hasattr(parts[0], "isfinite"):
+            import torch
+
+            whole, finite = torch.cat(parts), lambda x: bool(x.isfinite().all())
+        else:
+            whole, finite = np.concatenate(parts), lambda x: bool(np.isfinite(x).all())
+        if not finite(whole):
+            raise InputError(f"{names[i] if names else f'audio {i}'}: the {encoder.name} features hold NaN or "
+                             "infinite values")
+        out.append(whole)
+    return out
+
+
+def encode_audios(encoder: Encoder, audios: list[np.ndarray], chunk_seconds: float,
+                  names: list[str] | None = None) -> list[np.ndarray]:
+    """DSUs of each audio: the nearest centroid of each frame's features (k-means encoders) or the
+    codec's codes; the same for an audio whatever it is batched with."""
+    if encoder.centroids is not None:
+        device = getattr(encoder, "device", None)
+        return [assign(f, encoder.centroids, device) for f in utterance_features(encoder, audios, chunk_seconds, names)]
+    return [np.concatenate(parts).astype(np.int64) for parts in _in_pieces(encoder, audios, chunk_seconds, encoder.encode)]
 
 
 def _numpy(x) -> np.ndarray:
@@ -658,13 +868,20 @@ def _write_atomically(path: Path, write) -> None:
 
 
 def _check_audio(utterances: list[Utterance], encoder: Encoder) -> None:
-    """Every file opens as audio and has at least one frame, and no word ends after its audio:
-    checked from the headers before anything is written."""
+    """Every file opens as audio and has at least one frame, a file of float samples holds no NaN
+    or infinity, and no word ends after its audio: checked before anything is written (from the
+    headers, and the samples of float files, the only ones that can hold such values)."""
     import soundfile
 
     for u in utterances:
         try:
-            info = soundfile.info(str(u.path))
+            info = soundfile.info(str(readable(u.path)))
+            if info.subtype in ("FLOAT", "DOUBLE"):
+                with soundfile.SoundFile(str(u.path)) as f:
+                    for _ in _finite_blocks(f, u.path, 1 << 20):
+                        pass
+        except InputError as e:
+            raise InputError(f"{u.where}: {e}") from None
         except Exception as e:  # soundfile raises several types for unreadable files
             raise InputError(f"{u.where}: {u.path}: cannot read as audio ({e})") from None
         seconds = info.frames / info.samplerate
@@ -694,7 +911,6 @@ def _shard_table(rows: list[dict], timed: bool):
 
 def encode(args) -> int:
     import pyarrow.parquet as pq
-    from tqdm import tqdm
 
     out, data_dir = Path(args.out_dir), Path(args.out_dir) / "data"
     if out.exists() and not args.resume:
@@ -706,12 +922,40 @@ def encode(args) -> int:
     if untimed and len(untimed) < len(utterances):
         raise InputError(f"{untimed[0].where}: utterance {untimed[0].id!r} has no word times, while others have; "
                          "give all or none (rows without them suit SFT and concatenated CPT, not interleaved CPT)")
-    timed = not untimed
     encoder = make_encoder(args)
     _check_audio(utterances, encoder)
+    info = _encoding_info(args, encoder, utterances, timed=not untimed)
+    meta_path = out / "units.json"
+    if args.resume:
+        _check_resumable(out, info)
+        for stale in data_dir.glob(".*.partial"):  # what a killed run was writing
+            stale.unlink()
+    else:
+        created = out  # the outermost directory this run creates
+        while not created.parent.exists():
+            created = created.parent
+        data_dir.mkdir(parents=True)
+        _write_atomically(meta_path, lambda p: p.write_text(json.dumps({**info, "complete": False}, indent=2) + "\n"))
+    started = time.time()
+    try:
+        written = _write_shards(args, encoder, utterances, info, data_dir)
+    except (InputError, features.FeatureError):
+        if not args.resume:
+            shutil.rmtree(created, ignore_errors=True)  # refused input leaves nothing behind
+        raise
+    n_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in data_dir.glob("*.parquet"))
+    _write_atomically(meta_path, lambda p: p.write_text(json.dumps({**info, "complete": True}, indent=2) + "\n"))
+    use = {"validation": f"evaluate on it with: data.dev={data_dir}",
+           "test": f"transcribe it with: python generate.py CHECKPOINT --data {data_dir}"}.get(
+        args.split, f"train with: data.train={data_dir} {' '.join(overrides(info))}")
+    print(f"{written} shards written in {time.time() - started:.1f} s ({n_rows} utterances in {info['n_shards']} shards "
+          f"in all)\n{use}", file=sys.stderr)
+    return 0
 
-    n_shards = -(-len(utterances) // args.shard_size)
-    info = {
+
+def _encoding_info(args, encoder: Encoder, utterances: list[Utterance], timed: bool) -> dict:
+    """What units.json records: everything the units depend on, and the layout of the shards."""
+    return {
         "format_version": FORMAT_VERSION,
         "encoder": encoder.name,
         **encoder.settings(),
@@ -728,69 +972,80 @@ def encode(args) -> int:
         "n_utterances": len(utterances),
         "split": args.split,
         "shard_size": args.shard_size,
-        "n_shards": n_shards,
+        "n_shards": -(-len(utterances) // args.shard_size),
         "chunk_seconds": args.chunk_seconds,
+        "chunk_context_samples": list(encoder.context) if encoder.chunked else None,
         "batch_size": encoder.batch_size,
         "device": str(getattr(encoder, "device", "cpu")),
     }
-    meta_path = out / "units.json"
-    if args.resume:
-        if not meta_path.exists():
-            raise InputError(f"--resume {out}: no units.json there, so nothing to resume")
-        before = json.loads(meta_path.read_text())
-        differ = [k for k in info if before.get(k) != info[k]]
-        if differ:
-            raise InputError(f"--resume {out}: this encoding differs from the one there in {', '.join(differ)}")
-        for stale in data_dir.glob(".*.partial"):  # what a killed run was writing
-            stale.unlink()
-    else:
-        data_dir.mkdir(parents=True)
-        _write_atomically(meta_path, lambda p: p.write_text(json.dumps({**info, "complete": False}, indent=2) + "\n"))
 
+
+RESUME_MAY_CHANGE = ("batch_size",)  # the units do not depend on it
+
+
+def _check_resumable(out: Path, info: dict) -> None:
+    meta = out / "units.json"
+    if not meta.exists():
+        raise InputError(f"--resume {out}: no units.json there, so nothing to resume")
+    before = _json_object(meta)
+    # Compared as JSON text, so that true is not taken for 1, nor 1 for 1.0.
+    differ = [k for k in info if k not in RESUME_MAY_CHANGE
+              and json.dumps(before.get(k), sort_keys=True) != json.dumps(info[k], sort_keys=True)]
+    if differ:
+        raise InputError(f"--resume {out}: this encoding differs from the one there in {', '.join(differ)}")
+
+
+def _write_shards(args, encoder: Encoder, utterances: list[Utterance], info: dict, data_dir: Path) -> int:
+    """Encode and write the shards not yet in `data_dir`; how many were written."""
+    import pyarrow.parquet as pq
+    from tqdm import tqdm
+
+    n_shards, size = info["n_shards"], args.shard_size
     pending = [i for i in range(n_shards) if not (data_dir / _shard_name(args.split, i, n_shards)).exists()]
-    done = sum(len(utterances[i * args.shard_size : (i + 1) * args.shard_size]) for i in range(n_shards) if i not in pending)
+    done = sum(len(utterances[i * size : (i + 1) * size]) for i in range(n_shards) if i not in pending)
     if args.resume:
         print(f"resuming: {n_shards - len(pending)} of {n_shards} shards already written", file=sys.stderr)
     group_size = max(32, 4 * encoder.batch_size)  # utterances read and encoded together
-    started = time.time()
-    with tqdm(total=len(utterances), initial=done, unit="utt", desc=f"{encoder.name} -> {out}", file=sys.stderr,
-              disable=args.quiet) as bar:
+    with tqdm(total=len(utterances), initial=done, unit="utt", desc=f"{encoder.name} -> {data_dir.parent}",
+              file=sys.stderr, disable=args.quiet) as bar:
         for index in pending:
-            shard = utterances[index * args.shard_size : (index + 1) * args.shard_size]
+            shard = utterances[index * size : (index + 1) * size]
             rows = []
             for first in range(0, len(shard), group_size):
                 group = shard[first : first + group_size]
-                audios = []
-                for u in group:
-                    try:
-                        audios.append(read_audio(u.path, encoder.sampling_rate))
-                    except InputError as e:
-                        raise InputError(f"{u.where}: {e}") from None
-                for u, audio, units in zip(group, audios, encode_audios(encoder, audios, args.chunk_seconds)):
-                    if len(units) != encoder.frames(len(audio)):
-                        raise RuntimeError(f"{u.id}: {len(units)} units for {len(audio)} samples, expected "
-                                           f"{encoder.frames(len(audio))} (an encoder whose frame count this tool misjudges)")
-                    row = {"id": u.id, "transcript": u.transcript, "speech_tokens": units,
-                           "tokenized": u.words if timed else u.transcript.split()}
-                    if timed:
-                        row["aligned_token_start_time"], row["aligned_token_end_time"] = u.starts, u.ends
-                    rows.append(row)
+                rows += _encoded_rows(encoder, group, args.chunk_seconds, info["word_times"])
                 bar.update(len(group))
-            table = _shard_table(rows, timed)
+            table = _shard_table(rows, info["word_times"])
             _write_atomically(data_dir / _shard_name(args.split, index, n_shards), lambda p: pq.write_table(table, p))
-    n_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in data_dir.glob("*.parquet"))
-    _write_atomically(meta_path, lambda p: p.write_text(json.dumps({**info, "complete": True}, indent=2) + "\n"))
-    seconds = time.time() - started
-    use = {"validation": f"evaluate on it with: data.dev={data_dir}",
-           "test": f"transcribe it with: python generate.py CHECKPOINT --data {data_dir}"}.get(
-        args.split, f"train with: data.train={data_dir} {' '.join(overrides(info))}")
-    print(f"{len(pending)} shards written in {seconds:.1f} s ({n_rows} utterances in {n_shards} shards in all)\n{use}",
-          file=sys.stderr)
-    return 0
+    return len(pending)
 
 
-def overrides(info: dict) -> list[str]:
-    """The train.py settings an encoding implies."""
+def _encoded_rows(encoder: Encoder, group: list[Utterance], chunk_seconds: float, timed: bool) -> list[dict]:
+    audios = []
+    for u in group:
+        try:
+            audios.append(read_audio(u.path, encoder.sampling_rate))
+        except InputError as e:
+            raise InputError(f"{u.where}: {e}") from None
+    rows = []
+    for u, audio, units in zip(group, audios, encode_audios(encoder, audios, chunk_seconds, [u.where for u in group])):
+        if len(units) != encoder.frames(len(audio)):
+            raise RuntimeError(f"{u.id}: {len(units)} units for {len(audio)} samples, expected "
+                               f"{encoder.frames(len(audio))} (an encoder whose frame count this tool misjudges)")
+        row = {"id": u.id, "transcript": u.transcript, "speech_tokens": units,
+               "tokenized": u.words if timed else u.transcript.split()}
+        if timed:
+            row["aligned_token_start_time"], row["aligned_token_end_time"] = u.starts, u.ends
+        rows.append(row)
+    return rows
+
+
+def overrides(info: dict, source: str = "units.json") -> list[str]:
+    """The train.py settings an encoding implies; `source` names `info` in errors."""
+    for key, low, high in (("n_dsus", 1, MAX_DSUS), ("sampling_rate", 1, None), ("downsampling_ratio", 1, None)):
+        value = info.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high and value > high):
+            raise InputError(f"{source}: field '{key}': expected an integer in [{low}, {high or 'inf'}], got {value!r}")
     return [f"data.n_dsus={info['n_dsus']}", f"data.cpt.sampling_rate={info['sampling_rate']}",
             f"data.cpt.downsampling_ratio={info['downsampling_ratio']}"]
 
@@ -800,10 +1055,12 @@ def overrides_for(out_dir: str | os.PathLike) -> list[str]:
     meta = Path(out_dir) / "units.json"
     if not meta.exists():
         raise InputError(f"{out_dir}: no units.json (not an output of 'encode')")
-    info = json.loads(meta.read_text())
-    if not info.get("complete"):
+    info = _json_object(meta)
+    if not isinstance(info.get("complete"), bool):
+        raise InputError(f"{meta}: field 'complete': expected true or false, got {info.get('complete')!r}")
+    if not info["complete"]:
         raise InputError(f"{out_dir}: the encoding there is unfinished; complete it with 'encode ... --resume'")
-    return [f"data.train={Path(out_dir) / 'data'}", *overrides(info)]
+    return [f"data.train={Path(out_dir) / 'data'}", *overrides(info, str(meta))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -837,10 +1094,10 @@ def learn_kmeans(args) -> int:
                 audio = read_audio(u.path, encoder.sampling_rate)
             except InputError as e:
                 raise InputError(f"{u.where}: {e}") from None
-            whole = isinstance(encoder, SpectralEncoder)
-            for s, e in [(0, len(audio))] if whole else chunk_bounds(len(audio), encoder, args.chunk_seconds):
-                chunks.append(_numpy(encoder.features([audio[s:e]])[0]).astype(np.float32))
-                total += len(chunks[-1])
+            # The features encode assigns: the same pieces, context and normalisation.
+            x = utterance_features(encoder, [audio], args.chunk_seconds, [u.where])[0]
+            chunks.append(_numpy(x).astype(np.float32))
+            total += len(chunks[-1])
             bar.update(1)
     x = np.concatenate(chunks)
     if len(x) > args.max_frames:
@@ -890,7 +1147,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda[:N]")
         p.add_argument("--batch-size", type=int, default=8, help="utterances (or chunks) per forward pass")
         p.add_argument("--chunk-seconds", type=float, default=30.0,
-                       help="hubert, mimi, speechtokenizer: longer audio is encoded in chunks of this length")
+                       help="hubert, mimi, speechtokenizer: longer audio is encoded in chunks of this length, each "
+                            "with context on both sides that is encoded and dropped")
         p.add_argument("--stack", type=int, default=1, help="mfcc, logmel: consecutive 20 ms frames joined into one "
                                                             "unit before k-means (2: 25 units/s, 4: 12.5 units/s)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -924,13 +1182,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command in ("encode", "learn-kmeans"):
-            if args.batch_size < 1 or args.chunk_seconds <= 0:
-                raise InputError("--batch-size must be >= 1 and --chunk-seconds > 0")
+            if args.batch_size < 1 or not (math.isfinite(args.chunk_seconds) and args.chunk_seconds > 0):
+                raise InputError("--batch-size must be >= 1 and --chunk-seconds a number > 0")
             if args.stack != 1 and args.encoder not in ("mfcc", "logmel"):
                 raise InputError(f"--stack applies to the mfcc and logmel encoders, not {args.encoder}")
-            if args.command == "encode" and args.shard_size < 1:
-                raise InputError("--shard-size must be >= 1")
         if args.command == "encode":
+            if args.shard_size < 1:
+                raise InputError("--shard-size must be >= 1")
+            plain_name(args.split, "--split")  # it names the shard files
             return encode(args)
         if args.command == "learn-kmeans":
             return learn_kmeans(args)

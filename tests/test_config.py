@@ -3,7 +3,11 @@ with exit status 2, a message naming the key, and no traceback; good configs pas
 
 import importlib.util
 import json
+import os
+import shutil
+import signal
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,8 +31,28 @@ def assets(tmp_path_factory):
     (only_config / "config.json").write_text((model / "config.json").read_text())
     a_file = root / "a_file"
     a_file.write_text("not a directory\n")
-    return SimpleNamespace(model=model, only_config=only_config, a_file=a_file,
+    loop = root / "loop"
+    loop.symlink_to(loop)
+    fifo_weights = shutil.copytree(model, root / "fifo_weights")  # a model whose weights file is a FIFO
+    (fifo_weights / "model.safetensors").unlink()
+    os.mkfifo(fifo_weights / "model.safetensors")
+    return SimpleNamespace(model=model, only_config=only_config, a_file=a_file, loop=loop, fifo_weights=fifo_weights,
                            train=tiny.write_jsonl(root / "train.jsonl", tiny.rows(16, seed=2, prefix="train")))
+
+
+@contextmanager
+def within(seconds: int):
+    """Fails the test, rather than hanging it, when the body blocks (on a FIFO)."""
+    def fail(*_):
+        raise TimeoutError(f"blocked for {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 # (case, overrides, the key the message must name). {file} is a regular file, {only_config} a
@@ -73,6 +97,7 @@ BAD_OVERRIDES = [
     ("binom_prob_negative", ["data.cpt.binom_prob=-0.1"], "data.cpt.binom_prob"),
     ("mean_seq_len_text", ["data.cpt.mean_seq_len_tokens=abc"], "data.cpt.mean_seq_len_tokens"),
     ("mean_seq_len_below_one", ["data.cpt.mean_seq_len_tokens=0.5"], "data.cpt.mean_seq_len_tokens"),
+    ("mean_seq_len_beyond_a_float", ["data.cpt.mean_seq_len_tokens=1" + "0" * 400], "data.cpt.mean_seq_len_tokens"),
     ("downsampling_zero", ["data.cpt.downsampling_ratio=0"], "data.cpt.downsampling_ratio"),
     ("sampling_rate_zero", ["data.cpt.sampling_rate=0"], "data.cpt.sampling_rate"),
     ("sampling_rate_negative", ["data.cpt.sampling_rate=-16000"], "data.cpt.sampling_rate"),
@@ -87,6 +112,8 @@ BAD_OVERRIDES = [
     ("packed_cpt_rows_of_one", ["data.packed=true", "data.max_seq_len=1"], "data.max_seq_len"),
     ("cache_dir_a_file", ["data.cache_dir={file}"], "data.cache_dir"),
     ("cache_dir_below_a_file", ["data.cache_dir={file}/cache"], "data.cache_dir"),
+    ("cache_dir_a_symlink_loop", ["data.cache_dir={loop}"], "symlink loop"),
+    ("cache_dir_below_a_symlink_loop", ["data.cache_dir={loop}/cache"], "data.cache_dir"),
     # model, training, run directory
     ("dtype_unknown", ["model.dtype=fp16"], "model.dtype"),
     ("device_unknown", ["train.device=tpu"], "train.device"),
@@ -103,6 +130,9 @@ BAD_OVERRIDES = [
     ("run_dir_blank", ["run_dir= "], "run_dir"),
     ("run_dir_a_file", ["run_dir={file}"], "run_dir"),
     ("run_dir_below_a_file", ["run_dir={file}/run"], "run_dir"),
+    ("run_dir_a_symlink_loop", ["run_dir={loop}"], "'run_dir': {loop} is a symlink loop"),
+    ("run_dir_below_a_symlink_loop", ["run_dir={loop}/run"], "run_dir"),
+    ("model_path_weights_a_fifo", ["model.path={fifo_weights}"], "model.safetensors: is a FIFO"),
     ("model_path_empty", ["model.path="], "model.path"),
     ("model_path_missing", ["model.path={file}.missing"], "model.path"),
     ("model_path_only_config", ["model.path={only_config}"], "model.path"),
@@ -137,11 +167,14 @@ def run_refused(assets, tmp_path, capsys, monkeypatch, args: list[str], key: str
 def test_a_bad_override_is_refused_naming_the_key(assets, tmp_path, capsys, monkeypatch, case, overrides, key):
     good = {"run_dir": str(tmp_path / "run"), "model.path": str(assets.model), "data.train": str(assets.train),
             "data.n_dsus": str(tiny.N_DSUS), "train.max_steps": "2"}
-    overrides = [o.replace("{file}", str(assets.a_file)).replace("{only_config}", str(assets.only_config))
-                 for o in overrides]
+    places = {"{file}": assets.a_file, "{only_config}": assets.only_config, "{loop}": assets.loop,
+              "{fifo_weights}": assets.fifo_weights}
+    for name, path in places.items():
+        overrides, key = [o.replace(name, str(path)) for o in overrides], key.replace(name, str(path))
     given = {o.partition("=")[0] for o in overrides}
     args = [str(CONFIGS / "tiny_cpt.json"), *(f"{k}={v}" for k, v in good.items() if k not in given), *overrides]
-    run_refused(assets, tmp_path, capsys, monkeypatch, args, key)
+    with within(60):
+        run_refused(assets, tmp_path, capsys, monkeypatch, args, key)
 
 
 # (case, the config file's text, what the message must name besides the file)
@@ -163,6 +196,19 @@ def test_a_bad_config_file_is_refused_naming_file_and_key(assets, tmp_path, caps
             f"data.n_dsus={tiny.N_DSUS}", "train.max_steps=2"]
     err = run_refused(assets, tmp_path, capsys, monkeypatch, args, named)
     assert str(path) in err
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink_loop", "directory"])
+def test_a_config_file_that_is_not_a_regular_file_is_refused_without_blocking(assets, tmp_path, capsys, monkeypatch,
+                                                                                kind):
+    path = tmp_path / "config.json"
+    {"fifo": os.mkfifo, "symlink_loop": lambda p: p.symlink_to(p), "directory": os.mkdir}[kind](path)
+    args = [str(path), f"run_dir={tmp_path / 'run'}", f"model.path={assets.model}", f"data.train={assets.train}",
+            f"data.n_dsus={tiny.N_DSUS}", "train.max_steps=2"]
+    with within(60):
+        err = run_refused(assets, tmp_path, capsys, monkeypatch, args, str(path))
+    assert {"fifo": "is a FIFO", "symlink_loop": "Too many levels of symbolic links",
+            "directory": "is a directory"}[kind] in err
 
 
 def test_optional_packages_and_devices_a_setting_needs_are_checked_up_front(assets, tmp_path, capsys, monkeypatch):

@@ -1,5 +1,6 @@
 import copy
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -344,3 +345,120 @@ def test_a_hub_cache_entry_reads_the_snapshot_its_ref_names(tmp_path, samples):
         load_rows(Source(entry, "test"))
     (entry / "refs" / "main").write_text("r1\n")
     assert len(load_rows(Source(entry, "test"))) == len(samples)
+
+
+# --- a split is complete or refused -------------------------------------------------------------
+
+
+def hub_dataset(root: Path, samples, shards: dict[str, int], present=None) -> Path:
+    """A hub dataset directory: `data/<split>-0000K-of-0000N.parquet`, one sample per shard; with
+    `present`, only those file names are written."""
+    (root / "data").mkdir(parents=True)
+    for split, count in shards.items():
+        for k in range(count):
+            name = f"{split}-{k:05d}-of-{count:05d}.parquet"
+            if present is None or name in present:
+                write_parquet(root / "data" / name, [dict(samples[k % len(samples)], id=f"{split}{k}")])
+    return root
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_split_with_a_missing_shard_is_refused_naming_it(tmp_path, samples, split):
+    present = {f"{split}-00000-of-00003.parquet", f"{split}-00002-of-00003.parquet", "train-00000-of-00001.parquet"}
+    root = hub_dataset(tmp_path / "ds", samples, {split: 3}, present=present)
+    # the reads of training (its store counts and streams the rows) and of generate.py (ASR fields)
+    for read in (lambda s: load_rows(s, n_dsus=N_DSUS), lambda s: load_rows(s, n_dsus=N_DSUS, fields=ASR_FIELDS),
+                 count_rows):
+        with pytest.raises(DataError, match=rf"incomplete split: 2 of the 3 shards .*missing {split}-00001-of-00003"
+                                            r"\.parquet in .*ds/data"):
+            read(Source(root, split))
+    with pytest.raises(DataError, match=rf"missing {split}-00001-of-00003\.parquet"):  # a glob of the split too
+        load_rows(str(root / "data" / f"{split}-*.parquet"))
+    write_parquet(root / "data" / f"{split}-00001-of-00003.parquet", [dict(samples[1], id="late")])
+    assert len(load_rows(Source(root, split), n_dsus=N_DSUS, fields=ASR_FIELDS)) == 3
+
+
+def test_shards_must_agree_on_their_count_and_appear_once(tmp_path, samples):
+    root = hub_dataset(tmp_path / "ds", samples, {"test": 2})
+    write_parquet(root / "data" / "test-00002-of-00003.parquet", samples[2:3])
+    with pytest.raises(DataError, match=r"disagree on how many there are: .*test-00002-of-00003\.parquet \(of 3\)"):
+        load_rows(Source(root, "test"))
+    (root / "data" / "test-00002-of-00003.parquet").unlink()
+    write_jsonl(root / "data" / "test-00001-of-00002.jsonl", samples[3:])
+    with pytest.raises(DataError, match=r"shard 1 of .*test-\* twice: test-00001-of-00002\.jsonl, "
+                                        r"test-00001-of-00002\.parquet"):
+        load_rows(Source(root, "test"))
+
+
+def test_hub_shard_names_with_a_hash_suffix_and_a_file_named_alone(tmp_path, samples):
+    (tmp_path / "d").mkdir()
+    write_jsonl(tmp_path / "d" / "part-00000-of-00002-5f1c.jsonl", samples[:2])
+    with pytest.raises(DataError, match=r"missing part-00001-of-00002\*"):
+        load_rows(str(tmp_path / "d"))
+    # a shard named alone is read as it is: the user chose that file
+    assert len(load_rows(str(tmp_path / "d" / "part-00000-of-00002-5f1c.jsonl"))) == 2
+
+
+def test_generate_refuses_a_test_split_with_a_missing_shard(tmp_path, samples, capsys):
+    import generate
+    from tests import tiny
+
+    model = tiny.extended_model(tmp_path / "model")
+    rows = tiny.rows(3, seed=1, prefix="u")
+    (tmp_path / "ds" / "data").mkdir(parents=True)
+    tiny.write_jsonl(tmp_path / "ds" / "data" / "test-00000-of-00002.jsonl", rows)
+    out = tmp_path / "out"
+    assert generate.main([str(model), "--data", str(tmp_path / "ds"), "--n-dsus", str(tiny.N_DSUS),
+                          "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "incomplete split" in err and "test-00001-of-00002.jsonl" in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+# --- files that are not regular files --------------------------------------------------------------
+
+
+def test_a_fifo_or_a_symlink_loop_where_data_is_expected_is_refused_without_blocking(tmp_path, samples):
+    os.mkfifo(tmp_path / "rows.jsonl")
+    (tmp_path / "loop.parquet").symlink_to(tmp_path / "loop.parquet")
+    for source, problem in [(tmp_path / "rows.jsonl", "is a FIFO"), (tmp_path / "loop.parquet", "cannot be read"),
+                            (tmp_path / "*.jsonl", "is a FIFO"), (tmp_path, r"loop\.parquet: cannot be read")]:
+        with pytest.raises(DataError, match=problem):
+            load_rows(str(source))
+    (tmp_path / "rows.jsonl").unlink()
+    split = tmp_path / "split"
+    split.mkdir()
+    write_jsonl(split / "train.jsonl", samples)
+    os.mkfifo(split / "test.jsonl")
+    with pytest.raises(DataError, match=r"test\.jsonl: is a FIFO"):
+        load_rows(Source(split, "train"))
+
+
+def test_a_save_to_disk_split_listing_a_fifo_is_refused(tmp_path, samples):
+    split = tmp_path / "train"
+    split.mkdir()
+    os.mkfifo(split / "data-00000-of-00001.arrow")
+    (split / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    with pytest.raises(DataError, match=r"state\.json: lists data-00000-of-00001\.arrow, .*a FIFO"):
+        load_rows(str(split))
+    (split / "state.json").write_bytes(b"\xff\xfe not json")
+    with pytest.raises(DataError, match=r"state\.json: not a readable JSON file"):
+        load_rows(str(split))
+
+
+# --- booleans are not DSU ids ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fields", [ASR_FIELDS, ("tokenized", "speech_tokens"), None], ids=["asr", "cpt", "all"])
+def test_a_boolean_among_the_dsus_is_refused_naming_file_line_and_position(tmp_path, samples, fields):
+    samples[1]["speech_tokens"] = [5, True, 7]
+    path = write_jsonl(tmp_path / "rows.jsonl", samples)
+    with pytest.raises(DataError, match=r"rows\.jsonl:2: field 'speech_tokens': position 1: true is a boolean"):
+        load_rows(str(path), n_dsus=N_DSUS, **({"fields": fields} if fields else {}))
+
+
+def test_a_parquet_column_of_booleans_is_not_dsus(tmp_path, samples):
+    rows = [dict(s, speech_tokens=[False, True]) for s in samples]
+    path = write_parquet(tmp_path / "bool.parquet", rows)
+    with pytest.raises(DataError, match=r"bool\.parquet: row 0: field 'speech_tokens': position 0: false is a boolean"):
+        load_rows(str(path), n_dsus=N_DSUS, fields=ASR_FIELDS)

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -280,6 +281,22 @@ def make_existing_out(base: Path) -> None:
     (base.parent / f"base-{N_DSUS}-dsus").mkdir()
 
 
+def make_fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+def shard_outside(base: Path) -> None:
+    """An index whose shard name leads out of the directory: the output would be written out of its own too."""
+    names = list(load_file(base / "model.safetensors"))
+    (base / "model.safetensors").rename(base.parent / "outside.safetensors")
+    (base / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {name: "../outside.safetensors" for name in names}}))
+
+
+N = ["--n-dsus", str(N_DSUS)]
+
+
 REFUSALS = {
     "existing output": (make_existing_out, [], "already exists"),
     "no DSUs": (None, ["--n-dsus", "0"], "1..65534"),
@@ -291,6 +308,15 @@ REFUSALS = {
     "missing tokenizer": (lambda b: (b / "original/tokenizer.model").unlink(), [], "missing original/tokenizer.model"),
     "missing weights": (lambda b: (b / "model.safetensors").unlink(), [], "no model.safetensors"),
     "bad eos id": (lambda b: set_json(b / "generation_config.json", eos_token_id=10**6), [], "eos_token_id"),
+    "absurd speech BPE": (None, N + ["--dsu-bpe", str(10**12), "--dsu-bpe-data", "any.jsonl"],
+                          "--dsu-bpe must be in 1..2147480646 (sentencepiece's vocabulary is at most 2**31-1 pieces), "
+                          "got 1000000000000"),
+    "negative speech BPE": (None, N + ["--dsu-bpe", "-5", "--dsu-bpe-data", "any.jsonl"], "must be in 1..2147480646"),
+    "seed too large": (None, N + ["--seed", str(2**70)], f"--seed must be in 0..{2**63 - 1}, got {2**70}"),
+    "config is a FIFO": (lambda b: make_fifo(b / "config.json"), [], "config.json: is a FIFO"),
+    "weights are a FIFO": (lambda b: make_fifo(b / "model.safetensors"), [], "model.safetensors: is a FIFO"),
+    "shard outside the directory": (shard_outside, [], "'weight_map' maps model.embed_tokens.weight to "
+                                    '"../outside.safetensors", not a file name beside the index'),
 }
 
 
@@ -322,4 +348,13 @@ def test_failure_while_writing_leaves_nothing_behind(tiny_base, tmp_path, monkey
     monkeypatch.setattr(extend, "extend_rows", fail)
     with pytest.raises(OSError, match="disk full"):
         run_extend(base, "--n-dsus", "10")
+    assert tree(tmp_path) == before
+
+
+def test_a_speech_bpe_its_data_cannot_support_says_so(tiny_base, tmp_path, capsys):
+    data = tmp_path / "units.jsonl"
+    data.write_text("".join(json.dumps({"speech_tokens": [1, 2, 3, i]}) + "\n" for i in range(4)))
+    before = tree(tmp_path)
+    assert run_extend(tiny_base, *N, "--out", str(tmp_path / "out"), "--dsu-bpe", "5", "--dsu-bpe-data", str(data)) == 2
+    assert f"--dsu-bpe 5: the speech_tokens of {data} support no merged token" in capsys.readouterr().err
     assert tree(tmp_path) == before

@@ -1,11 +1,14 @@
-"""files.atomic_write, the one way outputs are written; files.regular_file, the check before a read."""
+"""files.atomic_write, the one way outputs are written; files.regular_file and its kin, the checks before a read
+or a write into a directory."""
 
+import hashlib
 import os
 import stat
 
 import pytest
 
-from files import NotRegularFile, atomic_write, regular_file
+from files import (NotRegularFile, atomic_write, directory_problem, file_sha256, regular_file,
+                   regular_files_only)
 
 
 @pytest.fixture
@@ -65,3 +68,41 @@ def test_regular_file_refuses_what_would_block_or_loop(tmp_path):
             regular_file(tmp_path / name)
     with pytest.raises(NotRegularFile, match="a device"):
         regular_file("/dev/zero")
+
+
+def test_directory_problem_names_what_stands_where_a_directory_should(tmp_path):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "to_dir").symlink_to(tmp_path / "dir")
+    os.mkfifo(tmp_path / "fifo")
+    for name in ("dir", "to_dir", "new", "new/deeper", "dir/new"):
+        assert directory_problem(tmp_path / name) is None, name
+    assert directory_problem(tmp_path / "loop") == f"{tmp_path / 'loop'} is a symlink loop, where a directory is expected"
+    assert directory_problem(tmp_path / "dangling").endswith("is a symlink to nothing, where a directory is expected")
+    assert directory_problem(tmp_path / "fifo").endswith("is a FIFO, where a directory is expected")
+    assert directory_problem(tmp_path / "file" / "run") == f"{tmp_path / 'file' / 'run'} cannot be created: " \
+                                                         f"{tmp_path / 'file'} is a regular file"
+    assert directory_problem(tmp_path / "loop" / "a" / "b").endswith(f"cannot be created: {tmp_path / 'loop'} is a "
+                                                                     "symlink loop")
+
+
+def test_regular_files_only_refuses_a_fifo_among_a_directory_s_files(tmp_path):
+    (tmp_path / "original").mkdir()
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "sub").mkdir()
+    regular_files_only(tmp_path, "original", "absent")
+    os.mkfifo(tmp_path / "original" / "tokenizer.model")
+    with pytest.raises(NotRegularFile, match=r"original/tokenizer\.model: is a FIFO"):
+        regular_files_only(tmp_path, "original")
+    regular_files_only(tmp_path)  # subdirectories are only looked into when named
+
+
+def test_file_sha256_is_the_sha256_of_the_bytes_and_refuses_a_fifo(tmp_path):
+    data = os.urandom(3 << 20)
+    (tmp_path / "big").write_bytes(data)
+    assert file_sha256(tmp_path / "big") == hashlib.sha256(data).hexdigest()
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(NotRegularFile, match="a FIFO"):
+        file_sha256(tmp_path / "fifo")

@@ -3,6 +3,7 @@ golden vectors, a memorised training run transcribed back, outputs, errors, and 
 
 import contextlib
 import json
+import os
 import random
 import shutil
 import sys
@@ -309,7 +310,13 @@ def break_checkpoint(trained, tmp_path, missing: str) -> Path:
         ("no_split_beside_train", "dev.jsonl: no such file"),
         ("bad_sampling", "top_p must be in (0, 1]"),
         ("truncated_weights", "model.safetensors: truncated or damaged"),
-        ("out_is_a_file", "is a file, not a directory"),
+        ("out_is_a_file", "out is a regular file, where a directory is expected (the output directory)"),
+        ("out_is_a_symlink_loop", "out is a symlink loop, where a directory is expected (the output directory)"),
+        ("n_dsus_option", "--n-dsus: must be an integer in 1..65534 (for data.n_dsus), got 0"),
+        # Never opened: reading a FIFO blocks until someone writes to it.
+        ("data_is_a_fifo", "test.jsonl: is a FIFO, where a regular file is expected"),
+        ("training_config_is_a_fifo", "training_config.json: is a FIFO, where a regular file is expected"),
+        ("split_beside_train_is_a_fifo", "dev.jsonl: is a FIFO, where a regular file is expected"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(trained, tmp_path, capsys, case, message):
@@ -343,6 +350,22 @@ def test_bad_input_exits_2_and_writes_nothing(trained, tmp_path, capsys, case, m
         data_args = ["--split", "dev"]  # no --data: dev.jsonl beside the training file, which is not there
     elif case == "bad_sampling":
         extra = ["--top-p", "0"]
+    elif case == "n_dsus_option":
+        extra = ["--n-dsus", "0"]
+    elif case == "data_is_a_fifo":
+        data.unlink()
+        os.mkfifo(data)
+    elif case == "training_config_is_a_fifo":
+        checkpoint = break_checkpoint(trained, tmp_path, "training_config.json")
+        os.mkfifo(checkpoint / "training_config.json")
+        extra = ["--n-dsus", str(N_DSUS)]
+    elif case == "split_beside_train_is_a_fifo":
+        checkpoint = Path(shutil.copytree(trained["checkpoint"], tmp_path / "checkpoint"))
+        saved = json.loads((checkpoint / "training_config.json").read_text())
+        saved["data"]["train"] = str(data)
+        (checkpoint / "training_config.json").write_text(json.dumps(saved))
+        os.mkfifo(data.parent / "dev.jsonl")
+        data_args = ["--split", "dev"]
     elif case == "truncated_weights":
         checkpoint = Path(shutil.copytree(trained["checkpoint"], tmp_path / "checkpoint"))
         weights = (checkpoint / "model.safetensors").read_bytes()
@@ -350,9 +373,12 @@ def test_bad_input_exits_2_and_writes_nothing(trained, tmp_path, capsys, case, m
     out = tmp_path / "out"
     if case == "out_is_a_file":
         out.write_text("a file in the way\n")
+    elif case == "out_is_a_symlink_loop":
+        out.symlink_to(out)
     assert generate.main([str(checkpoint), *data_args, "--out", str(out), *extra]) == 2
     assert message in capsys.readouterr().err
-    assert out.is_file() if case == "out_is_a_file" else not out.exists()
+    assert out.is_file() if case == "out_is_a_file" else out.is_symlink() if case == "out_is_a_symlink_loop" \
+        else not out.exists()
 
 
 # -- what vLLM loads ---------------------------------------------------------------------------
@@ -522,6 +548,12 @@ def test_extra_stop_tokens_and_n_samples_with_the_builtin_engine(trained, tmp_pa
     (["--presence-penalty", "2.5"], "presence_penalty must be in [-2, 2]"),
     (["--stop-token-ids", "5,99999"], "--stop-token-ids [99999]: outside the model's vocabulary"),
     (["--kv-cache-mib", "0"], "--kv-cache-mib must be at least 1"),
+    # Past these, fp32 logits overflow and sampling (or seeding) fails with a traceback.
+    (["--temperature", "1e-40"], "temperature must be 0 (greedy) or at least 1e-05"),
+    (["--temperature", "inf"], "temperature must be a finite number"),
+    (["--temperature", "1", "--repetition-penalty", "1e-40"], "repetition_penalty must be in [1e-05, 100000]"),
+    (["--temperature", "1", "--seed", str(2**70)], "seed must be in 0..4294967295"),
+    (["--temperature", "1", "--seed", "-1"], "seed must be in 0..4294967295"),  # vLLM seeds numpy with it
 ])
 def test_options_a_run_cannot_honour_are_refused(trained, tmp_path, capsys, options, message):
     out = tmp_path / "out"

@@ -2,9 +2,12 @@
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
+import threading
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,29 @@ GRID = ROOT / "configs" / "matrix.json"
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
                                   reason="espeak-ng is not installed (sudo apt-get install espeak-ng)")
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@contextmanager
+def fifo(path: Path):
+    """A FIFO at `path` whose reader, if one opens it, gets an empty file at once: code that reads
+    it ends (and fails the test) instead of waiting forever for a writer."""
+    os.mkfifo(path)
+    done = threading.Event()
+
+    def end_readers():
+        while not done.wait(0.05):
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))  # succeeds only while a reader waits
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=end_readers, daemon=True)
+    thread.start()
+    try:
+        yield path
+    finally:
+        done.set()
+        thread.join()
 
 
 @pytest.mark.parametrize("kind", ["mfcc", "logmel"])
@@ -188,33 +214,181 @@ def test_a_cell_started_with_other_settings_is_refused(tiny_matrix, tmp_path):
     assert "was started with other settings (steps)" in result.stderr and not commands(result, "train.py")
 
 
+def write_grid(tmp_path: Path, change) -> Path:
+    """configs/matrix.json changed by `change(spec)`, written into tmp_path."""
+    spec = json.loads(GRID.read_text())
+    change(spec)
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def refused(tmp_path: Path, capsys, grid: Path, *args: str) -> str:
+    """The one-line error of running `grid`'s tiny grid, checked to have written nothing."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    code = matrix.main([str(grid), "--grid", "tiny", "--out", str(out), "--cache", str(cache), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and not cache.exists()
+    return err
+
+
+def tiny(**change):
+    return lambda spec: spec["grids"]["tiny"].update(change)
+
+
 @pytest.mark.parametrize("change, message", [
-    ({"steps": 1}, "steps must be an integer >= 2"),
-    ({"corpus": {"n_train": 0, "n_dev": 1, "n_test": 1, "seed": 0}}, "needs integers n_train >= 1"),
-    ({"regimes": ["cpt-no-share"]}, "regime 'cpt-no-share'"),
-    ({"units": ["no-k"]}, "units 'no-k'"),
-    ({"extra": [{"units": "mfcc-k16-25hz", "regime": "sft", "options": {"dsu_bpe": "512"}}]}, "dsu_bpe an integer"),
-    ({"units": None}, "grid 'tiny' needs 'units': a list of names"),  # not every declared unit
-    ({"regimes": "sft"}, "grid 'tiny' needs 'regimes': a list of names"),
-])
+    (tiny(steps=1), "'grids.tiny.steps' must be an integer >= 2, got 1"),
+    (tiny(steps="6"), "'grids.tiny.steps' must be an integer >= 2, got \"6\""),
+    (tiny(steps=True), "'grids.tiny.steps' must be an integer >= 2, got true"),
+    (tiny(corpus={"n_train": 0, "n_dev": 1, "n_test": 1, "seed": 0}), "'grids.tiny.corpus.n_train' must be an integer >= 1"),
+    (tiny(corpus={"n_train": 40, "n_dev": 4, "n_test": 0, "seed": 0}), "'grids.tiny.corpus.n_test' must be an integer >= 1"),
+    (tiny(corpus={"n_train": 40, "n_dev": 4, "n_test": 6}), "'grids.tiny.corpus.seed' must be given"),
+    (tiny(extra=[{"units": "mfcc-k16-25hz", "regime": "sft", "options": {"dsu_bpe": "512"}}]),
+     "'grids.tiny.extra[0].options.dsu_bpe' must be an integer >= 0, got \"512\""),
+    (tiny(extra=[{"units": "mfcc-k16-25hz", "regime": "sft", "options": {"dsu_bpe": True}}]),
+     "'grids.tiny.extra[0].options.dsu_bpe' must be an integer >= 0, got true"),
+    (tiny(extra={"units": "mfcc-k16-25hz", "regime": "sft"}), "'grids.tiny.extra' must be a list of objects"),
+    (tiny(units=None), "'grids.tiny.units' must be given"),  # not every declared unit
+    (tiny(regimes="sft"), "'grids.tiny.regimes' must be a list of names declared under 'regimes', got \"sft\""),
+    (tiny(base_model=["--layers", 1]), "'grids.tiny.base_model' must be a list of strings"),
+    (tiny(train_overrides=["train.batch_size"]), "'grids.tiny.train_overrides' must be a list of key=value strings"),
+    (tiny(save_steps=0), "'grids.tiny.save_steps' must be an integer > 0, got 0"),
+    (lambda spec: spec["units"]["mfcc-k16-25hz"].update(k=16.0), "'units.mfcc-k16-25hz.k' must be an integer in 1..65534"),
+    (lambda spec: spec["units"]["mfcc-k16-25hz"].update(encoder="wav2vec"), "'units.mfcc-k16-25hz.encoder' must be mfcc or logmel"),
+    (lambda spec: spec["regimes"]["cpt-interleaved+sft"].update(cpt_share=float("nan")),
+     "'regimes.cpt-interleaved+sft.cpt_share' must be a number between 0 and 1, got NaN"),
+    (lambda spec: spec["regimes"]["cpt-interleaved+sft"].update(cpt_share=10**400),  # too large for a float
+     "'regimes.cpt-interleaved+sft.cpt_share' must be a number between 0 and 1, got 1000"),
+    (lambda spec: spec["regimes"].update({"cpt-no-share": {"cpt": "interleaved"}}),  # would silently train SFT alone
+     "'regimes.cpt-no-share' {\"cpt\": \"interleaved\"}: SFT alone is {}; CPT then SFT needs both cpt and cpt_share"),
+    (lambda spec: spec["units"].update({"no-k": {"encoder": "mfcc"}}), "'units.no-k' {\"encoder\": \"mfcc\"}: give"),
+    (lambda spec: spec["units"]["mfcc-k128-50hz"].update(k=64), "'units.mfcc-k128-50hz' {\"bundled\": true, \"k\": 64}: give"),
+    (lambda spec: spec["regimes"]["cpt-interleaved+sft"].update(cpt_share=0.01),
+     "grid 'tiny': regime 'cpt-interleaved+sft': a cpt_share of 0.01 of 6 steps leaves CPT or SFT no step"),
+    (tiny(extra=[{"units": "mfcc-k16-25hz", "regime": "sft", "options": {"deduplicate": True}}]),
+     "grid 'tiny': the cell mfcc-k16-25hz/sft is listed twice"),
+    (tiny(units=[], regimes=[]), "grid 'tiny' has no cells"),
+    (lambda spec: spec["configs"].update(sft="configs/no-such.json"),
+     f"grid 'tiny': configs.sft: {ROOT / 'configs' / 'no-such.json'}: no such file"),
+    (lambda spec: spec.pop("configs"), "grid 'tiny' has no 'configs', in the grid or at the top of the file"),
+], ids=lambda value: value if isinstance(value, str) and len(value) < 40 else None)
 def test_a_grid_with_a_bad_setting_is_refused_before_anything_runs(tmp_path, capsys, change, message):
-    spec = json.loads(GRID.read_text())
-    spec["regimes"]["cpt-no-share"] = {"cpt": "interleaved"}  # would silently train SFT alone
-    spec["units"]["no-k"] = {"encoder": "mfcc"}
-    spec["grids"]["tiny"].update(change)
-    bad = tmp_path / "grid.json"
-    bad.write_text(json.dumps(spec))
-    assert matrix.main([str(bad), "--grid", "tiny", "--out", str(tmp_path / "out"), "--cache", str(tmp_path)]) == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    grid = write_grid(tmp_path, change)
+    assert f"{grid}: {message}" in refused(tmp_path, capsys, grid)
 
 
-@pytest.mark.parametrize("declared", [None, {"mfcc-k16-25hz": "mfcc"}], ids=["missing", "not-an-object"])
-def test_a_grid_file_without_its_unit_declarations_is_refused(tmp_path, capsys, declared):
-    spec = json.loads(GRID.read_text())
-    spec["units"] = declared
-    bad = tmp_path / "grid.json"
-    bad.write_text(json.dumps(spec))
-    assert matrix.main([str(bad), "--grid", "tiny", "--out", str(tmp_path / "out"), "--cache", str(tmp_path)]) == 2
-    assert "needs a top-level 'units' object" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+@pytest.mark.parametrize("change, key", [
+    (lambda spec: spec.update(save_step=250), "'save_step' (the keys here: steps, save_steps, "),
+    (lambda spec: spec["units"]["mfcc-k16-25hz"].update(stak=2),
+     "'units.mfcc-k16-25hz.stak' (the keys of 'units.mfcc-k16-25hz': bundled, encoder, k, stack)"),
+    (lambda spec: spec["grids"]["tiny"].update(extra=[{"units": "mfcc-k16-25hz", "regime": "sft",
+                                                       "optoins": {"deduplicate": False}}]),
+     "'grids.tiny.extra[0].optoins' (the keys of 'grids.tiny.extra[0]': units, regime, options)"),
+    (lambda spec: spec["grids"]["tiny"]["corpus"].update(n_tset=6), "'grids.tiny.corpus.n_tset'"),
+    (lambda spec: spec["regimes"]["sft"].update(cpt_shares=0.5), "'regimes.sft.cpt_shares'"),
+    (lambda spec: spec["grids"]["default"].update(setps=10), "'grids.default.setps'"),  # in a grid not run
+])
+def test_an_unknown_key_anywhere_in_the_grid_file_is_refused(tmp_path, capsys, change, key):
+    grid = write_grid(tmp_path, change)
+    assert f"{grid}: unknown key {key}" in refused(tmp_path, capsys, grid)
+
+
+@pytest.mark.parametrize("change, name, where", [
+    (lambda spec: spec["units"].update({"../../x": spec["units"]["mfcc-k16-25hz"]}), "../../x", "units"),
+    (lambda spec: spec["units"].update({"/abs/x": spec["units"]["mfcc-k16-25hz"]}), "/abs/x", "units"),
+    (lambda spec: spec["units"].update({"a\\b": spec["units"]["mfcc-k16-25hz"]}), "a\\b", "units"),
+    (lambda spec: spec["regimes"].update({"..": {}}), "..", "regimes"),
+    (lambda spec: spec["regimes"].update({".": {}}), ".", "regimes"),
+    (lambda spec: spec["regimes"].update({"": {}}), "", "regimes"),
+    (lambda spec: spec["grids"].update({"../escape": spec["grids"]["tiny"]}), "../escape", "grids"),
+])
+def test_names_that_become_directories_must_be_plain_names(tmp_path, capsys, change, name, where):
+    grid = write_grid(tmp_path, change)
+    err = refused(tmp_path, capsys, grid)
+    assert f"{grid}: the name {name!r} in '{where}' is not a plain name" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.json"]
+
+
+def test_a_cell_of_an_escaping_unit_is_refused_before_it_writes_outside_out(tmp_path, capsys):
+    def escape(spec):
+        spec["units"]["../../escaped"] = spec["units"]["mfcc-k16-25hz"]
+        spec["grids"]["tiny"]["units"] = ["../../escaped"]
+
+    grid = write_grid(tmp_path, escape)
+    assert "is not a plain name" in refused(tmp_path, capsys, grid)
+    assert not (tmp_path / "escaped").exists()
+
+
+def test_a_grid_file_with_a_repeated_key_is_refused(tmp_path, capsys):
+    grid = tmp_path / "grid.json"
+    grid.write_text(GRID.read_text().replace('"save_steps": 250,', '"save_steps": 250, "save_steps": 500,'))
+    assert f"{grid}: the key 'save_steps' is given twice in one object" in refused(tmp_path, capsys, grid)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"units": ', ":1: not valid JSON"),
+    (b'{"units": "\xff"}', ": not UTF-8 text"),
+    (b"[1, 2]", ": a grid file is a JSON object, got list"),
+    (b"[" * 100000 + b"]" * 100000, ": nested too deeply"),
+])
+def test_a_grid_file_that_is_not_a_json_object_is_refused(tmp_path, capsys, content, message):
+    grid = tmp_path / "grid.json"
+    grid.write_bytes(content)
+    assert f"{grid}{message}" in refused(tmp_path, capsys, grid)
+
+
+def test_a_grid_file_that_is_a_fifo_is_refused_without_waiting(tmp_path, capsys):
+    with fifo(tmp_path / "grid.json") as grid:
+        assert f"{grid}: is a FIFO" in refused(tmp_path, capsys, grid)
+
+
+@pytest.mark.parametrize("flag", ["--out", "--cache"])
+@pytest.mark.parametrize("where, problem", [
+    ("file", "{tmp}/file is a regular file, where a directory is expected"),
+    ("file/x", "{tmp}/file/x cannot be created: {tmp}/file is a regular file"),
+    ("loop", "{tmp}/loop is a symlink loop, where a directory is expected"),
+])
+def test_an_out_or_cache_that_cannot_be_a_directory_is_refused(tmp_path, capsys, flag, where, problem):
+    (tmp_path / "file").write_text("keep me")
+    (tmp_path / "loop").symlink_to("loop")
+    other = "--cache" if flag == "--out" else "--out"
+    code = matrix.main([str(GRID), "--grid", "tiny", flag, str(tmp_path / where), other, str(tmp_path / "other")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{flag}: {problem.format(tmp=tmp_path)}" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "loop"] and (tmp_path / "file").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("damage", ["garbage", "fifo"])
+def test_a_damaged_plan_of_a_started_cell_is_named(tmp_path, capsys, damage):
+    """The small grid's first cell uses the bundled units: no corpus to build before its plan is read."""
+    plan = tmp_path / "out" / "cells" / "mfcc-k128-50hz" / "sft" / "plan.json"
+    plan.parent.mkdir(parents=True)
+    with fifo(plan) if damage == "fifo" else nullcontext(plan.write_text("{")):
+        code = matrix.main([str(GRID), "--grid", "small", "--out", str(tmp_path / "out"), "--cache", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{plan}: cannot be read as JSON" in err
+    assert ("is a FIFO" in err) == (damage == "fifo")
+    assert sorted(p.name for p in plan.parent.iterdir()) == ["plan.json"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda spec: spec.pop("units"), "'units' must be given: the unit variants, by name"),
+    (lambda spec: spec.update(units=None), "'units' must be an object of the unit variants, by name, got null"),
+    (lambda spec: spec.update(units={"mfcc-k16-25hz": "mfcc"}),
+     "'units.mfcc-k16-25hz' must be an object of bundled, encoder, k, stack, got \"mfcc\""),
+], ids=["missing", "null", "not-an-object"])
+def test_a_grid_file_without_its_unit_declarations_is_refused(tmp_path, capsys, change, message):
+    grid = write_grid(tmp_path, change)
+    assert f"{grid}: {message}" in refused(tmp_path, capsys, grid)
+
+
+def test_every_grid_of_the_shipped_file_loads_with_its_cells():
+    cells = {name: [matrix.cell_name(cell) for cell in matrix.load_grid(GRID, name)["cells"]]
+             for name in ("default", "units", "small", "tiny")}
+    assert cells["tiny"] == ["mfcc-k16-25hz/sft", "mfcc-k16-25hz/cpt-interleaved+sft"]
+    assert cells["default"][-2:] == ["mfcc-k128-50hz/sft+no-dedup", "mfcc-k128-50hz/sft+bpe512"]
+    assert len(cells["default"]) == 11 and len(cells["units"]) == 4 and len(cells["small"]) == 4
+    tiny_grid = matrix.load_grid(GRID, "tiny")
+    assert (tiny_grid["save_steps"], tiny_grid["generate"]) == (2, ["--max-tokens", "8"])  # its own, not the shared
+    assert matrix.load_grid(GRID, "units")["save_steps"] == 250  # the shared one

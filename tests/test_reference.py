@@ -5,7 +5,11 @@ Parquet datasets and `datasets` save_to_disk directories. A small random model w
 Llama 3 tokenizer extended by 5000 DSUs, as the reference's HuBERT runs use."""
 
 import json
+import os
+import resource
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import jiwer
@@ -176,8 +180,8 @@ def ref(tmp_path_factory, llama3_tokenizer_file):
 
 def prompts_for(checkpoint: Path, tok: Tokenizer, rows: list[dict], overrides=(), n_dsus=None) -> list[list[int]]:
     """generate.py's prompts: settings as generate.run takes them."""
-    extra, _ = reference_run.generation_settings(checkpoint, list(overrides), n_dsus)
-    data = generate.data_settings(checkpoint, extra + list(overrides), n_dsus)
+    from_yaml, _ = reference_run.generation_settings(checkpoint, list(overrides), n_dsus)
+    data = generate.data_settings(checkpoint, list(overrides), n_dsus, from_yaml)
     return generate.build_prompts(rows, tok, data)
 
 
@@ -197,9 +201,145 @@ def test_the_config_is_read_as_data_never_as_objects(ref):
     assert config.get("no.such.key") is None
 
 
-def test_settings_found_from_the_weights_directory_up_to_the_run(ref):
+def test_the_yaml_is_read_only_from_the_checkpoints_own_run_in_the_references_layout(ref, tmp_path):
     assert reference_run.find_config(ref["checkpoint"]) == ref["run"] / "checkpoints" / "torchtune_config.yaml"
-    assert reference_run.find_config(ref["model"]) is None
+    newer = tmp_path / "newer" / "checkpoints" / "step_6"  # the newer reference, beside checkpoints/training_state.pt
+    newer.mkdir(parents=True)
+    write_yaml(newer.parent / "torchtune_config.yaml")
+    assert reference_run.find_config(newer) == newer.parent / "torchtune_config.yaml"
+    (newer / "training_state.pt").write_bytes(b"x")  # ... but this project's own step_N holds its state
+    assert reference_run.find_config(newer) is None
+    # A YAML in any directory above a model that is no reference checkpoint, or in its own, is not its config:
+    # not even in a directory named checkpoints.
+    for model in (tmp_path / "a" / "b" / "model", tmp_path / "c" / "checkpoints" / "model",
+                  tmp_path / "d" / "checkpoints" / "epoch_0" / "model",
+                  tmp_path / "e" / "x" / "epoch_0" / "global_step_4"):
+        model.mkdir(parents=True)
+        for directory in (model, *list(model.parents)[:4]):
+            write_yaml(directory / "torchtune_config.yaml")
+        assert reference_run.find_config(model) is None, model
+
+
+def test_an_unrelated_yaml_above_an_extended_model_leaves_its_settings_alone(ref, tmp_path, capsys):
+    model = Path(shutil.copytree(ref["model"], tmp_path / "experiments" / "models" / "Llama-3.2-1B-5000-dsus"))
+    for directory in (model.parent, model.parent.parent):  # deduplicate=false and the reference's prompt
+        write_yaml(directory / "torchtune_config.yaml")
+    out = tmp_path / "out"
+    args = [str(model), "--data", str(ref["hub"]), "--n-dsus", "5000", "--backend", "torch", "--max-tokens", "1",
+            "--out", str(out)]
+    assert generate.main(args) == 0
+    err = capsys.readouterr().err
+    assert "torchtune_config.yaml" not in err
+    assert "deduplicate=true  (train.py default)" in err
+    assert json.loads((out / "generation_config.json").read_text())["data"]["sft"]["system_prompt"] == (
+        config.DEFAULT_SYSTEM_PROMPT)
+
+
+# -- 1b. the YAML is read with limits ---------------------------------------------------------
+
+LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{c}: &{c} [{', '.join([f'*{p}'] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+TOWER = 'x0: "lol"\n' + "".join(f'x{i}: "{f"${{x{i - 1}}}" * 10}"\n' for i in range(1, 12))
+OBJECTS = "y0: {a: 1}\n" + "".join(
+    f"y{i}: {{" + ", ".join(f'{k}: "${{y{i - 1}}}"' for k in "abcdefghij") + "}\n" for i in range(1, 10))
+# Each would take all memory, run for ages or overflow the stack without the limits; the key named is the one
+# the limit trips on, or the one asked for when it is resolving its ${...} that trips.
+HOSTILE = {
+    "billion laughs": (LAUGHS + "speech:\n  n_dsus: *i\n", "speech.n_dsus", ":5: key 'e' expands through aliases"),
+    "an anchor in itself": ("speech:\n  n_dsus: &a [*a]\n", "speech.n_dsus",
+                            ":2: key 'speech.n_dsus[0]' refers to itself through an alias"),
+    "a mapping holding itself": ("speech:\n  n_dsus: &s\n    me: *s\n", "speech.n_dsus",
+                                 ":2: key 'speech.n_dsus.me' refers to itself"),
+    "deep nesting": ("speech:\n  n_dsus: " + "[" * 5000 + "]" * 5000 + "\n", "speech.n_dsus",
+                     ":2: key 'speech.n_dsus[0][0]"),
+    "a tower of ${...}": (TOWER + "speech:\n  n_dsus: ${x11}\n", "speech.n_dsus",
+                          ": key 'speech.n_dsus' resolves through ${...} to more than"),
+    "multiplying ${...} objects": (OBJECTS + "speech:\n  n_dsus: ${y9}\n", "speech.n_dsus",
+                                ": key 'speech.n_dsus' resolves through ${...} to more than"),
+    "a ${...} cycle": ("speech:\n  n_dsus: ${speech.x}\n  x: ${speech.n_dsus}\n", "speech.n_dsus",
+                       ": key 'speech.n_dsus' resolves through ${...} deeper than"),
+}
+READ_ONE_KEY = """
+import sys
+from data import reference_run
+try:
+    print(repr(reference_run.ReferenceConfig(sys.argv[1]).get(sys.argv[2]))[:200])
+except reference_run.ReferenceError as error:
+    print(error)
+    sys.exit(2)
+"""
+
+
+def bounded(command: list[str], cwd: Path, memory: int) -> subprocess.CompletedProcess:
+    """`command` with `memory` bytes of address space and a minute: a limit that fails to hold ends it
+    with a MemoryError or a timeout instead of taking the machine's memory."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=60, preexec_fn=limit)
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_hostile_yaml_is_refused_naming_the_file_and_key(case, tmp_path):
+    text, key, message = HOSTILE[case]
+    path = tmp_path / "torchtune_config.yaml"
+    path.write_text(text)
+    result = bounded([sys.executable, "-c", READ_ONE_KEY, str(path), key], Path(generate.__file__).parent, 512 << 20)
+    assert result.returncode == 2, result.stdout + result.stderr[-2000:]
+    assert result.stdout.startswith(f"{path}{message}") and result.stdout.strip().endswith("refused"), result.stdout
+
+
+def test_a_hostile_yaml_beside_a_checkpoint_stops_generate_with_status_2(ref, tmp_path):
+    checkpoint = Path(shutil.copytree(ref["checkpoint"], tmp_path / "checkpoints" / "epoch_0" / "global_step_4"))
+    yaml_path = tmp_path / "checkpoints" / "torchtune_config.yaml"
+    yaml_path.write_text(LAUGHS + "speech:\n  n_dsus: *i\ndata:\n  test:\n    dataset:\n      source: *i\n")
+    command = [sys.executable, "generate.py", str(checkpoint), "--backend", "torch", "--max-tokens", "1"]
+    settings = {"n_dsus": N_DSUS, "deduplicate": False, "modality_tokens": True, "sft": {"system_prompt": "S"}}
+    # Read for the settings; and, when the checkpoint's training_config.json gives them all, for the dataset.
+    for extra, training_config in ((["--data", str(ref["hub"])], None), ([], {"data": settings})):
+        if training_config:
+            (checkpoint / "training_config.json").write_text(json.dumps(training_config))
+        result = bounded(command + extra, Path(generate.__file__).parent, 3 << 30)  # torch alone maps ~1 GB
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"generate.py: error: {yaml_path}:5: key 'e' expands through aliases to more than "
+            f"{reference_run.MAX_VALUES} values: refused")
+    assert not (tmp_path / "generations").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("speech:\n  n_dsus: !!int abc\n", "not valid YAML (invalid literal for int()"),
+    ("speech: [1\n", ":2: not valid YAML"),
+    ("- 1\n- 2\n", "expected a YAML mapping at the top"),
+    ("#" * reference_run.MAX_BYTES + "\nspeech: {}\n", "larger than 4 MiB"),
+])
+def test_malformed_yaml_is_one_line_naming_the_file(tmp_path, text, message):
+    path = tmp_path / "torchtune_config.yaml"
+    path.write_text(text)
+    with pytest.raises(reference_run.ReferenceError) as error:
+        reference_run.ReferenceConfig(path)
+    assert str(error.value).startswith(f"{path}") and message in str(error.value)
+
+
+def test_a_yaml_that_is_no_regular_file_is_refused_without_blocking(ref, tmp_path):
+    checkpoint = Path(shutil.copytree(ref["checkpoint"], tmp_path / "checkpoints" / "epoch_0" / "global_step_4"))
+    os.mkfifo(tmp_path / "checkpoints" / "torchtune_config.yaml")
+    command = [sys.executable, "-c", READ_ONE_KEY, str(reference_run.find_config(checkpoint)), "speech.n_dsus"]
+    result = bounded(command, Path(generate.__file__).parent, 512 << 20)
+    assert result.returncode == 2 and "is a FIFO, where a regular file is expected" in result.stdout
+
+
+@pytest.mark.parametrize("place, value, shown", [
+    ("n_dsus", "-5", "'speech.n_dsus': must be an integer in 1..65534 (for data.n_dsus), got -5"),
+    ("deduplicate", '"yes"', "'speech.deduplicate': must be true or false (for data.deduplicate), got \"yes\""),
+])
+def test_a_bad_value_in_the_yaml_is_reported_as_the_yamls(ref, tmp_path, capsys, place, value, shown):
+    checkpoint = Path(shutil.copytree(ref["checkpoint"], tmp_path / "checkpoints" / "epoch_0" / "global_step_4"))
+    path = tmp_path / "checkpoints" / "torchtune_config.yaml"
+    write_yaml(path, **{place: value})
+    assert generate.main([str(checkpoint), "--data", str(ref["hub"]), "--backend", "torch", "--max-tokens", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"generate.py: error: {path}, key {shown}" in err and "override" not in err
+    assert not (tmp_path / "generations").exists()
 
 
 def test_prompts_from_the_yaml_equal_prompts_from_settings_given_by_hand(ref):
@@ -218,12 +358,13 @@ def test_precedence_command_line_then_training_config_then_yaml(ref, tmp_path):
     checkpoint = Path(shutil.copytree(ref["checkpoint"], tmp_path / "checkpoints" / "epoch_0" / "global_step_4"))
     write_yaml(tmp_path / "checkpoints" / "torchtune_config.yaml")
     (checkpoint / "training_config.json").write_text(json.dumps({"data": {"deduplicate": True}}))
-    extra, sources = reference_run.generation_settings(checkpoint, ["data.modality_tokens=true"], None)
+    from_yaml, sources = reference_run.generation_settings(checkpoint, ["data.modality_tokens=true"], None)
     assert sources["deduplicate"] == str(checkpoint / "training_config.json")
     assert sources["modality_tokens"] == "command line"
-    assert sources["n_dsus"].endswith("torchtune_config.yaml (speech.n_dsus)")
-    assert sorted(extra) == sorted(["data.n_dsus=5000", f"data.sft.system_prompt={json.dumps(REFERENCE_PROMPT)}"])
-    data = generate.data_settings(checkpoint, extra + ["data.modality_tokens=true"], None)
+    assert sources["n_dsus"].endswith("torchtune_config.yaml, key 'speech.n_dsus'")
+    assert {setting: value for setting, (value, _) in from_yaml.items()} == {
+        "n_dsus": 5000, "sft.system_prompt": REFERENCE_PROMPT}
+    data = generate.data_settings(checkpoint, ["data.modality_tokens=true"], None, from_yaml)
     assert (data["n_dsus"], data["deduplicate"], data["sft"]["system_prompt"]) == (5000, True, REFERENCE_PROMPT)
 
 
@@ -255,7 +396,7 @@ def test_generation_goes_where_the_reference_puts_it_and_says_where_settings_cam
     out = ref["run"] / "generations" / "epoch_0" / "global_step_4" / DATASET / "test" / "generations.jsonl"
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in records] == [row["ID"] for row in ref["splits"]["test"]]  # the ID column, test split only
-    assert "deduplicate=false  (" in err and "torchtune_config.yaml (speech.deduplicate)" in err
+    assert "deduplicate=false  (" in err and "torchtune_config.yaml, key 'speech.deduplicate'" in err
     assert f"sft.system_prompt={json.dumps(REFERENCE_PROMPT)}" in err
     assert generate.main(args) == 2 and "already exists" in capsys.readouterr().err  # never overwritten
     shutil.rmtree(ref["run"] / "generations")

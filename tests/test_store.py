@@ -3,6 +3,8 @@ data.dataset loads, is reused while the source is unchanged, and never leaves a 
 
 import copy
 import json
+import os
+import signal
 import socket
 from pathlib import Path
 
@@ -156,3 +158,27 @@ def test_training_sequences_from_the_store_equal_those_from_loaded_rows(tmp_path
         for i in range(len(in_memory)):
             for a, b in zip(tiny.built(from_store, i, epoch), tiny.built(in_memory, i, epoch)):
                 np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("harm", ["fifo", "garbage", "missing"])
+def test_a_damaged_store_is_refused_naming_it_and_never_blocks(tmp_path, golden_rows, harm):
+    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("blocked on a FIFO"))
+    signal.alarm(60)
+    try:
+        refuse_damaged_store(tmp_path, golden_rows, harm)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def refuse_damaged_store(tmp_path, golden_rows, harm):
+    source = write_jsonl(tmp_path / "rows.jsonl", golden_rows[:3])
+    directory = open_store(str(source), tmp_path / "cache", n_dsus=N_DSUS, progress=False).directory
+    target = directory / ("dsus.u16" if harm == "fifo" else "meta.json" if harm == "garbage" else "text.u8")
+    target.unlink()
+    if harm == "fifo":
+        os.mkfifo(target)
+    elif harm == "garbage":
+        target.write_text("{not json")
+    with pytest.raises(DataError, match=rf"{directory}: not a readable data store .*remove it"):
+        open_store(str(source), tmp_path / "cache", n_dsus=N_DSUS, progress=False)

@@ -1,6 +1,7 @@
 """train.py end to end on a tiny extended model: learning, checkpoints, exact resume (also after
 SIGKILL), two processes vs one, transformers compatibility, and refusals of bad input."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import config
 import train
 from model import Llama
 from tests import tiny
@@ -270,7 +272,7 @@ def test_two_processes_match_one_with_twice_the_batch(assets, tmp_path, fsdp):
     dev = tiny.write_jsonl(tmp_path / "dev5.jsonl", tiny.rows(5, seed=4, prefix="dev"))
     common = ["train.max_steps=4", "train.eval_steps=2", f"data.dev={dev}"]
     two, one = tmp_path / "two", tmp_path / "one"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+    command = [*tiny.TORCHRUN_TWO, "train.py",
                *cpt_args(assets, two, *common, "train.batch_size=2", f"model.fsdp={json.dumps(fsdp)}")]
     done = subprocess.run(command, cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -460,3 +462,181 @@ def test_a_refused_run_leaves_an_existing_run_dir_as_it_was(assets, tmp_path, ca
     dev = tiny.write_jsonl(tmp_path / "dev.jsonl", rows)
     refused(cpt_args(assets, run_dir, f"data.dev={dev}"), capsys, f"{dev}:2", "speech_tokens")
     assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt"]  # no data_cache, no train store
+
+
+# -- resume refuses settings that change token ids; checkpoints and files that are not what they seem --
+
+
+def unchanged(run_dir: Path):
+    """A snapshot of every path under `run_dir` with its modification time."""
+    return {p: p.lstat().st_mtime_ns for p in run_dir.rglob("*")}
+
+
+def swap_two_ranks(tokenizer_file: Path) -> None:
+    """Another valid tokenizer of the same size and DSUs: the tokens of ranks 100 and 101 traded."""
+    lines = tokenizer_file.read_bytes().splitlines(keepends=True)
+    (a, _), (b, _) = lines[100].split(), lines[101].split()
+    lines[100], lines[101] = b + b" 100\n", a + b" 101\n"
+    tokenizer_file.write_bytes(b"".join(lines))
+
+
+ID_CHANGES = {  # override: (what the checkpoint has, what this run has)
+    "data.deduplicate=false": ("data.deduplicate true", "data.deduplicate false"),
+    "data.modality_tokens=false": ("data.modality_tokens true", "data.modality_tokens false"),
+    "data.max_seq_len=96": ("data.max_seq_len 128", "data.max_seq_len 96"),
+    "data.cpt.sequence_type=concatenated_dsu_txt": ('data.cpt.sequence_type "interleaved"',
+                                                   'data.cpt.sequence_type "concatenated_dsu_txt"'),
+    "data.cpt.binom_prob=0.2": ("data.cpt.binom_prob 0.1", "data.cpt.binom_prob 0.2"),
+    "data.task=sft": ('data.task "cpt"', 'data.task "sft"'),
+}
+
+
+@pytest.mark.parametrize("change", ID_CHANGES)
+def test_resume_auto_refuses_settings_that_change_token_ids(assets, reference, tmp_path, capsys, change):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    before = unchanged(run_dir)
+    then, now = ID_CHANGES[change]
+    ckpt = checkpoint(run_dir, MAX_STEPS)
+    refused(cpt_args(assets, run_dir, "resume=auto", change), capsys, f"was trained with {then}",
+            f"this run has {now}", f"model.path={ckpt} run_dir=<a new directory>")
+    assert unchanged(run_dir) == before
+
+
+def test_resume_refuses_a_checkpoint_whose_training_config_was_edited(assets, reference, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    saved = checkpoint(run_dir, MAX_STEPS) / "training_config.json"
+    edited = json.loads(saved.read_text())
+    edited["data"]["n_dsus"] = 32
+    saved.write_text(json.dumps(edited))
+    before = unchanged(run_dir)
+    refused(cpt_args(assets, run_dir, "resume=auto"), capsys, f"was trained with data.n_dsus 32 (per {saved})",
+            "this run has data.n_dsus 64")
+    assert unchanged(run_dir) == before
+
+
+@pytest.mark.parametrize("where", ["model_path", "checkpoint"])
+def test_resume_refuses_another_tokenizer_file(assets, reference, tmp_path, capsys, where):
+    run_dir, model = tmp_path / "run", assets.model
+    shutil.copytree(reference, run_dir)
+    if where == "model_path":  # the run's model directory got another extension's tokenizer
+        model = shutil.copytree(assets.model, tmp_path / "model")
+        swap_two_ranks(model / "original" / "tokenizer.model")
+        source = checkpoint(run_dir, MAX_STEPS) / train.STATE_FILE
+    else:  # the checkpoint's own copy was replaced
+        swap_two_ranks(checkpoint(run_dir, MAX_STEPS) / "original" / "tokenizer.model")
+        source = checkpoint(run_dir, MAX_STEPS) / "original"
+    args = [a if not a.startswith("model.path=") else f"model.path={model}" for a in cpt_args(assets, run_dir)]
+    refused(args + ["resume=auto"], capsys, f"was trained with tokenizer.sha256 ", f"(per {source})",
+            "this run has tokenizer.sha256 ")
+
+
+def test_the_settings_are_recorded_in_the_training_state(assets, reference):
+    settings = train.read_training_state(checkpoint(reference, 4))["settings"]
+    tokenizer = (assets.model / "original" / "tokenizer.model").read_bytes()
+    assert settings["tokenizer.sha256"] == hashlib.sha256(tokenizer).hexdigest()
+    assert settings["tokenizer.speech_bpe"] is None
+    assert settings["data.n_dsus"] == tiny.N_DSUS and settings["data.deduplicate"] is True
+    assert settings["data.task"] == "cpt" and settings["data.max_seq_len"] == 128
+    assert settings["data.sft.system_prompt"] == config.DEFAULT_SYSTEM_PROMPT
+
+
+def without_settings_record(ckpt: Path) -> None:
+    """The training state as checkpoints saved before the settings record had it."""
+    state = train.read_training_state(ckpt)
+    del state["settings"]
+    torch.save(state, ckpt / train.STATE_FILE)
+
+
+def test_an_older_checkpoint_is_compared_through_its_training_config_and_tokenizer_copy(assets, reference, tmp_path,
+                                                                                         capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    ckpt = checkpoint(run_dir, MAX_STEPS)
+    without_settings_record(ckpt)
+    refused(cpt_args(assets, run_dir, "resume=auto", "data.deduplicate=false"), capsys,
+            f"data.deduplicate true (per {ckpt / 'training_config.json'})", "this run has data.deduplicate false")
+    model = shutil.copytree(assets.model, tmp_path / "model")
+    swap_two_ranks(model / "original" / "tokenizer.model")
+    args = [a if not a.startswith("model.path=") else f"model.path={model}" for a in cpt_args(assets, run_dir)]
+    refused(args + ["resume=auto"], capsys, f"(per {ckpt / 'original'})", "tokenizer.sha256")
+    assert train.main(cpt_args(assets, run_dir, "resume=auto")) == 0  # the same settings: it resumes, saying how
+    assert "has no record of the settings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("what", ["checkpoints_loop", "step_loop", "checkpoints_file"])
+def test_a_checkpoints_path_that_is_not_a_directory_is_refused_up_front(assets, tmp_path, capsys, what):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").parent.mkdir()
+    if what == "checkpoints_loop":
+        (run_dir / "checkpoints").symlink_to(run_dir / "checkpoints")
+        bad = run_dir / "checkpoints"
+    elif what == "step_loop":
+        (run_dir / "checkpoints").mkdir()
+        bad = run_dir / "checkpoints" / "step_0000004"
+        bad.symlink_to(bad)
+    else:
+        (run_dir / "checkpoints").write_text("")
+        bad = run_dir / "checkpoints"
+    kind = "a regular file" if what == "checkpoints_file" else "a symlink loop"
+    for resume in ([], ["resume=auto"]):
+        refused(cpt_args(assets, run_dir, *resume), capsys, f"{bad} is {kind}", "checkpoints")
+        assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints"]  # no data cache, no metrics
+
+
+def test_a_fifo_in_the_newest_checkpoint_is_passed_over_without_blocking(assets, reference, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    (checkpoint(run_dir, 12) / train.STATE_FILE).unlink()
+    os.mkfifo(checkpoint(run_dir, 12) / train.STATE_FILE)
+    (checkpoint(run_dir, 8) / "model.safetensors").unlink()
+    os.mkfifo(checkpoint(run_dir, 8) / "model.safetensors")
+    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("blocked on a FIFO"))
+    signal.alarm(120)
+    try:
+        assert train.main(cpt_args(assets, run_dir, "resume=auto")) == 0
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    out, err = capsys.readouterr()
+    assert f"{checkpoint(run_dir, 12) / train.STATE_FILE}: is a FIFO" in err, err
+    assert f"{checkpoint(run_dir, 8) / 'model.safetensors'}: is a FIFO" in err, err
+    assert f"resuming from {checkpoint(run_dir, 4)}" in out
+    assert losses(run_dir) == losses(reference)
+
+
+def test_metrics_cut_short_by_a_kill_resume_and_a_damaged_line_is_refused(assets, reference, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    shutil.rmtree(checkpoint(run_dir, 12))
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(lines[:3] + ["{not json"] + lines[3:]) + "\n")
+    before = unchanged(run_dir)
+    refused(cpt_args(assets, run_dir, "resume=auto"), capsys, f"{metrics}:4: not a metrics record")
+    assert unchanged(run_dir) == before
+    metrics.write_text("\n".join(lines) + '\n{"step": 1')  # the last line cut short
+    assert train.main(cpt_args(assets, run_dir, "resume=auto")) == 0
+    assert losses(run_dir) == losses(reference)
+
+
+def test_refuses_a_boolean_among_the_training_dsus(assets, tmp_path, capsys):
+    rows = tiny.rows(16, seed=5, prefix="bool")
+    rows[6]["speech_tokens"][2] = True
+    data = tmp_path / "bool.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    refused(cpt_args(assets, tmp_path / "run", f"data.train={data}", "data.task=sft"), capsys,
+            f"{data}:7: field 'speech_tokens': position 2: true is a boolean")
+    assert not (tmp_path / "run").exists()
+
+
+def test_refuses_a_train_split_with_a_missing_shard(assets, tmp_path, capsys):
+    shards = tmp_path / "ds" / "data"
+    shards.mkdir(parents=True)
+    rows = tiny.rows(64, seed=2, prefix="train")
+    tiny.write_jsonl(shards / "train-00000-of-00002.jsonl", rows[:32])
+    tiny.write_jsonl(shards / "validation-00000-of-00001.jsonl", rows[32:40])
+    refused(cpt_args(assets, tmp_path / "run", f"data.train={tmp_path / 'ds'}", f"data.dev={tmp_path / 'ds'}"), capsys,
+            "incomplete split", "missing train-00001-of-00002.jsonl")
+    assert not (tmp_path / "run").exists()

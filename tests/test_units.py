@@ -49,14 +49,27 @@ def hubert_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def mimi_dir(tmp_path_factory) -> Path:
+    """A tiny MimiModel whose first codebook lies among its latents. A new model's codebooks are all
+    zeros, so every frame would get unit 0 and no change of a frame could ever show in its unit."""
     from transformers import MimiConfig, MimiModel
 
     torch.manual_seed(0)
     config = MimiConfig(hidden_size=32, num_filters=4, num_hidden_layers=1, intermediate_size=64,
                         num_attention_heads=2, num_key_value_heads=2, head_dim=16, codebook_size=64, codebook_dim=16,
                         num_quantizers=2, vector_quantization_hidden_dimension=16, upsample_groups=32)
+    model = MimiModel(config).eval()
+    tones = np.concatenate([noise(0.4, config.sampling_rate, seed) for seed in range(40)]).astype(np.float32)
+    rvq = model.quantizer.semantic_residual_vector_quantizer
+    projected = []  # the latents as the first codebook sees them
+    hook = rvq.input_proj.register_forward_hook(lambda _m, _i, out: projected.append(out))
+    with torch.no_grad():
+        model.encode(torch.from_numpy(tones)[None, None], num_quantizers=1)
+        frames = projected[0][0].T
+        chosen = torch.randperm(len(frames), generator=torch.Generator().manual_seed(0))[: config.codebook_size]
+        rvq.layers[0].codebook.embed_sum.copy_(frames[chosen])  # cluster_usage is 1: the entries are these frames
+    hook.remove()
     path = tmp_path_factory.mktemp("models") / "mimi"
-    MimiModel(config).save_pretrained(path)
+    model.save_pretrained(path)
     return path
 
 
@@ -66,6 +79,11 @@ def noise(seconds: float, rate: int, seed: int, channels: int = 1) -> np.ndarray
     rng = np.random.default_rng(seed)
     wave = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 900) * t) + rng.normal(0, 0.05, len(t))
     return np.stack([wave] * channels, 1) if channels > 1 else wave
+
+
+def clip(n_samples: int, rate: int, seed: int) -> np.ndarray:
+    """`n_samples` of float32 noisy tones."""
+    return noise(n_samples / rate + 1, rate, seed)[:n_samples].astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -137,16 +155,113 @@ def test_mimi_gives_one_unit_per_1920_samples_begun(mimi_dir, n_samples):
     assert dsus.min() >= 0 and dsus.max() < 64
 
 
-def test_long_audio_in_chunks_keeps_the_frame_count(hubert_dir, mimi_dir):
+def test_long_audio_is_cut_into_pieces_that_keep_every_frame_once(hubert_dir, mimi_dir):
     hubert = units.HubertEncoder(str(hubert_dir), LAYER, None, "cpu", 4)
     hubert.centroids = np.random.default_rng(0).normal(size=(K, HIDDEN))
     mimi = units.MimiEncoder(str(mimi_dir), "cpu", 4)
-    for encoder, hop in ((hubert, 320), (mimi, 1920)):
-        long = noise(7.3, encoder.sampling_rate, 3).astype(np.float32)
-        bounds = units.chunk_bounds(len(long), encoder, chunk_seconds=2)
-        assert len(bounds) == 4 and all(start % hop == 0 for start, _ in bounds)
+    for encoder in (hubert, mimi):
+        hop = encoder.downsampling_ratio
+        before, after = (-(-c // hop) for c in encoder.context)
+        for seconds in (2.0, 7.3, 31.7):
+            n = int(seconds * encoder.sampling_rate)
+            n_frames = encoder.frames(n)
+            pieces = units.chunk_pieces(n, encoder, chunk_seconds=2)
+            kept = [p.start // hop + p.first + j for p in pieces for j in range(p.count)]
+            assert kept == list(range(n_frames))
+            for p in pieces:
+                assert p.start % hop == 0 and encoder.frames(p.stop - p.start) >= p.first + p.count
+                first, last = p.start // hop + p.first, p.start // hop + p.first + p.count
+                # Context on each side of the kept frames, as much as the file has.
+                assert p.first >= min(before, first)
+                assert encoder.frames(p.stop - p.start) - p.first - p.count >= min(after, n_frames - last)
+        # A file no longer than a chunk and its context is one piece; a longer one several.
+        one_window = 2 * encoder.sampling_rate + (before + after) * hop
+        assert [(p.start, p.stop) for p in units.chunk_pieces(one_window, encoder, chunk_seconds=2)] == [(0, one_window)]
+        long = clip(int(31.7 * encoder.sampling_rate), encoder.sampling_rate, 3)
+        assert len(units.chunk_pieces(len(long), encoder, chunk_seconds=2)) > 1
         chunked = units.encode_audios(encoder, [long], chunk_seconds=2)[0]
         assert len(chunked) == encoder.frames(len(long)) == len(units.encode_audios(encoder, [long], 60)[0])
+
+
+def test_chunked_long_audio_agrees_with_a_single_pass(hubert_dir, kmeans, mimi_dir):
+    """Four 70 s files, in 30 s chunks and in one pass. Mimi's reach back is finite (its convolutions
+    and attention window), so with that much context every unit agrees; HuBERT attends to all of its
+    input, so a chunk's frames differ slightly wherever they are, and a frame nearly equidistant
+    from two centroids may flip: under 0.05% may differ."""
+    hubert = units.HubertEncoder(str(hubert_dir), LAYER, str(kmeans), "cpu", 8)
+    mimi = units.MimiEncoder(str(mimi_dir), "cpu", 8)
+    for encoder, allowed in ((hubert, 0.0005), (mimi, 0)):
+        differ = total = 0
+        for seed in range(3, 7):
+            audio = noise(70, encoder.sampling_rate, seed).astype(np.float32)
+            assert len(units.chunk_pieces(len(audio), encoder, 30)) > 1
+            single = units.encode_audios(encoder, [audio], chunk_seconds=100)[0]
+            chunked = units.encode_audios(encoder, [audio], chunk_seconds=30)[0]
+            differ, total = differ + int((single != chunked).sum()), total + len(single)
+        print(f"{encoder.name}: {differ} of {total} units differ ({100 * differ / total:.3f}%)")
+        assert differ <= allowed * total if allowed else differ == 0, (encoder.name, differ, total)
+
+
+# -- batching -------------------------------------------------------------------------------------
+
+
+def batch_encoders(kind: str, hubert_dir, kmeans, mimi_dir, tmp_path) -> tuple[units.Encoder, units.Encoder]:
+    """The `kind` encoder twice: one pass per utterance, and 8 utterances a pass."""
+    if kind == "hubert":
+        return tuple(units.HubertEncoder(str(hubert_dir), LAYER, str(kmeans), "cpu", b) for b in (1, 8))
+    if kind == "mimi":
+        return tuple(units.MimiEncoder(str(mimi_dir), "cpu", b) for b in (1, 8))
+    if kind == "speechtokenizer":
+        model = str(speechtokenizer_dir(tmp_path))
+        return tuple(units.SpeechTokenizerEncoder(model, "cpu") for _ in range(2))
+    if kind == "mfcc":
+        return tuple(units.SpectralEncoder("mfcc", str(MINI / "kmeans.npz")) for _ in range(2))
+    x = features.logmel_features(noise(3, 16000, 0))
+    np.save(tmp_path / "logmel.npy", features.fit_kmeans_torch(x, 16, seed=0))
+    return tuple(units.SpectralEncoder("logmel", str(tmp_path / "logmel.npy")) for _ in range(2))
+
+
+def speechtokenizer_dir(tmp_path) -> Path:
+    """A tiny random SpeechTokenizer, saved as its releases are: config.json and SpeechTokenizer.pt."""
+    from speechtokenizer import SpeechTokenizer
+
+    config = {"n_filters": 4, "dimension": 16, "semantic_dimension": 16, "strides": [8, 5, 4, 2], "lstm_layers": 1,
+              "bidirectional": True, "dilation_base": 2, "residual_kernel_size": 3, "n_residual_layers": 1,
+              "activation": "ELU", "sample_rate": 16000, "n_q": 1, "codebook_size": 64}
+    torch.manual_seed(0)
+    path = tmp_path / "speechtokenizer"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    torch.save(SpeechTokenizer(config).state_dict(), path / "SpeechTokenizer.pt")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["hubert", "mimi", "mfcc", "logmel", "speechtokenizer"])
+def test_units_do_not_depend_on_batch_companions(kind, hubert_dir, kmeans, mimi_dir, tmp_path):
+    if kind == "speechtokenizer":
+        pytest.importorskip("speechtokenizer")
+    alone, batched = batch_encoders(kind, hubert_dir, kmeans, mimi_dir, tmp_path)
+    rate, hop = alone.sampling_rate, alone.downsampling_ratio
+    # On and off the frame grid (and on half of it: Mimi's 25 Hz stage), each with shorter and longer companions.
+    lengths = [rate, rate + 1, 13 * hop, 13 * hop + hop // 2, 7 * hop + 5, 2 * rate + 333, rate // 2 + 77,
+               3 * rate - 1, hop + 401, int(1.3 * rate)]
+    audios = [clip(n, rate, seed) for seed, n in enumerate(lengths)]
+    one_by_one = [units.encode_audios(alone, [a], 30)[0].tolist() for a in audios]
+    for group in (range(10), range(5), range(5, 10), range(0, 10, 3)):  # batches of 8 and 2, 5, 5, 4
+        assert [u.tolist() for u in units.encode_audios(batched, [audios[i] for i in group], 30)] == \
+            [one_by_one[i] for i in group], list(group)
+
+
+def test_batch_size_leaves_the_shards_alone(hubert_dir, kmeans, mimi_dir, audio, tmp_path):
+    """The CLI's default --batch-size 8 and --batch-size 1 write the same shards (the 12 test files
+    at 16, 22.05 and 24 kHz: their resampled lengths fall off Mimi's frame grid)."""
+    for name, encoder in (("hubert", ["--encoder", "hubert", "--model", str(hubert_dir), "--layer", str(LAYER),
+                                      "--kmeans", str(kmeans)]),
+                          ("mimi", ["--encoder", "mimi", "--model", str(mimi_dir)])):
+        for b in (1, 8):
+            assert main(["encode", str(tmp_path / f"{name}{b}"), *encoder, "--device", "cpu", "--quiet",
+                         "--batch-size", str(b), str(audio.manifest)]) == 0
+        assert shard_bytes(tmp_path / f"{name}1") == shard_bytes(tmp_path / f"{name}8")
 
 
 def test_every_file_gets_the_frames_of_its_resampled_length(encoded, audio):
@@ -177,14 +292,14 @@ def test_hubert_units_are_the_nearest_centroid_of_the_layer_output(hubert_dir, k
     with torch.no_grad():
         hidden = model(torch.from_numpy(normalised)[None], output_hidden_states=True).hidden_states[LAYER][0].numpy()
     centroids = np.load(kmeans)
-    assert np.array_equal(encoder.encode([audio])[0], brute_force(hidden, centroids))
+    assert np.array_equal(units.encode_audios(encoder, [audio], 30)[0], brute_force(hidden, centroids))
 
 
 def test_mfcc_units_are_the_nearest_bundled_centroid():
     centroids = features.load_kmeans(MINI / "kmeans.npz")
     audio = noise(1.5, 16000, 4)
     encoder = units.SpectralEncoder("mfcc", str(MINI / "kmeans.npz"))
-    assert np.array_equal(encoder.encode([audio])[0], brute_force(features.mfcc_features(audio), centroids))
+    assert np.array_equal(units.encode_audios(encoder, [audio], 30)[0], brute_force(features.mfcc_features(audio), centroids))
 
 
 def test_learnt_centroids_are_the_means_of_their_frames_and_repeat_with_the_seed():
@@ -217,31 +332,19 @@ def test_the_same_audio_gives_the_same_units(hubert_dir, kmeans, mimi_dir, audio
     alone = units.HubertEncoder(str(hubert_dir), LAYER, str(kmeans), "cpu", 1)
     first = audio.rows[0]
     wav = units.read_audio(audio.root / first["path"], 16000)
-    assert alone.encode([wav])[0].tolist() == shard_rows(encoded)[0]["speech_tokens"]
+    assert units.encode_audios(alone, [wav], 30)[0].tolist() == shard_rows(encoded)[0]["speech_tokens"]
 
 
 def test_resume_after_a_killed_run_gives_the_same_shards(hubert_dir, kmeans, audio, encoded, tmp_path):
-    # The run is killed while it waits for utterance 6's audio (a named pipe that is only readable
-    # once, for the header check): shards 0 (utterances 0-4) is written, shard 1 is not.
-    audio_dir = tmp_path / "audio"
-    shutil.copytree(audio.root, audio_dir)
-    blocking = audio_dir / audio.rows[6]["path"]
-    content = blocking.read_bytes()
-    blocking.unlink()
-    os.mkfifo(blocking)
-
-    def serve_header_once():
-        try:
-            with open(blocking, "wb") as f:
-                f.write(content)
-        except BrokenPipeError:
-            pass
-
-    server = threading.Thread(target=serve_header_once, daemon=True)
-    server.start()
+    # The run is killed while it reads utterance 6's audio (made to wait there): shard 0
+    # (utterances 0-4) is written, shard 1 is not.
     out = tmp_path / "killed"
-    args = hubert_args(hubert_dir, kmeans, out, audio_dir / "manifest.jsonl", extra=["--shard-size", "5"])
-    process = subprocess.Popen([sys.executable, "-m", "data.units", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+    args = hubert_args(hubert_dir, kmeans, out, audio.manifest, extra=["--shard-size", "5"])
+    waiting = audio.rows[6]["path"]
+    stall = ("import sys, time\nfrom data import units\nread = units.read_audio\n"
+             f"units.read_audio = lambda path, rate: time.sleep(600) if path.name == {waiting!r} else read(path, rate)\n"
+             f"sys.exit(units.main({args!r}))\n")
+    process = subprocess.Popen([sys.executable, "-c", stall], cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=open(tmp_path / "stderr", "w"), env={**os.environ, "OMP_NUM_THREADS": "1"})
     first_shard = out / "data" / "train-00000-of-00003.parquet"
     deadline = time.time() + 120
@@ -254,8 +357,6 @@ def test_resume_after_a_killed_run_gives_the_same_shards(hubert_dir, kmeans, aud
     assert sorted(p.name for p in (out / "data").glob("*.parquet")) == [first_shard.name]
     kept = first_shard.stat().st_mtime_ns
 
-    blocking.unlink()
-    blocking.write_bytes(content)
     assert main(args) == 2  # an existing directory is never taken over silently
     assert main([*args, "--resume"]) == 0
     assert first_shard.stat().st_mtime_ns == kept  # the finished shard was kept, not redone
@@ -268,6 +369,11 @@ def test_resume_refuses_another_encoding(hubert_dir, kmeans, audio, encoded, tmp
     shutil.copytree(encoded, out)
     assert main([*hubert_args(hubert_dir, kmeans, out, audio.manifest, extra=["--shard-size", "4"]), "--resume"]) == 2
     assert "shard_size" in capsys.readouterr().err
+    # The batch size may change: the units do not depend on it.
+    (out / "data" / "train-00002-of-00003.parquet").unlink()
+    assert main([*hubert_args(hubert_dir, kmeans, out, audio.manifest, extra=["--shard-size", "5", "--batch-size", "3"]),
+                 "--resume"]) == 0
+    assert shard_bytes(out) == shard_bytes(encoded)
 
 
 # -- units.json and what trains on the shards -----------------------------------------------------
@@ -446,6 +552,196 @@ def test_missing_packages_are_named(monkeypatch, mimi_dir):
     monkeypatch.setitem(sys.modules, "speechtokenizer", None)
     with pytest.raises(units.InputError, match="pip install speechtokenizer"):
         units.SpeechTokenizerEncoder(str(mimi_dir), "cpu")
+
+
+def float_wav(path: Path, bad_value: float, at: int = 8000) -> Path:
+    samples = noise(1.0, 16000, 1).astype(np.float32)
+    samples[at] = bad_value
+    soundfile.write(path, samples, 16000, subtype="FLOAT")
+    return path
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_non_finite_audio_is_refused(bad, hubert_dir, kmeans, mimi_dir, audio, tmp_path, capsys):
+    wav = float_wav(tmp_path / "bad.wav", bad)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"path": str(audio.root / audio.rows[0]["path"]), "transcript": "a"}) + "\n"
+                        + json.dumps({"path": str(wav), "transcript": "b"}) + "\n")
+    out = tmp_path / "out"
+    for encoder in (["--encoder", "hubert", "--model", str(hubert_dir), "--layer", str(LAYER), "--kmeans", str(kmeans)],
+                    ["--encoder", "mimi", "--model", str(mimi_dir)],
+                    ["--encoder", "mfcc", "--kmeans", str(MINI / "kmeans.npz")]):
+        refused(["encode", str(out), *encoder, "--device", "cpu", "--quiet", str(manifest)], out, capsys,
+                f"{manifest}:2", str(wav), "NaN or infinite samples", "0.500 s")
+    centroids = tmp_path / "km.npy"
+    for encoder in (["--encoder", "hubert", "--model", str(hubert_dir), "--layer", str(LAYER)], ["--encoder", "logmel"]):
+        refused(["learn-kmeans", str(centroids), *encoder, "--k", "2", "--device", "cpu", "--quiet", str(manifest)],
+                centroids, capsys, str(wav), "NaN or infinite samples")
+
+
+def test_non_finite_features_are_refused(hubert_dir, audio, tmp_path, capsys, monkeypatch):
+    x = np.random.default_rng(0).normal(size=(100, 4))
+    x[7, 2] = np.nan
+    for fit in (features.fit_kmeans, features.fit_kmeans_torch):
+        with pytest.raises(features.FeatureError, match="NaN or infinite values \\(1 of 100 frames\\)"):
+            fit(x, 4, seed=0)
+    # A model whose features hold NaN (here made to): learn-kmeans names the utterance, writes nothing.
+    real = units.HubertEncoder.features
+    monkeypatch.setattr(units.HubertEncoder, "features", lambda self, audios: [f * np.nan for f in real(self, audios)])
+    out = tmp_path / "km.npy"
+    refused(["learn-kmeans", str(out), "--encoder", "hubert", "--model", str(hubert_dir), "--layer", str(LAYER),
+             "--k", "4", "--device", "cpu", "--quiet", str(audio.manifest)], out, capsys,
+            f"{audio.manifest}:", "features hold NaN or infinite values")
+
+
+def test_input_refused_midway_leaves_nothing_behind(hubert_dir, kmeans, audio, tmp_path, capsys, monkeypatch):
+    """Shard 0 is written before utterance 5's features turn out NaN: the new directory goes."""
+    real, calls = units.HubertEncoder.features, []
+
+    def nan_from_the_second_shard(self, audios):
+        calls.append(len(audios))
+        return [f * np.nan if len(calls) > 1 else f for f in real(self, audios)]
+
+    monkeypatch.setattr(units.HubertEncoder, "features", nan_from_the_second_shard)
+    out = tmp_path / "new" / "out"
+    refused(hubert_args(hubert_dir, kmeans, out, audio.manifest, extra=["--shard-size", "5", "--batch-size", "5"]),
+            out, capsys, f"{audio.manifest}:6", "NaN or infinite")
+    assert len(calls) == 2 and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("split", ["../../evil", "a/b", "/tmp/abs", "..", ".", ".hidden", "", "a\\b", "x y"])
+def test_split_must_be_a_plain_name(split, tmp_path, capsys):
+    soundfile.write(tmp_path / "a.wav", noise(0.5, 16000, 0), 16000)
+    (tmp_path / "m.tsv").write_text("a.wav\thello\n")
+    out = tmp_path / "deep" / "er" / "out"
+    refused(["encode", str(out), "--encoder", "mfcc", "--kmeans", str(MINI / "kmeans.npz"), "--quiet",
+             "--split", split, str(tmp_path / "m.tsv")], out, capsys, "--split", "plain name")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.wav", "m.tsv"]  # nothing written anywhere
+
+
+def test_a_textgrid_is_looked_up_only_inside_its_directory(tmp_path):
+    grids = tmp_path / "grids"
+    grids.mkdir()
+    (tmp_path / "x.TextGrid").write_text(SHORT_TEXTGRID)
+    u = units.Utterance("../x", tmp_path / "a.wav", "a", "m.jsonl:1")
+    with pytest.raises(units.InputError, match="m.jsonl:1: id '../x' would name a TextGrid outside"):
+        units.attach_alignments([u], str(grids))
+
+
+def completed_encoding(tmp_path: Path, **changes) -> Path:
+    """An encoding directory (mfcc, one utterance) with `changes` made to its units.json."""
+    soundfile.write(tmp_path / "a.wav", noise(0.5, 16000, 0), 16000)
+    (tmp_path / "m.tsv").write_text("a.wav\thello\n")
+    out = tmp_path / "enc"
+    assert main(["encode", str(out), "--encoder", "mfcc", "--kmeans", str(MINI / "kmeans.npz"), "--quiet",
+                 str(tmp_path / "m.tsv")]) == 0
+    meta = out / "units.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), **changes}))
+    return out
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("{", "malformed JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ({"n_dsus": True}, "field 'n_dsus'"),
+    ({"n_dsus": "128"}, "field 'n_dsus'"),
+    ({"n_dsus": 0}, "field 'n_dsus'"),
+    ({"sampling_rate": 16000.0}, "field 'sampling_rate'"),
+    ({"downsampling_ratio": None}, "field 'downsampling_ratio'"),
+    ({"complete": 1}, "field 'complete'"),
+    ({"complete": False}, "unfinished"),
+], ids=["truncated", "list", "bool", "string", "zero", "float", "null", "complete-1", "incomplete"])
+def test_overrides_refuses_a_malformed_units_json(content, expected, tmp_path, capsys):
+    out = completed_encoding(tmp_path)
+    capsys.readouterr()
+    assert main(["overrides", str(out)]) == 0
+    assert capsys.readouterr().out.split() == units.overrides_for(out)
+    meta = out / "units.json"
+    meta.write_text(content if isinstance(content, str) else json.dumps({**json.loads(meta.read_text()), **content}))
+    assert main(["overrides", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
+
+
+def test_resume_compares_settings_as_json_values(tmp_path, capsys):
+    out = completed_encoding(tmp_path, stack=True, complete=False)  # true is not the integer 1
+    assert main(["encode", str(out), "--encoder", "mfcc", "--kmeans", str(MINI / "kmeans.npz"), "--quiet",
+                 str(tmp_path / "m.tsv"), "--resume"]) == 2
+    assert "differs from the one there in stack" in capsys.readouterr().err
+
+
+def test_encodings_made_before_chunk_context_resume_only_where_the_units_are_unchanged(
+        hubert_dir, kmeans, audio, encoded, tmp_path, capsys):
+    mfcc = completed_encoding(tmp_path, complete=False)
+    hubert = tmp_path / "hubert"
+    shutil.copytree(encoded, hubert)
+    for out in (mfcc, hubert):
+        info = json.loads((out / "units.json").read_text())
+        del info["chunk_context_samples"]  # as written before it was recorded
+        (out / "units.json").write_text(json.dumps(info))
+    assert main(["encode", str(mfcc), "--encoder", "mfcc", "--kmeans", str(MINI / "kmeans.npz"), "--quiet",
+                 str(tmp_path / "m.tsv"), "--resume"]) == 0  # MFCC is never chunked
+    assert main([*hubert_args(hubert_dir, kmeans, hubert, audio.manifest, extra=["--shard-size", "5"]), "--resume"]) == 2
+    assert "differs from the one there in chunk_context_samples" in capsys.readouterr().err
+
+
+def test_bad_model_configs_are_refused(hubert_dir, tmp_path):
+    model = tmp_path / "hubert"
+    shutil.copytree(hubert_dir, model)
+    for preprocessor, field in (({"sampling_rate": True}, "sampling_rate"), ({"do_normalize": 1}, "do_normalize"),
+                                ("[", "malformed JSON")):
+        (model / "preprocessor_config.json").write_text(preprocessor if isinstance(preprocessor, str)
+                                                        else json.dumps(preprocessor))
+        with pytest.raises(units.InputError, match=f"preprocessor_config.json: .*{field}"):
+            units.HubertEncoder(str(model), LAYER, None, "cpu", 1)
+
+
+def returns_within(seconds: float, argv: list[str]) -> int:
+    """main(argv), failing the test instead of hanging if it blocks (on a FIFO)."""
+    result = []
+    worker = threading.Thread(target=lambda: result.append(main(argv)), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert result, f"blocked: {argv}"
+    return result[0]
+
+
+def test_fifos_are_refused_without_blocking(hubert_dir, kmeans, audio, tmp_path, capsys):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    out = tmp_path / "out"
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"path": str(fifo), "transcript": "a"}) + "\n")
+    cases = [
+        (hubert_args(hubert_dir, kmeans, out, fifo.with_suffix(".jsonl")), fifo.with_suffix(".jsonl")),  # manifest
+        (hubert_args(hubert_dir, kmeans, out, manifest), fifo),  # audio
+        (hubert_args(hubert_dir, fifo, out, audio.manifest), fifo),  # k-means
+        (hubert_args(hubert_dir, kmeans, out, audio.manifest, extra=["--alignments", str(fifo)]), fifo),  # CTM
+    ]
+    os.mkfifo(fifo.with_suffix(".jsonl"))
+    for argv, named in cases:
+        assert returns_within(60, argv) == 2
+        err = capsys.readouterr().err
+        assert f"{named}: is a FIFO" in err, err
+        assert not out.exists()
+    model = tmp_path / "model"
+    shutil.copytree(hubert_dir, model)
+    (model / "model.safetensors").unlink()
+    os.mkfifo(model / "model.safetensors")
+    assert returns_within(60, hubert_args(model, kmeans, out, audio.manifest)) == 2
+    assert "model.safetensors: is a FIFO" in capsys.readouterr().err
+    encoding = tmp_path / "enc"
+    (encoding / "data").mkdir(parents=True)
+    os.mkfifo(encoding / "units.json")
+    assert returns_within(60, ["overrides", str(encoding)]) == 2
+    assert "units.json: is a FIFO" in capsys.readouterr().err
+
+
+def test_chunk_seconds_must_be_a_positive_number(tmp_path, capsys):
+    out = tmp_path / "out"
+    for value in ("nan", "inf", "0", "-1"):
+        refused(["encode", str(out), "--encoder", "mfcc", "--kmeans", str(MINI / "kmeans.npz"), "--chunk-seconds", value,
+                 str(tmp_path / "a.wav")], out, capsys, "--chunk-seconds")
 
 
 # -- the bundled corpus ---------------------------------------------------------------------------

@@ -1,4 +1,8 @@
 import json
+import math
+import os
+import threading
+from contextlib import contextmanager
 
 import jiwer
 import pytest
@@ -19,6 +23,29 @@ def run(capsys, *argv):
     code = main([str(arg) for arg in argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+@contextmanager
+def fifo(path):
+    """A FIFO at `path` whose reader, if one opens it, gets an empty file at once: code that reads
+    it ends (and fails the test) instead of waiting forever for a writer."""
+    os.mkfifo(path)
+    done = threading.Event()
+
+    def end_readers():
+        while not done.wait(0.05):
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))  # succeeds only while a reader waits
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=end_readers, daemon=True)
+    thread.start()
+    try:
+        yield path
+    finally:
+        done.set()
+        thread.join()
 
 
 # Three utterances with one substitution, one deletion and two insertions.
@@ -381,9 +408,9 @@ def test_compare_refuses_mixed_normalisers(tmp_path, capsys):
     ("wer.json", "{not json", "not valid JSON"),
     ("wer.json", "[1, 2]", "expected a JSON object, got list"),
     ("wer.json", json.dumps({"cer": 0.1}), "no 'wer' field"),
-    ("wer.json", json.dumps({"wer": "high"}), "'wer' must be a number"),
+    ("wer.json", json.dumps({"wer": "high"}), "'wer' must be a finite number >= 0"),
     ("cell.json", "{", "not valid JSON"),
-    ("cell.json", json.dumps({"training_tokens": "many"}), "'training_tokens' must be a number"),
+    ("cell.json", json.dumps({"training_tokens": "many"}), "'training_tokens' must be an integer >= 0"),
 ])
 def test_compare_bad_input_exits_2_naming_the_file(tmp_path, capsys, name, content, message):
     cell = tmp_path / "cells" / "c1"
@@ -409,3 +436,177 @@ def test_compare_and_generations_are_mutually_exclusive(tmp_path, capsys):
         assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert "not allowed with" in err and "one of the arguments generations --compare is required" in err
+
+
+# -- bad input, refused in one line with exit status 2 and nothing written ---------------------------
+
+def test_a_fifo_is_refused_where_generations_are_expected(tmp_path, capsys):
+    with fifo(tmp_path / "generations.jsonl") as path:
+        code, _, err = run(capsys, path)
+    assert code == 2 and f"{path}: is a FIFO" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["generations.jsonl"]
+
+
+def test_a_fifo_is_refused_where_a_cell_json_is_expected(tmp_path, capsys):
+    cell = tmp_path / "cells" / "c1"
+    write_json(cell / "wer.json", report(0.2, 0.1))
+    with fifo(cell / "cell.json"):
+        code, _, err = run(capsys, "--compare", tmp_path / "cells")
+    assert code == 2 and f"{cell / 'cell.json'}: is a FIFO" in err
+    assert not list(tmp_path.rglob("compare.*"))
+
+
+@pytest.mark.parametrize("interval, message", [
+    ({"low": 0.1, "confidence": 0.95}, "'wer_interval' needs numbers low <= high"),
+    ({"low": 0.3, "high": 0.1, "confidence": 0.95}, "'wer_interval' needs numbers low <= high"),
+    ({"low": 0.1, "high": 0.3, "confidence": "95%"}, "'wer_interval.confidence' must be a number between 0 and 1"),
+    ({"low": 0.1, "high": 0.3, "confidence": True}, "'wer_interval.confidence' must be a number between 0 and 1"),
+    ({"low": 0.1, "high": 0.3}, "'wer_interval.confidence' must be a number between 0 and 1"),
+    ({"low": math.nan, "high": 0.3, "confidence": 0.95}, "'wer_interval.low' must be a finite number >= 0, got NaN"),
+    ("[0.1, 0.3]", "'wer_interval' must be an object or null"),
+])
+def test_compare_refuses_a_malformed_interval_and_writes_nothing(tmp_path, capsys, interval, message):
+    write_json(tmp_path / "good" / "wer.json", report(0.25, 0.1, (0.2, 0.3)))  # the first row is fine
+    bad = write_json(tmp_path / "bad" / "wer.json", {**report(0.2, 0.1), "wer_interval": interval})
+    code, _, err = run(capsys, "--compare", tmp_path, "--out", tmp_path / "table")
+    assert code == 2 and f"{bad}: {message}" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "table").exists() and not list(tmp_path.rglob("compare.*"))
+
+
+@pytest.mark.parametrize("file, field, value, message", [
+    ("wer.json", "wer", math.nan, "'wer' must be a finite number >= 0, got NaN"),
+    ("wer.json", "wer", math.inf, "'wer' must be a finite number >= 0, got Infinity"),
+    ("wer.json", "wer", True, "'wer' must be a finite number >= 0, got true"),
+    ("wer.json", "cer", -0.1, "'cer' must be a finite number >= 0"),
+    ("wer.json", "normalizer", None, "'normalizer' must be whisper or none, got null"),
+    ("cell.json", "training_tokens", True, "'training_tokens' must be an integer >= 0, got true"),
+    ("cell.json", "training_tokens", 1.5, "'training_tokens' must be an integer >= 0"),
+    ("cell.json", "speech_tokens_per_utterance", math.nan, "'speech_tokens_per_utterance' must be a finite number"),
+    ("cell.json", "options", {"dsu_bpe": True}, "'options.dsu_bpe' must be an integer >= 0, got true"),
+    ("cell.json", "options", {"deduplicate": "no"}, "'options.deduplicate' must be true or false"),
+    ("cell.json", "options", "bpe", "'options' must be an object"),
+    ("cell.json", "seconds", 330, "'seconds' must be an object"),
+    ("cell.json", "seconds", {"total": math.nan}, "'seconds.total' must be a finite number >= 0, got NaN"),
+    ("cell.json", "cell", 7, "'cell' must be a string, got 7"),
+    ("cell.json", "unseen_speakers", "held1", "'unseen_speakers' must be a list of speaker names"),
+])
+def test_compare_refuses_nan_booleans_and_wrong_types(tmp_path, capsys, file, field, value, message):
+    matrix = crafted_matrix(tmp_path / "matrix")
+    target = matrix / "mfcc-k128-25hz" / "sft" / file
+    target.write_text(json.dumps({**json.loads(target.read_text()), field: value}))  # json writes NaN as NaN
+    code, _, err = run(capsys, "--compare", matrix)
+    assert code == 2 and f"{target}: {message}" in err
+    assert not list(tmp_path.rglob("compare.*"))
+
+
+@pytest.mark.parametrize("group, message", [
+    ({"errors": True, "n_ref_words": 10}, "'groups.v1.errors' must be an integer >= 0, got true"),
+    ({"errors": 2, "n_ref_words": 10.0}, "'groups.v1.n_ref_words' must be an integer >= 0"),
+    ({"errors": None, "n_ref_words": 10}, "'groups.v1' needs n_ref_words and, when it is not 0, errors"),
+    ("v1", "'groups.v1' must be an object"),
+])
+def test_compare_refuses_speaker_groups_that_are_not_counts(tmp_path, capsys, group, message):
+    matrix = crafted_matrix(tmp_path / "matrix")
+    target = matrix / "mfcc-k128-25hz" / "sft" / "wer.json"
+    body = json.loads(target.read_text())
+    body["groups"]["v1"] = group
+    target.write_text(json.dumps(body))
+    code, _, err = run(capsys, "--compare", matrix)
+    assert code == 2 and f"{target}: {message}" in err
+    assert not list(tmp_path.rglob("compare.*"))
+
+
+@pytest.mark.parametrize("errors", [None, 3])
+def test_a_speaker_without_reference_words_adds_nothing_to_seen_or_unseen(tmp_path, capsys, errors):
+    matrix = crafted_matrix(tmp_path / "matrix")
+    target = matrix / "mfcc-k128-25hz" / "sft" / "wer.json"
+    body = json.loads(target.read_text())
+    body["groups"]["held3"] = {"wer": None, "cer": None, "errors": errors, "n_ref_words": 0, "n_utterances": 1}
+    target.write_text(json.dumps(body))
+    assert run(capsys, "--compare", matrix)[0] == 0
+    row = (matrix / "compare.csv").read_text().splitlines()[2].split(",")
+    assert row[7:9] == ["0.3", "0.25"]  # as without held3
+
+
+def test_compare_draws_an_interval_that_misses_its_estimate(tmp_path, capsys):
+    write_json(tmp_path / "a" / "wer.json", report(0.5, 0.1, (0.1, 0.3)))
+    assert run(capsys, "--compare", tmp_path / "a")[0] == 0
+    assert (tmp_path / "a" / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_tells_cells_of_the_same_name_apart_by_their_paths(tmp_path, capsys):
+    for run_name, wer in (("run1", 0.25), ("run2", 0.5)):
+        cell = tmp_path / run_name / "cells" / "u" / "sft"
+        write_json(cell / "wer.json", report(wer, 0.1))
+        write_json(cell / "cell.json", {"cell": "u/sft", "units": "u", "regime": "sft"})
+    code, _, _ = run(capsys, "--compare", tmp_path / "run1", tmp_path / "run2", "--out", tmp_path / "table")
+    assert code == 0
+    rows = [line.split(",")[:5] for line in (tmp_path / "table" / "compare.csv").read_text().splitlines()[1:]]
+    assert rows == [[f"u/sft ({tmp_path / 'run1' / 'cells' / 'u' / 'sft'})", "u", "sft", "", "0.25"],
+                    [f"u/sft ({tmp_path / 'run2' / 'cells' / 'u' / 'sft'})", "u", "sft", "", "0.5"]]
+
+
+@pytest.mark.parametrize("out, message", [
+    ("file", "{tmp}/file is a regular file, where a directory is expected"),
+    ("file/below", "{tmp}/file/below cannot be created: {tmp}/file is a regular file"),
+    ("loop", "{tmp}/loop is a symlink loop, where a directory is expected"),
+])
+def test_compare_refuses_an_out_that_is_a_file_or_lies_below_one(tmp_path, capsys, out, message):
+    matrix = crafted_matrix(tmp_path / "matrix")
+    (tmp_path / "file").write_text("keep me")
+    (tmp_path / "loop").symlink_to("loop")
+    code, _, err = run(capsys, "--compare", matrix, "--out", tmp_path / out)
+    assert code == 2 and f"--out: {message.format(tmp=tmp_path)}" in err
+    assert (tmp_path / "file").read_text() == "keep me" and not list(tmp_path.rglob("compare.*"))
+
+
+@pytest.mark.parametrize("out, message", [
+    ("somedir", "{tmp}/somedir is a directory, where the report file is expected"),
+    ("file/wer.json", "{tmp}/file is a regular file, where a directory is expected"),
+    ("file/below/wer.json", "{tmp}/file/below cannot be created: {tmp}/file is a regular file"),
+])
+def test_an_out_that_is_a_directory_or_lies_below_a_file_is_refused(tmp_path, capsys, out, message):
+    path = generations(tmp_path, [{"id": "a", "text": "x", "reference": "y"}])
+    (tmp_path / "somedir").mkdir()
+    (tmp_path / "file").write_text("keep me")
+    for extra in ([], ["--overwrite"]):
+        code, _, err = run(capsys, path, "--out", tmp_path / out, *extra)
+        assert code == 2 and f"--out: {message.format(tmp=tmp_path)}" in err
+    assert not list((tmp_path / "somedir").iterdir()) and (tmp_path / "file").read_text() == "keep me"
+    assert not (tmp_path / "wer.json").exists()
+
+
+def test_a_run_directory_refuses_an_out_that_is_a_file(tmp_path, capsys):
+    out = tmp_path / "run" / "generations" / "100" / "mini" / "test"
+    out.mkdir(parents=True)
+    write_jsonl(out / "generations.jsonl", [{"id": "u", "text": "a", "reference": "a"}])
+    (tmp_path / "file").write_text("keep me")
+    code, _, err = run(capsys, tmp_path / "run", "--out", tmp_path / "file")
+    assert code == 2 and f"--out: {tmp_path / 'file'} is a regular file, where a directory is expected" in err
+    assert (tmp_path / "file").read_text() == "keep me" and not list(tmp_path.rglob("wer_by_step*"))
+
+
+def test_a_negative_seed_is_a_usage_error(tmp_path, capsys):
+    path = generations(tmp_path, [{"id": "a", "text": "x", "reference": "y"}])
+    with pytest.raises(SystemExit) as stopped:
+        main([str(path), "--seed", "-1"])
+    assert stopped.value.code == 2 and "--seed: must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "wer.json").exists()
+
+
+def test_a_fifo_among_a_runs_generations_is_refused(tmp_path, capsys):
+    out = tmp_path / "run" / "generations" / "100" / "mini" / "test"
+    out.mkdir(parents=True)
+    with fifo(out / "generations.jsonl") as path:
+        code, _, err = run(capsys, tmp_path / "run")
+    assert code == 2 and f"{path}: is a FIFO" in err
+    assert not list(tmp_path.rglob("wer_by_step*"))
+
+
+def test_compare_refuses_a_directory_in_an_outputs_place_and_replaces_nothing(tmp_path, capsys):
+    matrix = crafted_matrix(tmp_path / "matrix")
+    (matrix / "compare.csv").write_text("keep me")
+    (matrix / "compare.md").mkdir()
+    code, _, err = run(capsys, "--compare", matrix, "--overwrite")
+    assert code == 2 and f"{matrix / 'compare.md'} is a directory, where an output file goes" in err
+    assert (matrix / "compare.csv").read_text() == "keep me" and not (matrix / "compare.png").exists()
