@@ -47,7 +47,9 @@ def wants_cuda() -> bool:
 
 def build_directory(with_cuda: bool) -> Path:
     digest = hashlib.sha256(f"{torch.__version__} cuda={with_cuda} {CFLAGS} {CUDA_CFLAGS} {LDFLAGS}".encode())
-    for path in sorted(SOURCES.iterdir()):
+    for path in sorted(SOURCES.glob("*")):
+        if path.suffix not in (".cpp", ".cu", ".h"):  # not a stray folder or cache left by an older layout
+            continue
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "speech-llama" / "kernels"
     return root / digest.hexdigest()[:16]

@@ -248,3 +248,18 @@ def test_the_extension_loads_again_in_the_same_process(extension):
     build.extension.cache_clear()
     assert build.extension() == extension
     assert dsu_ops.measure(dsu_ops.flatten(adversarial_pieces(8)[:4]), True).tolist() == [0, 0, 1, 1]
+
+
+def test_build_cache_key_reads_only_the_sources(monkeypatch, tmp_path):
+    # A folder or cache left in kernels/ by an older layout (csrc/, __pycache__/) must not stop the build.
+    for path in build.SOURCES.iterdir():
+        if path.is_file():
+            (tmp_path / path.name).write_bytes(path.read_bytes())
+    monkeypatch.setattr(build, "SOURCES", tmp_path)
+    clean = build.build_directory(False)
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "__pycache__").mkdir()
+    (tmp_path / "__pycache__" / "packing.cpython-311.pyc").write_bytes(b"\0")
+    assert build.build_directory(False) == clean
+    (tmp_path / "pack.cpp").write_bytes((tmp_path / "pack.cpp").read_bytes() + b"\n")
+    assert build.build_directory(False) != clean
