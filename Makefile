@@ -60,7 +60,7 @@ $(VENV)/.test-deps: $(VENV)/.deps requirements-test.txt
 	$(BIN)/pip install -q -r requirements-test.txt $(PINNED)
 	touch $@
 
-# The optional extra for encoding your own audio with HuBERT or Mimi (python -m data.units).
+# The optional extra for encoding your own audio with HuBERT or Mimi (python -m speech_units).
 audio: $(VENV)/.audio-deps
 
 $(VENV)/.audio-deps: $(VENV)/.deps requirements-audio.txt
@@ -146,7 +146,7 @@ demo: $(VENV)/.deps
 	$(BIN)/python extend.py --base $(DEMO)/base --n-dsus 128 --out $(DEMO)/extended \
 		$(if $(DSU_BPE),--dsu-bpe $(DSU_BPE) --dsu-bpe-data $(MINI)/train.jsonl)
 	@echo "== 3/5 the untrained model transcribes the test split"
-	$(BIN)/python generate.py $(DEMO)/extended --data $(MINI)/test.jsonl --n-dsus 128 --max-tokens 32 \
+	$(BIN)/python generate.py $(DEMO)/extended --data $(MINI)/test.jsonl --max-tokens 32 \
 		--out $(DEMO)/untrained data.sft.system_prompt="Transcribe the speech."
 	$(BIN)/python wer.py $(DEMO)/untrained/generations.jsonl --worst 0
 	@echo "== 4/5 ASR fine-tuning ($(STEPS) steps)"
@@ -164,7 +164,7 @@ demo: $(VENV)/.deps
 		print("trained, by voice: %.1f%% on the voices heard in training, %.1f%% on those never heard (%s)" % (rate(True), rate(False), ", ".join(unseen))); \
 		print("loss curves: $(DEMO)/sft/losses.png, metrics: $(DEMO)/sft/metrics.jsonl")'
 
-# The methods matrix (configs/matrix.json, data/matrix.py): unit variants x training regimes (+ option
+# The methods matrix (configs/matrix.json, matrix.py): unit variants x training regimes (+ option
 # cells) at a fixed step budget each, scored on the test split, then one table and chart of them all
 # (MATRIX_DIR/compare.md, .csv, .png). MATRIX=default: 3 units x 3 regimes + 2 option cells, 77 min
 # on 2 CPU cores (variants re-synthesise the corpus: espeak-ng); MATRIX=small: the bundled units x 3
@@ -172,4 +172,4 @@ demo: $(VENV)/.deps
 # Run it again to resume: finished stages are skipped. Re-synthesised corpora and unit variants are
 # cached in MATRIX_CACHE, which every grid shares.
 matrix: $(VENV)/.deps espeak-ng
-	$(BIN)/python -m data.matrix configs/matrix.json --grid $(MATRIX) --out $(MATRIX_DIR) --cache $(MATRIX_CACHE)
+	$(BIN)/python matrix.py configs/matrix.json --grid $(MATRIX) --out $(MATRIX_DIR) --cache $(MATRIX_CACHE)

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data.samples import CPT_SEQUENCE_TYPES, SEED, Interleave
-from data.tokenizer import MAX_DSUS, Tokenizer
-from files import NotRegularFile, directory_problem, regular_file, regular_files_only
-from model import ModelConfig, check_weights
+from data.tokenizer import MAX_DSUS
+from files import JsonFileError, directory_problem, read_json
 
 DEFAULT_SYSTEM_PROMPT = (
     "You will act as an automatic speech recognition (ASR) system. Transcribe the speech tokens into English text. "
@@ -114,10 +113,12 @@ SCHEMA: dict[str, Key] = {
                      "speech_tokens")},
     "data.cache_dir": Key("", str, "where train and dev are converted once into memory-mapped arrays that later runs "
                           "reuse; \"\" means <run_dir>/data_cache. Runs on the same data may share one"),
-    "data.n_dsus": Key(REQUIRED, int, "DSUs in the model's vocabulary (extend.py --n-dsus)", f"an integer in 1..{MAX_DSUS}",
+    "data.n_dsus": Key(None, int, "DSUs in the model's vocabulary: null reads it from the model's tokenizer "
+                       "(extend.py --n-dsus); a number given must match it", f"an integer in 1..{MAX_DSUS}",
                        lambda v: 1 <= v <= MAX_DSUS),
     "data.deduplicate": Key(True, bool, "collapse runs of a repeated DSU into one"),
-    "data.modality_tokens": Key(True, bool, "mark text and speech spans with the modality tokens"),
+    "data.modality_tokens": Key(None, bool, "mark text and speech spans with the modality tokens: null uses them "
+                                "when the model's tokenizer has them; true needs them there"),
     "data.max_seq_len": positive(int, 768, "longest sequence in tokens (longer ones are cut)"),
     "data.shuffle": Key(True, bool, "a new permutation of the rows each epoch"),
     "data.packed": Key(False, bool, "pack sequences into rows of max_seq_len (attention stays within a sequence) "
@@ -215,22 +216,12 @@ def apply_override(config: dict, text: str) -> str:
     return key
 
 
-def read_json_object(path: str | Path) -> dict:
+def read_config_file(path: str | Path) -> dict:
+    """The JSON object of a config file; any problem is a ConfigError naming the file."""
     try:
-        loaded = json.loads(regular_file(path).read_text(encoding="utf-8"))  # a FIFO would block the read
-    except NotRegularFile as e:
+        return read_json(path)
+    except JsonFileError as e:
         raise ConfigError(f"{e} (the config file)") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: config file cannot be read ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text ({e.reason})") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: invalid JSON (nested too deeply)") from None
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: a config is a JSON object")
-    return loaded
 
 
 def check_values(config: dict, source: str, prefix: str = "") -> None:
@@ -252,7 +243,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict:
     needs no data (types, ranges, choices, required keys, combinations, paths, optional packages)."""
     config = defaults()
     if path is not None:
-        merge(config, read_json_object(path), str(path))
+        merge(config, read_config_file(path), str(path))
         check_values(config, str(path))
     for text in overrides:  # each checked as it comes, so that an error names the override at fault
         check_values(config, f"override '{text}'", prefix=apply_override(config, text))
@@ -284,37 +275,6 @@ def check_combinations(config: dict) -> None:
         problem = directory_problem(get(config, dotted)) if get(config, dotted) else None
         if problem:  # a file, a FIFO, a symlink loop: found now, not when the first checkpoint is saved
             raise ConfigError(f"'{dotted}': {problem}")
-
-
-def model_tokenizer(model_dir: Path, data: dict) -> Tokenizer:
-    """The tokenizer of model directory `model_dir`, after checking that the directory holds a
-    complete model (config.json, original/tokenizer.model, intact weights) whose vocabulary
-    matches the data settings (n_dsus, modality tokens)."""
-    if not model_dir.is_dir():
-        raise ConfigError(f"{model_dir}: no such model directory")
-    for name in ("config.json", "original/tokenizer.model"):
-        if not (model_dir / name).is_file():
-            raise ConfigError(f"{model_dir}: missing {name} (a model directory from extend.py, or a train.py checkpoint)")
-    try:
-        regular_files_only(model_dir, "original")  # the readers below would block on a FIFO among the weights
-        tok = Tokenizer(model_dir / "original" / "tokenizer.model")
-        vocab = ModelConfig.from_file(model_dir / "config.json").vocab_size
-        check_weights(model_dir)
-    except (ValueError, OSError) as error:  # TokenizerFileError and ModelConfig's errors are ValueErrors
-        raise ConfigError(str(error)) from None
-    problems = []
-    if vocab != tok.vocab_size:
-        problems.append(f"config.json vocab_size {vocab} != tokenizer's {tok.vocab_size}")
-    if tok.n_dsus != data["n_dsus"]:
-        problems.append(f"the tokenizer has {tok.n_dsus} DSUs but data.n_dsus is {data['n_dsus']}")
-    if data["modality_tokens"] and not tok.has_modality_tokens:
-        problems.append("data.modality_tokens is true but the tokenizer has no modality tokens")
-    bpe_mismatch = tok.dsu_bpe_mismatch(data["deduplicate"])
-    if bpe_mismatch:
-        problems.append(bpe_mismatch)
-    if problems:
-        raise ConfigError(f"{model_dir}: " + "; ".join(problems) + " (extend the model with extend.py --n-dsus N)")
-    return tok
 
 
 def describe() -> str:

@@ -3,7 +3,7 @@
     python extend.py --base DIR --n-dsus N [--no-modality-tokens] [--out DIR] [--seed S]
                      [--dsu-bpe M --dsu-bpe-data DATA [--dsu-bpe-keep-repeats] [--dsu-bpe-init mean|gaussian]]
 
-Writes the layout of DESIGN.md "Token layout": the tokenizer file gets N DSU ranks (and the text and
+Writes the layout of docs/DESIGN.md, "Token layout": the tokenizer file gets N DSU ranks (and the text and
 speech modality tokens) after its V ranks, so the 256 special tokens move up behind them; the
 embedding rows (and an untied output head's) follow the same order, with the new rows sampled
 around the base rows; config.json, generation_config.json and original/params.json get the new
@@ -61,7 +61,9 @@ from data.tokenizer import (
     units_text,
 )
 import files
-from files import atomic_write
+from files import atomic_write, write_json
+from model_dir import (CONFIG, GENERATION_CONFIG, PARAMS, SAFETENSORS_DTYPE_BYTES, TOKENIZER, WEIGHTS, WEIGHTS_INDEX,
+                       read_weight_index)
 
 DEFAULT_SEED = SEED  # the reference's seed, as for everything it draws
 MAX_SEED = 2**63 - 1  # the head's generator takes seed + 1, and torch takes seeds below 2**64
@@ -69,13 +71,7 @@ MAX_SENTENCEPIECE_VOCAB = 2**31 - 1  # sentencepiece's vocabulary size is a 32-b
 COVARIANCE_SCALE = 1e-5
 STATS_CHUNK_ROWS = 8192  # rows converted to fp32 at a time for the mean and covariance
 
-CONFIG = "config.json"
-GENERATION_CONFIG = "generation_config.json"
-TOKENIZER = "original/tokenizer.model"
-PARAMS = "original/params.json"
 BPE_INITS = ("mean", "gaussian")
-SINGLE_WEIGHTS = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
 EMBEDDING = "model.embed_tokens.weight"
 HEAD = "lm_head.weight"
 TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -85,14 +81,6 @@ TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # safetensors we rewrite (Meta's original/consolidated.*.pth, *.bin) still have the old vocabulary.
 STALE_TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
 STALE_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
-
-SAFETENSORS_DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
-    "U32": 4, "I32": 4, "F32": 4,
-    "U64": 8, "I64": 8, "F64": 8,
-}
-
 
 class ExtendError(Exception):
     """Bad input: the script reports it and exits with status 2, having written nothing."""
@@ -182,12 +170,9 @@ def default_out_dir(base_dir: Path, n_dsus: int, modality_tokens: bool) -> Path:
 
 def load_json(path: Path) -> dict:
     try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ExtendError(f"{path}: cannot read JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise ExtendError(f"{path}: expected a JSON object")
-    return value
+        return files.read_json(path)
+    except files.JsonFileError as e:
+        raise ExtendError(str(e)) from None
 
 
 def tensor_names(path: Path) -> list[str]:
@@ -208,19 +193,16 @@ def regular_file(path: Path) -> Path:
 
 def weight_shards(base_dir: Path) -> dict[str, list[str]]:
     """Safetensors file name -> the tensor names it holds; a single file is preferred, as transformers does."""
-    if os.path.lexists(base_dir / SINGLE_WEIGHTS):
-        return {SINGLE_WEIGHTS: tensor_names(regular_file(base_dir / SINGLE_WEIGHTS))}
+    if os.path.lexists(base_dir / WEIGHTS):
+        return {WEIGHTS: tensor_names(regular_file(base_dir / WEIGHTS))}
     if not os.path.lexists(base_dir / WEIGHTS_INDEX):
-        raise ExtendError(f"{base_dir}: no {SINGLE_WEIGHTS} or {WEIGHTS_INDEX}")
-    weight_map = load_json(regular_file(base_dir / WEIGHTS_INDEX)).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise ExtendError(f"{base_dir / WEIGHTS_INDEX}: missing or empty 'weight_map'")
+        raise ExtendError(f"{base_dir}: no {WEIGHTS} or {WEIGHTS_INDEX}")
+    try:  # each shard a file name beside the index: the same name is written in the output directory
+        weight_map = read_weight_index(base_dir)
+    except ValueError as e:  # files.JsonFileError too
+        raise ExtendError(str(e)) from None
     shards: dict[str, list[str]] = {}
     for name, shard in weight_map.items():
-        # A file name beside the index: the same name is written in the output directory.
-        if not isinstance(shard, str) or shard in ("", ".", "..") or Path(shard).name != shard:
-            raise ExtendError(f"{base_dir / WEIGHTS_INDEX}: 'weight_map' maps {name} to {json.dumps(shard)}, "
-                              "not a file name beside the index")
         shards.setdefault(shard, []).append(name)
     for shard, names in shards.items():
         if not os.path.lexists(base_dir / shard):
@@ -382,10 +364,6 @@ def files_to_copy(base_dir: Path, weight_files) -> tuple[list[Path], list[Path]]
     return copied, stale
 
 
-def write_json(path: Path, value: dict) -> None:
-    path.write_text(json.dumps(value, indent=2) + "\n")
-
-
 @dataclass
 class Plan:
     """Everything extension will write, worked out and checked before anything is written."""
@@ -462,7 +440,7 @@ def write_extension(plan: Plan, dst: Path, seed: int) -> int:
     with tqdm(total=sum(map(len, plan.shards.values())), desc="tensors", unit="tensor") as progress:
         for shard in sorted(plan.shards):
             total_size += stream_shard(plan.base_dir / shard, dst / shard, plan.layout, seed, progress, plan.bpe)
-    if SINGLE_WEIGHTS not in plan.shards:  # sharded: the same index with the new total size
+    if WEIGHTS not in plan.shards:  # sharded: the same index with the new total size
         index = load_json(plan.base_dir / WEIGHTS_INDEX)
         index["metadata"] = dict(index.get("metadata") or {}) | {"total_size": total_size}
         write_json(dst / WEIGHTS_INDEX, index)

@@ -1,4 +1,5 @@
-"""Writing a file or a directory atomically, the one way every stage writes its outputs; and
+"""Writing a file or a directory atomically, the one way every stage writes its outputs (`atomic_write`,
+and `write_json` for a JSON file); reading a JSON file with errors that name it (`read_json`); and
 checking that a path to be read is a regular file (`regular_file`, `regular_files_only`), so that no
 stage blocks on a FIFO or a device, and that a directory to use is one (`directory_problem`), so that
 a symlink loop is not read as an empty directory.
@@ -12,6 +13,7 @@ it (mkdtemp, mkstemp and safetensors create theirs private).
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -48,6 +50,42 @@ def atomic_write(path: str | os.PathLike, *, directory: bool = False, replace: b
     except BaseException:
         _remove(tmp)
         raise
+
+
+def write_json(path: str | os.PathLike, value, *, indent: int | None = 2) -> None:
+    """`value` as a JSON file (with a final newline), written atomically."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=indent) + "\n", encoding="utf-8")
+
+
+class JsonFileError(ValueError):
+    """A JSON file that cannot be used: the message names the file, and the line and column of
+    invalid JSON."""
+
+
+def read_json(path: str | os.PathLike, *, require_object: bool = True):
+    """The value a JSON file holds (an object, unless `require_object` is False). The path is checked
+    to be a regular file first (reading a FIFO would block); any problem is a JsonFileError."""
+    try:
+        value = json.loads(regular_file(path).read_text(encoding="utf-8"))
+    except NotRegularFile as error:
+        raise JsonFileError(str(error)) from None
+    except OSError as error:
+        raise JsonFileError(f"{path}: cannot be read ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise JsonFileError(f"{path}: not UTF-8 text ({error.reason})") from None
+    except json.JSONDecodeError as error:
+        raise JsonFileError(f"{path}:{error.lineno}:{error.colno}: invalid JSON ({error.msg})") from None
+    except RecursionError:
+        raise JsonFileError(f"{path}: invalid JSON (nested too deeply)") from None
+    if require_object and not isinstance(value, dict):
+        raise JsonFileError(f"{path}: expected a JSON object, got {_json_kind(value)}")
+    return value
+
+
+def _json_kind(value) -> str:
+    kinds = ((list, "an array"), (str, "a string"), (bool, "a boolean"), (int, "a number"), (float, "a number"))
+    return next((name for kind, name in kinds if isinstance(value, kind)), "null")
 
 
 def _remove(path: Path) -> None:

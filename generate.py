@@ -40,11 +40,11 @@ from data.samples import SampleBuilder
 from data.tokenizer import Tokenizer
 import files
 from files import atomic_write
+import model_dir
 from model import KVCache, Llama, ModelConfig
 
 STOP_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
 GENERATIONS, SETTINGS = "generations.jsonl", "generation_config.json"
-TRAINING_CONFIG = "training_config.json"
 BACKENDS = ("auto", "vllm", "torch")
 # Logits are divided by the temperature and the repetition penalty: past these bounds fp32 logits
 # overflow to inf and sampling fails. (vLLM decodes greedily below a temperature of 1e-5.)
@@ -119,7 +119,7 @@ def checked_file(path) -> Path:
 
 def training_config(checkpoint: Path) -> Path | None:
     """The checkpoint's training_config.json, or None when it has none."""
-    path = checkpoint / TRAINING_CONFIG
+    path = model_dir.training_config_path(checkpoint)
     return checked_file(path) if os.path.lexists(path) else None
 
 
@@ -133,7 +133,7 @@ def data_settings(checkpoint: Path, overrides: list[str], n_dsus: int | None,
     config_path = training_config(checkpoint)
     try:
         if config_path is not None:
-            saved = config.read_json_object(config_path)
+            saved = model_dir.read_training_config(checkpoint)
             if not isinstance(saved.get("data"), dict):
                 raise ConfigError(f"{config_path}: expected a 'data' object")
             config.merge(settings, {"data": saved["data"]}, str(config_path))
@@ -145,11 +145,6 @@ def data_settings(checkpoint: Path, overrides: list[str], n_dsus: int | None,
             config.check_values(settings, f"override '{text}'", prefix=config.apply_override(settings, text))
         if n_dsus is not None:
             set_checked(settings, "data.n_dsus", n_dsus, "--n-dsus")
-        if settings["data"]["n_dsus"] is None:
-            raise ConfigError(
-                f"{checkpoint}: no {TRAINING_CONFIG} to read n_dsus from; pass --n-dsus N (and data.deduplicate=..., "
-                "data.modality_tokens=..., data.sft.system_prompt=... if the model was trained with other settings)"
-            )
         config.check_values(settings, "generation settings", prefix="data.")
     except ConfigError as error:
         raise GenerateError(str(error)) from None
@@ -171,7 +166,7 @@ def set_checked(settings: dict, dotted: str, value, where: str) -> None:
 def load_tokenizer(checkpoint: Path, data: dict) -> Tokenizer:
     """The checkpoint's tokenizer, after checking its files (weights intact) and vocabulary."""
     try:
-        return config.model_tokenizer(checkpoint, data)
+        return model_dir.model_tokenizer(checkpoint, data)
     except ConfigError as error:
         raise GenerateError(str(error)) from None
 
@@ -189,10 +184,10 @@ def resolve_data_path(data_arg: str | None, split: str, data: dict, checkpoint: 
     if cached is not None:
         return str(cached)
     if training_config(checkpoint) is None:
-        raise GenerateError(f"{checkpoint}: no {TRAINING_CONFIG} to find the test data from; pass --data PATH")
+        raise GenerateError(f"{checkpoint}: no {model_dir.TRAINING_CONFIG} to find the test data from; pass --data PATH")
     if not data["train"]:
         raise GenerateError(
-            f"{checkpoint / TRAINING_CONFIG}: no data.train to find {split}.jsonl beside; pass --data PATH"
+            f"{model_dir.training_config_path(checkpoint)}: no data.train to find {split}.jsonl beside; pass --data PATH"
         )
     if Path(data["train"]).is_dir() and split_files(Path(data["train"])) is not None:
         return data["train"]  # a dataset directory holds every split; Source picks this one
@@ -211,14 +206,10 @@ def default_out_dir(checkpoint: Path, data_path: str, split: str) -> Path:
     `<run>/checkpoints/epoch_E/global_step_N`, else `<checkpoint>/generations/<dataset>/<split>`;
     the dataset is named by the data's directory (data.dataset.dataset_name)."""
     dataset = dataset_name(data_path)
-    reference = reference_run.generations_dir(checkpoint)
-    if reference is not None:
-        return reference / dataset / split
-    checkpoint = checkpoint.resolve()
-    step = re.fullmatch(r"step_(\d+)", checkpoint.name)
-    if step and checkpoint.parent.name == "checkpoints":
-        return checkpoint.parent.parent / "generations" / str(int(step.group(1))) / dataset / split
-    return checkpoint / "generations" / dataset / split
+    in_run = model_dir.generations_dir(checkpoint)
+    if in_run is not None:
+        return in_run / dataset / split
+    return checkpoint.resolve() / "generations" / dataset / split
 
 
 # -- prompts -----------------------------------------------------------------------------------
@@ -341,7 +332,7 @@ def generate(model: Llama, prompts: list[list[int]], sampling: Sampling, stop_id
 def load_model(checkpoint: Path, device: torch.device) -> Llama:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
-        return Llama.from_pretrained(checkpoint, dtype=dtype, device=device).eval()
+        return model_dir.load_model(checkpoint, dtype=dtype, device=device).eval()
     except (ValueError, FileNotFoundError) as error:
         raise GenerateError(str(error)) from None
 
@@ -394,7 +385,7 @@ def kv_cache_bytes(checkpoint: Path, prompts: list[list[int]], sampling: Samplin
     rounded up to whole blocks plus one: vLLM's default of 92% of the machine's memory is refused on
     a CPU with anything else running, and on a GPU leaves nothing to other processes."""
     try:
-        config = ModelConfig.from_file(checkpoint / "config.json")
+        config = ModelConfig.from_file(checkpoint / model_dir.CONFIG)
     except (ValueError, FileNotFoundError) as error:
         raise GenerateError(str(error)) from None
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
@@ -522,8 +513,8 @@ def prompt_limit(checkpoint: Path, data: dict, overrides: list[str], max_tokens:
     """No limit of training's: the model's max_position_embeddings, less room for --max-tokens, or
     data.max_seq_len when given on the command line (as the reference's tokenizer.max_seq_len)."""
     try:
-        positions = json.loads((checkpoint / "config.json").read_text())["max_position_embeddings"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        positions = files.read_json(checkpoint / model_dir.CONFIG)["max_position_embeddings"]
+    except (files.JsonFileError, KeyError):
         raise GenerateError(f"{checkpoint / 'config.json'}: no max_position_embeddings") from None
     limit = positions - max_tokens
     name = f"the model's max_position_embeddings={positions} less --max-tokens={max_tokens}"
@@ -549,16 +540,18 @@ def run(args: argparse.Namespace, skip_done: bool = False) -> Path | None:
     except reference_run.ReferenceError as error:
         raise GenerateError(str(error)) from None
     data = data_settings(checkpoint, args.overrides, args.n_dsus, from_yaml)
+    from_model = [key for key in ("n_dsus", "modality_tokens") if data[key] is None]
+    tok = load_tokenizer(checkpoint, data)  # fills in what the model holds
+    sources = {**sources, **{key: "the model's tokenizer" for key in from_model}}
     for line in reference_run.describe_settings(data, sources):
         print(f"generate: {line}", file=sys.stderr)
-    tok = load_tokenizer(checkpoint, data)
     data_path = resolve_data_path(args.data, args.split, data, checkpoint)
     out_dir = Path(args.out) if args.out else default_out_dir(checkpoint, data_path, args.split)
     if skip_done and (out_dir / GENERATIONS).exists():
         print(f"generate: {checkpoint.name}: done already ({out_dir / GENERATIONS})", file=sys.stderr)
         return None
     check_out_dir(out_dir, args.overwrite)
-    vocab_size = ModelConfig.from_file(checkpoint / "config.json").vocab_size  # load_tokenizer checked it
+    vocab_size = ModelConfig.from_file(checkpoint / model_dir.CONFIG).vocab_size  # load_tokenizer checked it
     outside = [i for i in sampling.stop_token_ids if i >= vocab_size]
     if outside:
         raise GenerateError(f"--stop-token-ids {outside}: outside the model's vocabulary (vocab_size {vocab_size})")
@@ -622,18 +615,6 @@ def run(args: argparse.Namespace, skip_done: bool = False) -> Path | None:
     return out_dir
 
 
-def run_checkpoints(run_dir: Path) -> list[Path]:
-    """A run's checkpoints in step order: this project's <run>/checkpoints/step_N and the
-    reference's <run>/checkpoints/epoch_E/global_step_N."""
-    found = []
-    for path in (run_dir / "checkpoints").glob("*"):
-        if re.fullmatch(r"step_\d+", path.name):
-            found.append((int(path.name[5:]), path))
-        elif re.fullmatch(r"epoch_\d+", path.name):
-            found += [(int(p.name[12:]), p) for p in path.glob("global_step_*") if re.fullmatch(r"global_step_\d+", p.name)]
-    return [path for _, path in sorted(found) if path.is_dir()]
-
-
 def run_all(args: argparse.Namespace) -> None:
     """Every checkpoint of the run args.checkpoint, oldest first, skipping those with generations:
     run it again after a crash (or after training saved more checkpoints) and it goes on from there."""
@@ -642,7 +623,7 @@ def run_all(args: argparse.Namespace) -> None:
         raise GenerateError("--out names one checkpoint's output; a run's go to <run>/generations/<step>/...")
     if args.overwrite:
         raise GenerateError("--overwrite with a run directory: remove the generations to redo instead")
-    checkpoints = run_checkpoints(run_dir)
+    checkpoints = model_dir.run_checkpoints(run_dir)
     if not checkpoints:
         raise GenerateError(f"{run_dir}: no checkpoints (checkpoints/step_N or checkpoints/epoch_E/global_step_N)")
     print(f"generate: {len(checkpoints)} checkpoints in {run_dir}", file=sys.stderr)
@@ -651,7 +632,7 @@ def run_all(args: argparse.Namespace) -> None:
 
 
 def is_run_dir(path: Path) -> bool:
-    return (path / "checkpoints").is_dir() and not (path / "config.json").exists()
+    return (path / model_dir.CHECKPOINTS).is_dir() and not (path / model_dir.CONFIG).exists()
 
 
 # -- command line ------------------------------------------------------------------------------
@@ -714,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="vLLM without torch.compile: a faster start (about 1 min less on a 2-core CPU), "
                         "slower decoding")
     parser.add_argument("--n-dsus", type=int,
-                        help="number of DSUs, same as data.n_dsus=N (required without training_config.json)")
+                        help="number of DSUs, same as data.n_dsus=N: a check, as the model's tokenizer holds it")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing generations.jsonl")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     if args.batch_size < 1:

@@ -7,8 +7,6 @@ Hugging Face stores q/k projections for the rotate-half RoPE layout, which is wh
 
 import dataclasses
 import functools
-import json
-import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -16,12 +14,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from files import atomic_write
 from dsu_ops import IGNORE
+from files import read_json
 
 try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -98,13 +95,8 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
-        try:
-            hf = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON (line {error.lineno}): {error.msg}") from None
-        if not isinstance(hf, dict):
-            raise ValueError(f"{path}: expected a JSON object")
-        return cls.from_hf(hf, source=str(path))
+        """Reads a config.json; a file that is not a JSON object is a ValueError (files.JsonFileError)."""
+        return cls.from_hf(read_json(path), source=str(path))
 
     def to_hf(self) -> dict:
         """A `LlamaForCausalLM` config.json dict in the layout Llama 3.x checkpoints ship with."""
@@ -469,12 +461,10 @@ class Llama(nn.Module):
         return document_mask(document_ids)
 
     @classmethod
-    def from_pretrained(cls, model_dir, dtype: torch.dtype | None = None, device="cpu", activation_checkpointing=False):
-        """Loads a Hugging Face Llama directory. dtype defaults to config.json's torch_dtype."""
-        model_dir = Path(model_dir)
-        config = ModelConfig.from_file(model_dir / "config.json")
-        dtype = dtype or DTYPES[config.torch_dtype]
-        state = load_hf_state_dict(model_dir, device=device)
+    def from_state_dict(cls, config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
+                        device="cpu", activation_checkpointing=False, source: str = "weights") -> "Llama":
+        """The model of `config` holding the Hugging Face state dict `state` (as loaded from `source`,
+        which errors name) in `dtype` on `device`; names or shapes that do not match are a ValueError."""
         if config.tie_word_embeddings:
             state.pop("lm_head.weight", None)  # some tied checkpoints carry a copy of the embeddings
         with torch.device("meta"):
@@ -483,18 +473,14 @@ class Llama(nn.Module):
         missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
         if missing or unexpected:
             raise ValueError(
-                f"{model_dir}: weights do not match config.json: missing {missing[:5]}, unexpected {unexpected[:5]}"
+                f"{source}: weights do not match config.json: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
         state = {name: tensor.to(device=device, dtype=dtype) for name, tensor in state.items()}
         try:
             model.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as error:  # shape mismatches
-            raise ValueError(f"{model_dir}: weights do not match config.json: {error}") from None
+            raise ValueError(f"{source}: weights do not match config.json: {error}") from None
         return model
-
-
-SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                           "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 class CompiledForward:
@@ -523,88 +509,6 @@ class CompiledForward:
         if self.announce:
             print(f"torch.compile took {time.perf_counter() - start:.1f} s (first forward pass)", flush=True)
         return out
-
-
-def weight_files(model_dir) -> list[Path]:
-    """The safetensors files of a model directory: `model.safetensors`, or the shards its index names."""
-    model_dir = Path(model_dir)
-    single, index = model_dir / "model.safetensors", model_dir / "model.safetensors.index.json"
-    if single.exists():
-        return [single]
-    if not index.exists():
-        raise FileNotFoundError(f"{model_dir}: missing model.safetensors (or model.safetensors.index.json)")
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
-        raise ValueError(f"{index}: expected a JSON object with a 'weight_map' field") from None
-    missing = [shard for shard in shards if not (model_dir / shard).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{index}: shard {missing[0]} does not exist")
-    return [model_dir / shard for shard in shards]
-
-
-def check_safetensors(path: Path) -> None:
-    """Raises ValueError unless `path` is a complete safetensors file: a readable header, and every
-    tensor's bytes inside the file, as many as its dtype and shape need. Reads only the header, so
-    a truncated or damaged file is found before any weight is loaded."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 2 <= header_len <= size - 8:
-            raise ValueError(f"{path}: not a complete safetensors file ({size} bytes, header length unreadable)")
-        try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"{path}: damaged safetensors header") from None
-    data_len = size - 8 - header_len
-    end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin, stop = (int(v) for v in info["data_offsets"])
-            count = math.prod(int(n) for n in info["shape"]) * SAFETENSORS_DTYPE_BYTES.get(info["dtype"], 0)
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: damaged safetensors header entry for {name!r}") from None
-        if count and stop - begin != count:  # count 0: a dtype this check does not know
-            raise ValueError(f"{path}: tensor {name!r} has {stop - begin} bytes, its dtype and shape need {count}")
-        end = max(end, stop)
-    if end != data_len:
-        raise ValueError(f"{path}: truncated or damaged: its header describes {end} bytes of tensors, "
-                         f"the file holds {data_len}")
-
-
-def check_weights(model_dir) -> None:
-    """Raises (ValueError, FileNotFoundError) unless every weight file of `model_dir` is complete."""
-    for path in weight_files(model_dir):
-        check_safetensors(path)
-
-
-def load_hf_state_dict(model_dir, device="cpu") -> dict[str, torch.Tensor]:
-    """Reads `model.safetensors`, or every shard named in `model.safetensors.index.json`; a
-    damaged file is a ValueError naming it."""
-    state = {}
-    for path in weight_files(model_dir):
-        check_safetensors(path)
-        state.update(load_file(path, device=str(device)))
-    return state
-
-
-def write_safetensors(state: dict[str, torch.Tensor], path) -> None:
-    """One safetensors file that transformers and vLLM load, readable as any file the user creates
-    (safetensors itself creates it private, mode 0600, whatever the umask)."""
-    with atomic_write(path) as tmp:
-        save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(tmp), metadata={"format": "pt"})
-
-
-def save_pretrained(directory: Path, config: ModelConfig, weights: dict[str, torch.Tensor]) -> None:
-    """`config.json` and `model.safetensors` of a Hugging Face LlamaForCausalLM directory: train.py's
-    checkpoints and the tiny base models of tiny_model.py. A tied head is not in the state dict."""
-    (Path(directory) / "config.json").write_text(json.dumps(config.to_hf(), indent=2) + "\n")
-    write_safetensors({name: tensor.detach().to("cpu") for name, tensor in weights.items()},
-                      Path(directory) / "model.safetensors")
 
 
 def init_weights(model: Llama, seed: int) -> None:

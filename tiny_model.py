@@ -11,7 +11,6 @@ The model is model.py's `Llama`, initialised by its `init_weights` and written b
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -19,8 +18,9 @@ from tiktoken._educational import bpe_train
 
 from data.dataset import load_rows
 from data.tokenizer import LLAMA3_SPECIAL_TOKENS, PUA_AWARE_PATTERN, bpe_lines
-from files import atomic_write
-from model import DTYPES, Llama, ModelConfig, init_weights, save_pretrained
+from files import atomic_write, write_json
+from model import DTYPES, Llama, ModelConfig, init_weights
+from model_dir import save_pretrained
 
 NORM_EPS = 1e-5
 ROPE_THETA = 500000.0
@@ -117,8 +117,8 @@ def make_tiny_model(
     with atomic_write(out_dir, directory=True, replace=False) as tmp:
         (tmp / "original").mkdir()
         save_pretrained(tmp, config, model.to(DTYPES[dtype]).state_dict())
-        (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
-        (tmp / "original" / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+        write_json(tmp / "generation_config.json", generation_config)
+        write_json(tmp / "original" / "params.json", params)
         (tmp / "original" / "tokenizer.model").write_bytes(bpe_lines(tokens, 0))
     return out_dir
 

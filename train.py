@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from config import ConfigError, describe, load_config, model_tokenizer
+from config import ConfigError, describe, load_config
 from config import get as config_get
 from data import reference_run
 from data.batches import (PackedStream, Sequences, StepBatches, collate, load_data, packed_micro_batches, prefetched,
@@ -47,8 +47,11 @@ from data.batches import (PackedStream, Sequences, StepBatches, collate, load_da
 from data.dataset import DataError
 from data.samples import IGNORE
 from data.tokenizer import DSU_BPE_MODEL, DSU_BPE_SETTINGS, dsu_bpe_files
-from files import NotRegularFile, atomic_write, directory_problem, file_sha256, regular_file, regular_files_only
-from model import DTYPES, CompiledForward, Llama, check_weights, save_pretrained
+from files import (NotRegularFile, atomic_write, directory_problem, file_sha256, read_json, regular_file,
+                   regular_files_only, write_json)
+from model import DTYPES, CompiledForward
+from model_dir import (CHECKPOINTS, TRAINING_CONFIG, check_weights, checkpoint_dirs, load_model, model_tokenizer,
+                       read_training_config, save_pretrained, step_dir)
 
 # -- processes ---------------------------------------------------------------------------------
 
@@ -91,8 +94,8 @@ def cosine_with_warmup(warmup: int, total: int, cycles: float):
 def build_model(cfg: dict, model_path: Path, device: torch.device, world: int, announce: bool):
     """(the model, wrapped for DDP or FSDP when distributed, and the callable that runs its forward pass)."""
     dtype = DTYPES[cfg["model"]["dtype"]]
-    model = Llama.from_pretrained(model_path, dtype=dtype, device=device,
-                                  activation_checkpointing=cfg["model"]["activation_checkpointing"])
+    model = load_model(model_path, dtype=dtype, device=device,
+                       activation_checkpointing=cfg["model"]["activation_checkpointing"])
     model.loss_chunk_size = cfg["train"]["loss_chunk_size"]
     if cfg["model"]["fsdp"]:
         from torch.distributed.fsdp import fully_shard
@@ -228,7 +231,7 @@ def train(cfg: dict) -> None:
             if stream is not None:
                 state["packer"] = packer_state
             save_checkpoint(run_dir, done, model, optimizer, scheduler, cfg, model_path, state)
-            progress.write(f"step {done}: saved {run_dir / CHECKPOINTS / f'step_{done:07d}'}")
+            progress.write(f"step {done}: saved {step_dir(run_dir, done)}")
     progress.close()
     metrics.close()
     if rank == 0:
@@ -291,29 +294,15 @@ def resume_advice(run_dir: Path, step: int) -> str:
 
 # -- checkpoints -------------------------------------------------------------------------------
 
-CHECKPOINTS = "checkpoints"
 STATE_FILE = "training_state.pt"
 METRICS = "metrics.jsonl"
 STATE_KEYS = ("step", "totals", "optimizer", "scheduler", "rng", "batch_size", "grad_accum", "world_size")
 
 
 CHECKPOINT_FILES = ("config.json", "generation_config.json", "original/tokenizer.model", "original/params.json",
-                    "training_config.json", STATE_FILE)
+                    TRAINING_CONFIG, STATE_FILE)
 # numpy's RNG state is an ndarray: unpickling may rebuild plain arrays and nothing else
 NUMPY_ARRAY_GLOBALS = [np.empty(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-
-
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """The run's checkpoints, oldest first (temporary directories of unfinished saves are not).
-    A checkpoints directory, or a step_N in it, that is something else (a file, a symlink loop)
-    is refused: read as "no checkpoints", the run would start over and fail at its first save."""
-    root = run_dir / CHECKPOINTS
-    done = [p for p in root.glob("step_*") if p.name[5:].isdigit()] if root.is_dir() else []
-    for path in (root, *done):
-        problem = directory_problem(path)
-        if problem:
-            raise ConfigError(f"{problem} (it holds the run's checkpoints): remove it, or choose another run_dir")
-    return sorted(done, key=lambda p: int(p.name[5:]))
 
 
 def checkpoint_damage(checkpoint: Path) -> str | None:
@@ -348,7 +337,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, cfg: 
     optim_state = get_optimizer_state_dict(model, optimizer, options=options)
     if dist.is_initialized() and dist.get_rank() != 0:
         return
-    final = run_dir / CHECKPOINTS / f"step_{step:07d}"
+    final = step_dir(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
     # A checkpoint already there is incomplete (no training state), or from steps that a resume from an
     # earlier checkpoint redoes: replaced.
@@ -360,7 +349,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, cfg: 
         shutil.copy(model_src / "generation_config.json", tmp / "generation_config.json")
         for name in ("tokenizer.model", "params.json", *dsu_bpe_files(model_src / "original")):
             shutil.copy(model_src / "original" / name, tmp / "original" / name)
-        (tmp / "training_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        write_json(tmp / TRAINING_CONFIG, cfg)
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         torch.save({**state, "step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng},
@@ -447,10 +436,10 @@ def tokenizer_settings(tokenizer_file: Path) -> dict:
     try:
         speech_bpe = None
         if os.path.lexists(bpe):
-            merges = json.loads(regular_file(bpe.with_name(DSU_BPE_SETTINGS)).read_bytes()).get("merges")
+            merges = read_json(bpe.with_name(DSU_BPE_SETTINGS)).get("merges")
             speech_bpe = f"{merges} merged tokens, {DSU_BPE_MODEL} sha256 {file_sha256(bpe)}"
         return {"tokenizer.sha256": file_sha256(tokenizer_file), "tokenizer.speech_bpe": speech_bpe}
-    except (OSError, ValueError, AttributeError, RecursionError) as error:  # NotRegularFile, bad JSON: ValueErrors
+    except (OSError, ValueError) as error:  # NotRegularFile, JsonFileError: ValueErrors
         raise ConfigError(f"{tokenizer_file.parent}: cannot read the tokenizer files ({error})") from None
 
 
@@ -481,13 +470,8 @@ def checkpoint_records(checkpoint: Path, saved: dict, announce: bool) -> list[tu
     """(where, settings) that a checkpoint holds of how it was trained: its training state's record
     (checkpoints saved before there was one: none), its training_config.json (data settings) and
     its own copy of the tokenizer files."""
-    path = checkpoint / "training_config.json"
-    try:
-        saved_config = json.loads(regular_file(path).read_bytes())
-    except (OSError, ValueError, RecursionError) as error:  # NotRegularFile, bad JSON
-        raise ConfigError(f"{path}: cannot be read ({error})") from None
-    if not isinstance(saved_config, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
+    path = checkpoint / TRAINING_CONFIG
+    saved_config = read_training_config(checkpoint)
     records = [(str(path), {key: recorded(saved_config, key) for key in DATA_SETTINGS}),
                (str(checkpoint / "original"), tokenizer_settings(checkpoint / "original" / "tokenizer.model"))]
     if isinstance(saved.get("settings"), dict):
@@ -558,8 +542,11 @@ def plot_losses(metrics_path: Path, png_path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_write(png_path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
     return png_path
 
 
@@ -602,7 +589,8 @@ class MetricsLog:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / METRICS
-        self.path.write_text("".join(line + "\n" for line in kept))
+        with atomic_write(self.path) as tmp:  # on resume, a kill mid-rewrite must not lose the kept lines
+            tmp.write_text("".join(line + "\n" for line in kept))
         self.file = self.path.open("a")
         if cfg["wandb"]["project"]:
             import wandb  # optional: only when asked for

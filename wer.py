@@ -55,7 +55,6 @@ import io
 import json
 import math
 import os
-import re
 import sys
 from collections import Counter
 from contextlib import ExitStack
@@ -67,11 +66,13 @@ from whisper_normalizer.english import EnglishTextNormalizer
 
 from data import reference_run
 from data.dataset import DataError, Source, load_rows
-from data.matrix import OPTION_DEFAULTS
+import files
+import model_dir
 from files import NotRegularFile, atomic_write, directory_problem, regular_file
 
 NORMALIZERS = ("whisper", "none")
 CONFIDENCE = 0.95
+PHRASED_OPTIONS = ("deduplicate", "dsu_bpe")  # the cell options format_options words; others show as key=value
 BOOTSTRAP_CELLS = 4_000_000  # resampled indices held in memory at once
 
 
@@ -437,17 +438,13 @@ RUN_TABLE, RUN_PLOT = "wer_by_step.tsv", "wer_by_step.png"
 
 def run_generations(run_dir: Path) -> list[tuple[int, str, Path]]:
     """(step, "<dataset>/<split>", generations.jsonl) of every checkpoint's generations in a run, by step."""
-    root = run_dir / "generations"
+    root = run_dir / model_dir.GENERATIONS
     found = []
     for path in root.rglob("generations.jsonl"):
         parts = path.relative_to(root).parts[:-1]
-        if len(parts) == 3 and parts[0].isdigit():
-            step = int(parts[0])
-        elif len(parts) == 4 and re.fullmatch(r"epoch_\d+", parts[0]) and re.fullmatch(r"global_step_\d+", parts[1]):
-            step = int(parts[1].removeprefix("global_step_"))
-        else:
-            continue  # not a checkpoint's (e.g. an untrained model's, generated elsewhere)
-        found.append((step, "/".join(parts[-2:]), path))
+        step = model_dir.generations_step(parts)
+        if step is not None:  # else not a checkpoint's (e.g. an untrained model's, generated elsewhere)
+            found.append((step, "/".join(parts[-2:]), path))
     return sorted(found)
 
 
@@ -562,18 +559,9 @@ def find_reports(paths: list[Path]) -> list[tuple[Path, str]]:
 
 def read_json_object(path: Path) -> dict:
     try:
-        obj = json.loads(readable(path).read_bytes().decode("utf-8"))
-    except OSError as error:
-        raise InputError(f"{path}: cannot read ({error.strerror})") from None
-    except UnicodeDecodeError as error:
-        raise InputError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    except json.JSONDecodeError as error:
-        raise InputError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
-    except RecursionError:
-        raise InputError(f"{path}: nested too deeply to be a report") from None
-    if not isinstance(obj, dict):
-        raise InputError(f"{path}: expected a JSON object, got {type(obj).__name__}")
-    return obj
+        return files.read_json(path)
+    except files.JsonFileError as error:
+        raise InputError(str(error)) from None
 
 
 def shown(value) -> str:
@@ -670,7 +658,7 @@ def format_options(options, cell_path: Path) -> str:
         raise InputError(f"{cell_path}: 'options.deduplicate' must be true or false, got {shown(options['deduplicate'])}")
     bpe = count(options.get("dsu_bpe"), cell_path, "options.dsu_bpe")
     parts = (["no dedup"] if options.get("deduplicate") is False else []) + ([f"bpe {bpe}"] if bpe else [])
-    parts += [f"{key}={value}" for key, value in options.items() if key not in OPTION_DEFAULTS]
+    parts += [f"{key}={value}" for key, value in options.items() if key not in PHRASED_OPTIONS]
     return ", ".join(parts) or "-"
 
 
@@ -807,14 +795,23 @@ def plot_compare(rows: list[dict]) -> bytes:
     return png.getvalue()
 
 
+def compare_out_dir(paths: list[Path]) -> Path:
+    """Where --compare writes by default: the deepest directory holding every report it was given
+    (a directory given stands for itself, a wer.json for its folder)."""
+    folders = [(path if path.is_dir() else path.parent).absolute() for path in paths]
+    common = Path(os.path.commonpath(folders))
+    if common == Path(common.anchor):
+        raise InputError("the reports share no directory but the file system's root: pass --out")
+    return common
+
+
 def main_compare(args) -> int:
     """wer.py --compare: the table (markdown, CSV) and the chart, or exit status 2 and nothing written."""
     try:
         if args.references is not None or args.dataset is not None or args.by is not None:
             raise InputError("--references, --dataset and --by score generations; --compare reads wer.json reports")
         rows = compare_rows(args.compare)
-        first = args.compare[0]
-        out_dir = args.out or (first if first.is_dir() else rows[0]["source"].parent)
+        out_dir = args.out or compare_out_dir(args.compare)
         check_output(out_dir, directory=True)
         outputs = [out_dir / name for name in COMPARE_OUTPUTS]
         check_overwrite(outputs, args.overwrite)
@@ -829,18 +826,52 @@ def main_compare(args) -> int:
     return 0
 
 
+# The flags that decide a report's figures, with their defaults. A report records them
+# (`scored_with`), so that scoring the same generations again without flags scores them the same way.
+SCORING_DEFAULTS = {"references": None, "dataset": None, "split": None, "gt_transcript_colname": None, "by": None,
+                    "normalizer": "whisper", "bootstrap": 1000, "seed": 0, "worst": 10}
+
+
+def earlier_settings(out: Path) -> dict:
+    """The scoring flags recorded in an existing report at `out` ({} when there is none, or it
+    predates the record, or it cannot be read: then it is only replaced with --overwrite)."""
+    if not out.is_file():
+        return {}
+    try:
+        recorded = json.loads(readable(out).read_text(encoding="utf-8")).get("scored_with")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return {}
+    if not isinstance(recorded, dict) or set(recorded) != set(SCORING_DEFAULTS):
+        return {}
+    return recorded
+
+
+def resolve_scoring(args, out: Path) -> dict:
+    """The scoring flags: those given, else (when none is given) the existing report's, else the defaults."""
+    given = {key: getattr(args, key) for key in SCORING_DEFAULTS if getattr(args, key) is not None}
+    earlier = {} if given else earlier_settings(out)
+    settings = {**SCORING_DEFAULTS, **earlier, **given}
+    if earlier and earlier != SCORING_DEFAULTS:
+        flags = " ".join(f"--{key} {value}" for key, value in earlier.items() if value != SCORING_DEFAULTS[key])
+        print(f"scoring as {out} was scored: {flags}", file=sys.stderr)
+    for key, value in settings.items():
+        setattr(args, key, Path(value) if key == "references" and value is not None else value)
+    return {key: None if value is None else str(value) if key == "references" else value
+            for key, value in settings.items()}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.compare:
-        return main_compare(args)
-    if args.generations.is_dir():
-        return main_run(args)
+    if args.compare or args.generations.is_dir():
+        for key, default in SCORING_DEFAULTS.items():
+            if key in ("normalizer", "bootstrap", "seed", "worst") and getattr(args, key) is None:
+                setattr(args, key, default)
+        return main_compare(args) if args.compare else main_run(args)
     out = args.out or args.generations.with_name("wer.json")
     try:
         readable(args.generations)  # before anything opens it
         check_output(out, directory=False)
-        if out.exists() and not args.overwrite:
-            raise InputError(f"{out} already exists; pass --overwrite to replace it")
+        scored_with = resolve_scoring(args, out)
         references = reference_source(args, infer=reference_run.holds_vllm_records(args.generations))
         if args.by is not None and references is None:
             raise InputError("--by needs --references (the dataset whose field it names)")
@@ -862,13 +893,18 @@ def main(argv=None) -> int:
             result = {**result, "by": args.by, "groups": score_groups(hyps, refs, groups, args.normalizer)}
         if references is not None:
             references = str(references) + (f" (split {references.split})" if references.split else "")
-        result = {"input": str(args.generations), "references": references, **result}
-        write_into(out.parent, {out: (json.dumps(result, indent=2, ensure_ascii=False) + "\n").encode()})
+        result = {"input": str(args.generations), "references": references, **result, "scored_with": scored_with}
+        report = (json.dumps(result, indent=2, ensure_ascii=False) + "\n").encode()
+        unchanged = out.is_file() and readable(out).read_bytes() == report
+        if os.path.lexists(out) and not unchanged and not args.overwrite:
+            raise InputError(f"{out} already exists with other figures or settings; pass --overwrite to replace it")
+        if not unchanged:
+            write_into(out.parent, {out: report})
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(format_report(result))
-    print(f"\nwrote {out}")
+    print(f"\n{out} is unchanged" if unchanged else f"\nwrote {out}")
     return 0
 
 
@@ -896,16 +932,19 @@ def parse_args(argv):
                         help="the reference transcripts' column (default: transcript)")
     parser.add_argument("--by", metavar="FIELD",
                         help="also score each value of this --references field on its own, e.g. speaker")
-    parser.add_argument("--normalizer", "--normaliser", choices=NORMALIZERS, default="whisper",
+    parser.add_argument("--normalizer", "--normaliser", choices=NORMALIZERS,
                         help="text normaliser applied to hypotheses and references (default: whisper)")
     parser.add_argument("--out", type=Path, help="report JSON path (default: wer.json beside the input); for a run "
                         "directory, the directory of wer_by_step.tsv and .png (default: the run directory); with "
-                        "--compare, the directory of compare.* (default: the first PATH if a directory, else the "
-                        "first wer.json's directory)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing report")
-    parser.add_argument("--bootstrap", type=non_negative_int, default=1000, help="bootstrap resamples, 0 to skip (default: 1000)")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="bootstrap seed (default: 0)")
-    parser.add_argument("--worst", type=non_negative_int, default=10, help="worst utterances to list (default: 10)")
+                        "--compare, the directory of compare.* (default: the deepest directory holding every "
+                        "report given)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing report whose figures or "
+                        "settings differ (scoring again to the same report needs no flag)")
+    parser.add_argument("--bootstrap", type=non_negative_int, help="bootstrap resamples, 0 to skip (default: 1000)")
+    parser.add_argument("--seed", type=non_negative_int, help="bootstrap seed (default: 0)")
+    parser.add_argument("--worst", type=non_negative_int, help="worst utterances to list (default: 10)")
+    parser.epilog = ("Scoring generations whose wer.json exists, with none of the flags from --references to --worst, "
+                     "scores them with the flags that report was made with (it records them).")
     return parser.parse_args(argv)
 
 

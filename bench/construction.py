@@ -24,9 +24,9 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from data import reference_strings as ref  # noqa: E402
 from data.samples import Interleave, SampleBuilder  # noqa: E402
 from data.tokenizer import Tokenizer, extended_tokenizer_bytes, read_bpe_file  # noqa: E402
+from tests import reference_strings as ref  # noqa: E402
 
 GOLDEN = ROOT.parent / "shared" / "golden" / "seed_compat_5000.json"
 

@@ -85,6 +85,7 @@ def child_pack(source: str, cache: str, pack_rows: int) -> dict:
 
     cfg = load_config(None, [
         "run_dir=unused", "model.path=unused", f"data.train={source}", f"data.n_dsus={N_DSUS}", "train.max_steps=1",
+        "data.modality_tokens=true",  # what train.py reads from the extended model
         f"data.cache_dir={cache}", "data.max_seq_len=2048", "data.packed=true",
     ])
     seqs, _ = load_data(cfg["data"], Path(cfg["run_dir"]), extended_llama3_tokenizer(N_DSUS))

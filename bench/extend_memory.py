@@ -4,7 +4,7 @@
 
 Writes a randomly initialised bf16 checkpoint with Llama-3.2-1B's shapes and the real Llama 3
 tokenizer (llama-models package), runs `extend.py` on it in a child process, and reports the
-child's peak resident memory against the checkpoint's size on disk. Target (DESIGN.md): under 2x.
+child's peak resident memory against the checkpoint's size on disk. Target (docs/DESIGN.md, "Targets"): under 2x.
 Needs about 6 GB of free disk and a few GB of memory.
 """
 

@@ -26,7 +26,8 @@ import torch  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
 from generate import Sampling, generate, start_vllm, vllm_generate, vllm_status  # noqa: E402
-from model import Llama, ModelConfig, init_weights, num_params, save_pretrained  # noqa: E402
+from model import Llama, ModelConfig, init_weights, num_params  # noqa: E402
+from model_dir import load_model, save_pretrained  # noqa: E402
 
 
 def random_checkpoint(out_dir: Path, args) -> ModelConfig:
@@ -105,7 +106,7 @@ def main() -> None:
     prompts = [torch.randint(0, args.vocab, (n,), generator=generator).tolist() for n in lengths]
     tmp = tempfile.TemporaryDirectory()
     config = random_checkpoint(Path(tmp.name), args)
-    model = Llama.from_pretrained(tmp.name, dtype=torch.float32).eval()
+    model = load_model(tmp.name, dtype=torch.float32).eval()
     hf = LlamaForCausalLM.from_pretrained(tmp.name, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None  # like ours here: no stop token
     use_vllm, why = vllm_status("cpu")

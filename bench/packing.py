@@ -4,7 +4,7 @@
 
 Throughput, on the golden file's samples (CPT: interleaved and concatenated both ways; SFT: ASR;
 deduplication on and off), 16 samples per op call, rows of 2048 (no golden sample reaches it):
-  string path   the reference's string + regex path (data/reference_strings.py): the baseline
+  string path   the reference's string + regex path (tests/reference_strings.py): the baseline
   per sample    SampleBuilder *_pieces (interleaving's spans drawn for all rows at once by
                 data.batches.interleave_spans_many, as training draws them), each assembled on its own
                 by data.samples.assemble (NumPy)
@@ -40,10 +40,10 @@ import torch  # noqa: E402
 import dsu_ops  # noqa: E402
 from bench.construction import GOLDEN, best_tokens_per_second, extended_llama3_tokenizer  # noqa: E402
 from config import DEFAULT_SYSTEM_PROMPT  # noqa: E402
-from data import reference_strings as ref  # noqa: E402
 from data.dataset import SCHEMA_FIELDS, load_rows  # noqa: E402
 from data.samples import Interleave, SampleBuilder  # noqa: E402
 from data.batches import PACK_LOOKAHEAD, PACK_OPEN_ROWS, interleave_spans_many  # noqa: E402
+from tests import reference_strings as ref  # noqa: E402
 
 BATCH = 16
 THROUGHPUT_SEQ_LEN = 2048

@@ -1,4 +1,4 @@
-"""Utterances per second of each data.units encoder at realistic sizes, and its k-means against
+"""Utterances per second of each speech_units encoder at realistic sizes, and its k-means against
 scikit-learn's MiniBatchKMeans.
 
     python bench/units.py [--seconds 10] [--n 3] [--batch-size 1] [--device cpu] [--skip-kmeans]
@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data import features, units  # noqa: E402
+from speech_units import encoders, features, inputs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,9 +53,9 @@ def speech_like(seconds: float, rate: int, seed: int) -> np.ndarray:
 def throughput(encoder, seconds: float, n: int) -> tuple[float, int]:
     warm_up = encoder.batch_size
     audios = [speech_like(seconds, encoder.sampling_rate, seed) for seed in range(n + warm_up)]
-    units.encode_audios(encoder, audios[:warm_up], chunk_seconds=30)
+    encoders.encode_audios(encoder, audios[:warm_up], chunk_seconds=30)
     started = time.perf_counter()
-    out = units.encode_audios(encoder, audios[warm_up:], chunk_seconds=30)
+    out = encoders.encode_audios(encoder, audios[warm_up:], chunk_seconds=30)
     elapsed = time.perf_counter() - started
     return n / elapsed, len(out[0])
 
@@ -69,7 +69,7 @@ def hubert_large(tmp: Path, device: str, batch_size: int = 1):
                               feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True)
         HubertModel(config).save_pretrained(tmp / "hubert-large")
         np.save(tmp / "km5000.npy", np.random.default_rng(0).normal(size=(5000, 1024)).astype(np.float32))
-    return units.HubertEncoder(str(tmp / "hubert-large"), 22, str(tmp / "km5000.npy"), device, batch_size)
+    return encoders.HubertEncoder(str(tmp / "hubert-large"), 22, str(tmp / "km5000.npy"), device, batch_size)
 
 
 def mimi(tmp: Path, device: str, batch_size: int = 1, spread: bool = False):
@@ -91,7 +91,7 @@ def mimi(tmp: Path, device: str, batch_size: int = 1, spread: bool = False):
                 rvq.layers[0].codebook.embed_sum.copy_(frames[torch.randperm(len(frames))[: model.config.codebook_size]])
             hook.remove()
         model.cpu().save_pretrained(path)
-    return units.MimiEncoder(str(path), device, batch_size)
+    return encoders.MimiEncoder(str(path), device, batch_size)
 
 
 def read_speed(tmp: Path, seconds: float, n: int) -> float:
@@ -103,7 +103,7 @@ def read_speed(tmp: Path, seconds: float, n: int) -> float:
         soundfile.write(paths[-1], speech_like(seconds, 44100, i), 44100)
     started = time.perf_counter()
     for path in paths:
-        units.read_audio(path, 16000)
+        inputs.read_audio(path, 16000)
     return n / (time.perf_counter() - started)
 
 
@@ -144,22 +144,22 @@ def _min_sq(x: np.ndarray, c: np.ndarray) -> np.ndarray:
 def agreement(tmp: Path, device: str) -> None:
     hubert = hubert_large(tmp, device, 8)
     long = [speech_like(70, 16000, 100 + seed) for seed in range(2)]
-    x = np.concatenate([f.cpu().numpy() for f in units.utterance_features(hubert, long, chunk_seconds=100)])
+    x = np.concatenate([f.cpu().numpy() for f in encoders.utterance_features(hubert, long, chunk_seconds=100)])
     hubert.centroids = features.fit_kmeans_torch(x, 500, seed=0, device=str(hubert.device)).astype(np.float64)
     for encoder in (hubert, mimi(tmp, device, 8, spread=True)):
         rate = encoder.sampling_rate
         rng = np.random.default_rng(0)
         short = [speech_like(rng.uniform(2, 12), rate, seed) for seed in range(16)]
-        batched = units.encode_audios(encoder, short, chunk_seconds=30)
+        batched = encoders.encode_audios(encoder, short, chunk_seconds=30)
         encoder.batch_size = 1
-        alone = units.encode_audios(encoder, short, chunk_seconds=30)
+        alone = encoders.encode_audios(encoder, short, chunk_seconds=30)
         differ = sum(int((a != b).sum()) for a, b in zip(alone, batched))
         print(f"{encoder.name}: batch 8 against 1: {differ} of {sum(map(len, alone))} units differ", flush=True)
         long = [speech_like(70, rate, 100 + seed) for seed in range(2)]
-        single = units.encode_audios(encoder, long, chunk_seconds=100)
+        single = encoders.encode_audios(encoder, long, chunk_seconds=100)
         for context in (encoder.context, (0, 0)):
             encoder.context = context
-            chunked = units.encode_audios(encoder, long, chunk_seconds=30)
+            chunked = encoders.encode_audios(encoder, long, chunk_seconds=30)
             differ = sum(int((a != b).sum()) for a, b in zip(single, chunked))
             print(f"{encoder.name}: 30 s chunks with context {context[0] / rate:.2f} s before, {context[1] / rate:.2f} s "
                   f"after, against one pass: {differ} of {sum(map(len, single))} units differ", flush=True)
@@ -185,7 +185,7 @@ def main() -> None:
         tmp = Path(tmp)
         print(f"{'read+resample (44.1 kHz flac -> 16 kHz)':44s} {read_speed(tmp, args.seconds, 5):8.1f} utt/s")
         makers = {
-            "mfcc, bundled k-means (128 x 65)": lambda: units.SpectralEncoder("mfcc", str(ROOT / "data/mini/kmeans.npz")),
+            "mfcc, bundled k-means (128 x 65)": lambda: encoders.SpectralEncoder("mfcc", str(ROOT / "data/mini/kmeans.npz")),
             "logmel, k-means 128 x 200": lambda: _logmel(tmp),
             "hubert large, layer 22, k-means 5000": lambda: hubert_large(tmp, args.device, args.batch_size),
             "mimi (default config), codebook 0": lambda: mimi(tmp, args.device, args.batch_size),
@@ -205,7 +205,7 @@ def main() -> None:
 def _logmel(tmp: Path):
     path = tmp / "logmel.npy"
     np.save(path, np.random.default_rng(0).normal(size=(128, features.LOGMEL_DIM)))
-    return units.SpectralEncoder("logmel", str(path))
+    return encoders.SpectralEncoder("logmel", str(path))
 
 
 if __name__ == "__main__":

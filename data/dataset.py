@@ -1,4 +1,4 @@
-"""Streaming, validated loading of speech-text rows in the reference's schema (DESIGN.md, "Data").
+"""Streaming, validated loading of speech-text rows in the reference's schema (docs/DESIGN.md, "Data").
 
 A source is a JSON Lines file (`.jsonl` or `.json`), a Parquet file, an Arrow file (`.arrow`, as
 `datasets` writes), a directory holding such files, or a glob pattern. Dataset directories as the
@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data.tokenizer import MAX_DSUS
-from files import NotRegularFile, regular_file
+from files import JsonFileError, NotRegularFile, read_json, regular_file
 
 SCHEMA_FIELDS = (
     "transcript",
@@ -318,12 +318,9 @@ def _save_to_disk_files(directory: Path) -> list[Path]:
 def _json_file(path: Path) -> dict:
     """A JSON object file that `datasets` writes beside its data."""
     try:
-        loaded = json.loads(_regular(path).read_bytes())
-    except (OSError, ValueError, RecursionError) as error:  # not UTF-8, not JSON, nested too deeply
-        raise DataError(f"{path}: not a readable JSON file ({error})") from None
-    if not isinstance(loaded, dict):
-        raise DataError(f"{path}: expected a JSON object")
-    return loaded
+        return read_json(path)
+    except JsonFileError as error:
+        raise DataError(str(error)) from None
 
 
 def dataset_name(source: str) -> str:

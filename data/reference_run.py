@@ -1,5 +1,6 @@
 """What the reference implementation (`speech-integration`, torchtune + Hydra) leaves in a run
-directory, read as data: its training config, its checkpoints and where its outputs go.
+directory, read as data: its training config and its checkpoints (their step directories are named here;
+model_dir.py lists them and says where their generations go).
 
 A reference run looks like
     <run>/checkpoints/torchtune_config.yaml                    the training config (OmegaConf YAML)
@@ -298,8 +299,8 @@ def find_config(checkpoint: Path) -> Path | None:
 def _data_keys(training_config: Path) -> set[str]:
     """The data.* keys a checkpoint's training_config.json sets (dotted, below data)."""
     try:
-        data = json.loads(files.regular_file(training_config).read_text(encoding="utf-8")).get("data", {})
-    except (OSError, ValueError, AttributeError):  # absent, no regular file, not JSON: generate.py reports it
+        data = files.read_json(training_config).get("data", {})
+    except files.JsonFileError:  # absent, no regular file, not a JSON object: generate.py reports it
         return set()
     keys = set()
     for key, value in data.items() if isinstance(data, dict) else ():
@@ -370,17 +371,6 @@ def _first_value(config: ReferenceConfig, places):
 
 
 # -- checkpoints and outputs ------------------------------------------------------------------
-
-
-def generations_dir(checkpoint: Path) -> Path | None:
-    """`<run>/generations/epoch_E/global_step_N` for a reference checkpoint
-    `<run>/checkpoints/epoch_E/global_step_N` (the reference swaps `checkpoints` for `generations`)."""
-    checkpoint = Path(checkpoint).absolute()
-    parts = checkpoint.parts
-    if (len(parts) >= 4 and parts[-3] == "checkpoints" and EPOCH_DIR.fullmatch(parts[-2])
-            and STEP_DIR.fullmatch(parts[-1])):
-        return checkpoint.parents[2] / "generations" / parts[-2] / parts[-1]
-    return None
 
 
 def reference_checkpoints(run_dir: Path) -> list[Path]:

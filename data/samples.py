@@ -128,6 +128,8 @@ class SampleBuilder:
     """
 
     def __init__(self, tokenizer: Tokenizer, *, deduplicate: bool, modality_tokens: bool, max_seq_len: int | None):
+        if not isinstance(modality_tokens, bool):  # None (read it from the model) must be resolved first
+            raise TypeError(f"modality_tokens must be true or false, got {modality_tokens!r}")
         if modality_tokens and not tokenizer.has_modality_tokens:
             raise ValueError(f"{tokenizer.path}: modality tokens asked for, but the tokenizer has none")
         mismatch = tokenizer.dsu_bpe_mismatch(deduplicate)

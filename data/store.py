@@ -36,7 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data.dataset import SCHEMA_FIELDS, TIME_FIELDS, DataError, count_rows, iter_rows, resolve_files
-from files import atomic_write, regular_files_only
+from files import atomic_write, read_json, regular_files_only
 
 FORMAT_VERSION = 2
 INDEX_WIDTH = 5  # dsus, times, id, transcript, words
@@ -50,7 +50,7 @@ class RowStore:
         self.directory = directory
         try:  # a store is this code's output, but a FIFO or a damaged file in it must not block or crash a run
             regular_files_only(directory)
-            self.meta = json.loads((directory / "meta.json").read_bytes())
+            self.meta = read_json(directory / "meta.json")
             self.fields = tuple(self.meta["fields"])
             self.n_rows = int(self.meta["n_rows"])
             # Unbuffered files read with os.pread: no shared file position, so forked readers are safe.

@@ -3,7 +3,7 @@
 File format (`tokenizer.model`): one line per BPE rank, `base64(token bytes) rank`, ranks 0..V-1.
 The 256 Llama 3 special tokens are not in the file; they take ids V..V+255. Extension appends
 DSU characters (and optionally the two modality characters) as new ranks, so the special tokens
-move up behind them. See DESIGN.md, "Token layout".
+move up behind them. See docs/DESIGN.md, "Token layout".
 
 A speech BPE (optional, `extend.py --dsu-bpe M`) adds M merged-unit tokens after the modality
 tokens: the sentencepiece model `dsu_bpe.model` and its settings `dsu_bpe.json` sit beside
@@ -12,14 +12,13 @@ them when they are there and then encodes speech with the BPE (`speech_ids`).
 """
 
 import base64
-import json
 import os
 from functools import cached_property
 
 import numpy as np
 import tiktoken
 
-from files import NotRegularFile, regular_file
+from files import NotRegularFile, read_json, regular_file
 
 DSU_BASE = 0xF0000  # DSU i is chr(DSU_BASE + i): Supplementary Private Use Area-A
 MAX_DSUS = 65534  # U+F0000 .. U+FFFFD
@@ -169,12 +168,10 @@ class DsuBpe:
     def load(cls, directory: str) -> "DsuBpe":
         where = os.path.join(directory, DSU_BPE_MODEL)
         try:
-            settings = json.loads(regular_file(os.path.join(directory, DSU_BPE_SETTINGS)).read_bytes())
+            settings = read_json(os.path.join(directory, DSU_BPE_SETTINGS))
             model = regular_file(where).read_bytes()
-        except (OSError, ValueError, RecursionError) as e:  # NotRegularFile and bad JSON are ValueErrors
+        except (OSError, ValueError) as e:  # NotRegularFile and JsonFileError are ValueErrors
             raise TokenizerFileError(f"{where}: cannot read the speech BPE or its {DSU_BPE_SETTINGS} ({e})") from None
-        if not isinstance(settings, dict):
-            raise TokenizerFileError(f"{os.path.join(directory, DSU_BPE_SETTINGS)}: expected a JSON object")
         return cls(model, settings, where)
 
     def token_table(self, dsu_offset: int, merged_offset: int) -> np.ndarray:

@@ -21,7 +21,7 @@ from data.dataset import load_rows
 from data.samples import Interleave, SampleBuilder, deduplicate_runs
 from tiny_model import make_tiny_model
 from data.tokenizer import DSU_BPE_MODEL, DSU_BPE_SETTINGS, Tokenizer, TokenizerFileError, read_bpe_file
-from model import Llama
+from model_dir import load_model
 from tests import tiny
 from tests.test_vllm import in_vllm_env, vllm_python
 
@@ -220,7 +220,7 @@ def test_packed_training_resumes_exactly_and_loads_in_transformers(tiny_bpe, tmp
     builder = SampleBuilder(tok, deduplicate=True, modality_tokens=True, max_seq_len=None)
     tokens = torch.tensor(builder.sft_asr(row, PROMPT, train_on_input=False)[0])[None]
     assert (tokens >= tok.merged_offset).logical_and(tokens < tok.merged_offset + tok.n_merged).any()
-    ours = Llama.from_pretrained(step_8, dtype=torch.float32).eval()
+    ours = load_model(step_8, dtype=torch.float32).eval()
     hf = LlamaForCausalLM.from_pretrained(step_8, dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(tokens).logits, ours.logits(ours(tokens)), atol=1e-4, rtol=0)

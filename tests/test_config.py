@@ -179,8 +179,8 @@ def test_a_bad_override_is_refused_naming_the_key(assets, tmp_path, capsys, monk
 
 # (case, the config file's text, what the message must name besides the file)
 BAD_FILES = [
-    ("invalid_json", '{"data": {"task": "cpt",}}', ":1: invalid JSON"),
-    ("not_an_object", "[1, 2]", "a config is a JSON object"),
+    ("invalid_json", '{"data": {"task": "cpt",}}', ":1:25: invalid JSON"),
+    ("not_an_object", "[1, 2]", "expected a JSON object, got an array (the config file)"),
     ("section_as_number", '{"data": 5}', "'data'"),
     ("string_for_a_number", '{"optim": {"lr": "abc"}}', "'optim.lr'"),
     ("truthy_string", '{"data": {"deduplicate": "false"}}', "'data.deduplicate'"),
@@ -221,7 +221,7 @@ def test_optional_packages_and_devices_a_setting_needs_are_checked_up_front(asse
     run_refused(assets, tmp_path, capsys, monkeypatch, args + ["train.device=cuda"], "train.device")
 
 
-TRAINING_CONFIGS = sorted(p for p in CONFIGS.glob("*.json") if p.name != "matrix.json")  # matrix.json: data.matrix's grids
+TRAINING_CONFIGS = sorted(p for p in CONFIGS.glob("*.json") if p.name != "matrix.json")  # matrix.json: matrix.py's grids
 
 
 @pytest.mark.parametrize("path", TRAINING_CONFIGS, ids=lambda p: p.name)

@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data import corpus, features
-from data.corpus import main
 from data.dataset import load_rows
+from speech_units import corpus, features
+from speech_units.corpus import main
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI = ROOT / "data" / "mini"
@@ -84,12 +84,12 @@ def test_the_same_seed_rebuilds_identical_files(tiny, tmp_path):
 
 @needs_espeak
 def test_another_voice_gives_other_tokens(tiny):
-    centroids = features.load_kmeans(tiny / "kmeans.npz")
+    centroids = features.load_centroids(tiny / "kmeans.npz", settings=features.FEATURE_SETTINGS)
     words = "put the red box on the small table".split()
     tokens = {}
     for speaker in ["en-us+m1", "en+f4"]:
         pcm, _, _ = corpus.synthesize(words, speaker, np.random.default_rng(7))
-        tokens[speaker] = features.speech_tokens(pcm / 32768.0, centroids)
+        tokens[speaker] = features.assign(features.mfcc_features(pcm / 32768.0), centroids).tolist()
     assert tokens["en-us+m1"] != tokens["en+f4"]
 
 
@@ -200,7 +200,7 @@ def test_kmeans_is_deterministic_given_the_seed():
 def test_bundled_mini_corpus_loads():
     meta = json.loads((MINI / "corpus.json").read_text())
     k = meta["n_dsus"]
-    assert features.load_kmeans(MINI / "kmeans.npz").shape == (k, features.FEATURE_DIM)
+    assert features.load_centroids(MINI / "kmeans.npz", settings=features.FEATURE_SETTINGS).shape == (k, features.FEATURE_DIM)
     for split, size in meta["sizes"].items():
         rows = load_rows(str(MINI / f"{split}.jsonl"), n_dsus=k)
         assert len(rows) == size["utterances"] > 0
@@ -212,4 +212,4 @@ def test_a_kmeans_file_made_with_other_feature_settings_is_refused(tmp_path):
     path = tmp_path / "kmeans.npz"
     np.savez(path, centroids=np.zeros((4, features.FEATURE_DIM)), **{**features.FEATURE_SETTINGS, "n_mels": 80})
     with pytest.raises(features.FeatureError, match="n_mels"):
-        features.load_kmeans(path)
+        features.load_centroids(path, settings=features.FEATURE_SETTINGS)

@@ -442,7 +442,7 @@ def test_a_save_to_disk_split_listing_a_fifo_is_refused(tmp_path, samples):
     with pytest.raises(DataError, match=r"state\.json: lists data-00000-of-00001\.arrow, .*a FIFO"):
         load_rows(str(split))
     (split / "state.json").write_bytes(b"\xff\xfe not json")
-    with pytest.raises(DataError, match=r"state\.json: not a readable JSON file"):
+    with pytest.raises(DataError, match=r"state\.json: not UTF-8 text"):
         load_rows(str(split))
 
 

@@ -7,8 +7,8 @@ import stat
 
 import pytest
 
-from files import (NotRegularFile, atomic_write, directory_problem, file_sha256, regular_file,
-                   regular_files_only)
+from files import (JsonFileError, NotRegularFile, atomic_write, directory_problem, file_sha256, read_json, regular_file,
+                   regular_files_only, write_json)
 
 
 @pytest.fixture
@@ -106,3 +106,19 @@ def test_file_sha256_is_the_sha256_of_the_bytes_and_refuses_a_fifo(tmp_path):
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(NotRegularFile, match="a FIFO"):
         file_sha256(tmp_path / "fifo")
+
+
+def test_read_json_names_the_file_line_and_column_and_write_json_is_atomic(tmp_path):
+    path = tmp_path / "x.json"
+    write_json(path, {"a": [1, 2]})
+    assert read_json(path) == {"a": [1, 2]} and os.listdir(tmp_path) == ["x.json"]
+    for text, problem in [('{\n "a": 1,\n}', r"x\.json:3:1: invalid JSON"), ("[1]", r"x\.json: expected a JSON object, got an array"),
+                          (b"\xff", r"x\.json: not UTF-8 text"), ("[" * 100000, r"x\.json: invalid JSON \(nested too deeply\)")]:
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(JsonFileError, match=problem):
+            read_json(path)
+    path.write_text("[1]")
+    assert read_json(path, require_object=False) == [1]
+    os.mkfifo(tmp_path / "fifo.json")
+    with pytest.raises(JsonFileError, match="is a FIFO"):
+        read_json(tmp_path / "fifo.json")

@@ -21,6 +21,7 @@ from tiny_model import make_tiny_model
 from data.tokenizer import Tokenizer
 from generate import Sampling, build_prompts, next_tokens
 from model import Llama, ModelConfig
+from model_dir import load_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 N_DSUS = 64
@@ -63,7 +64,7 @@ def random_model_dir(tmp_path_factory) -> Path:
 def random_model(random_model_dir) -> Llama:
     """The random model with weights drawn 15x wider than their init: at the init scale its tied
     embeddings make greedy decoding repeat the last prompt token, which would test little."""
-    model = Llama.from_pretrained(random_model_dir).eval()
+    model = load_model(random_model_dir).eval()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for param in model.parameters():
@@ -274,16 +275,18 @@ def test_default_output_directories(tmp_path):
     assert generate.default_out_dir(loose, data, "dev") == (loose / "generations" / "mls_hubert" / "dev").resolve()
 
 
-def test_a_checkpoint_without_training_config_needs_data_and_n_dsus(random_model_dir, tmp_path, capsys):
+def test_a_checkpoint_without_training_config_needs_data_and_reads_n_dsus_from_its_tokenizer(
+        random_model_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "asr" / "test.jsonl", utterances(3, seed=1))
     out = tmp_path / "out"
-    assert generate.main([str(random_model_dir), "--data", str(data), "--out", str(out)]) == 2
-    assert "--n-dsus" in capsys.readouterr().err
-    assert generate.main([str(random_model_dir), "--n-dsus", str(N_DSUS), "--out", str(out)]) == 2
+    assert generate.main([str(random_model_dir), "--out", str(out)]) == 2
     assert "--data" in capsys.readouterr().err
+    assert generate.main([str(random_model_dir), "--n-dsus", str(N_DSUS + 1), "--data", str(data), "--out", str(out)]) == 2
+    assert f"the tokenizer has {N_DSUS} DSUs but data.n_dsus is {N_DSUS + 1}" in capsys.readouterr().err
     assert not out.exists()
-    args = [str(random_model_dir), "--n-dsus", str(N_DSUS), "--data", str(data), "--out", str(out), "--max-tokens", "3"]
+    args = [str(random_model_dir), "--data", str(data), "--out", str(out), "--max-tokens", "3"]
     assert generate.main(args) == 0
+    assert f"n_dsus={N_DSUS}  (the model's tokenizer)" in capsys.readouterr().err
     assert [r["id"] for r in read_generations(out)] == ["utt0", "utt1", "utt2"]
 
 

@@ -1,4 +1,4 @@
-"""The methods matrix (data/matrix.py): unit variants of the corpus, and the tiny grid end to end."""
+"""The methods matrix (matrix.py): unit variants of the corpus, and the tiny grid end to end."""
 
 import csv
 import json
@@ -14,7 +14,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from data import corpus, features, matrix, units
+import matrix
+from speech_units import cli, corpus, encoders, features
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI = ROOT / "data" / "mini"
@@ -52,7 +53,7 @@ def fifo(path: Path):
 @pytest.mark.parametrize("stack, rate", [(1, 50.0), (2, 25.0), (4, 12.5)])
 def test_stacked_units_have_the_frame_rate_and_count_of_their_stack(kind, stack, rate):
     audio = np.random.default_rng(0).normal(0, 0.1, 16000 * 3 + 123)
-    encoder = units.SpectralEncoder(kind, None, stack=stack)
+    encoder = encoders.SpectralEncoder(kind, None, stack=stack)
     base = (features.mfcc_features if kind == "mfcc" else features.logmel_features)(audio)
     stacked = encoder.features([audio])[0]
     assert encoder.sampling_rate / encoder.downsampling_ratio == rate
@@ -62,7 +63,7 @@ def test_stacked_units_have_the_frame_rate_and_count_of_their_stack(kind, stack,
 
 
 def test_stack_is_refused_for_encoders_with_their_own_frame_rate(tmp_path, capsys):
-    assert units.main(["encode", str(tmp_path / "out"), "--encoder", "mimi", "--model", str(tmp_path),
+    assert cli.main(["encode", str(tmp_path / "out"), "--encoder", "mimi", "--model", str(tmp_path),
                        "--stack", "2", str(tmp_path / "x.wav")]) == 2
     assert "--stack applies to the mfcc and logmel encoders" in capsys.readouterr().err
 
@@ -71,14 +72,14 @@ def test_stack_is_refused_for_encoders_with_their_own_frame_rate(tmp_path, capsy
 def test_resynthesis_reproduces_the_bundled_corpus():
     """A variant re-synthesises data/mini's utterances: the same ids and, with its k-means, the same DSUs."""
     sentences, speakers = corpus.split_sentences(8000, 200, 200, 0), corpus.split_speakers(0)
-    centroids = features.load_kmeans(MINI / "kmeans.npz")
+    centroids = features.load_centroids(MINI / "kmeans.npz", settings=features.FEATURE_SETTINGS)
     for split in ("train", "test"):
         rows = [json.loads(line) for line in (MINI / f"{split}.jsonl").read_text().splitlines()[:2]]
         for i, row in enumerate(rows):
             speaker = speakers[split][i % len(speakers[split])]
             made = corpus._make_utterance((split, i, sentences[split][i], speaker, 0, None))
             assert made["row"]["id"] == row["id"] and made["row"]["speaker"] == row["speaker"]
-            assert units.assign(made["features"], centroids).tolist() == row["speech_tokens"]
+            assert encoders.assign(made["features"], centroids).tolist() == row["speech_tokens"]
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +96,8 @@ def encode_variant(corpus_dir: Path, out: Path, stack: int) -> list[dict]:
     encoder = ["--encoder", "logmel", "--stack", str(stack), "--quiet"]
     kmeans = out / "kmeans.npy"
     out.mkdir(parents=True)
-    assert units.main(["learn-kmeans", *encoder, "--k", "8", str(kmeans), str(corpus_dir / "wav" / "train.jsonl")]) == 0
-    assert units.main(["encode", str(out / "train"), *encoder, "--kmeans", str(kmeans),
+    assert cli.main(["learn-kmeans", *encoder, "--k", "8", str(kmeans), str(corpus_dir / "wav" / "train.jsonl")]) == 0
+    assert cli.main(["encode", str(out / "train"), *encoder, "--kmeans", str(kmeans),
                        str(corpus_dir / "wav" / "train.jsonl")]) == 0
     return pq.read_table(out / "train" / "data").to_pylist()
 
@@ -136,11 +137,11 @@ def test_bad_grids_are_refused_naming_the_problem(tmp_path, capsys):
 def test_make_matrix_runs_the_driver_on_the_chosen_grid():
     dry = subprocess.run(["make", "-n", "matrix", "MATRIX=tiny", "MATRIX_DIR=somewhere"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
-    assert "-m data.matrix configs/matrix.json --grid tiny --out somewhere --cache runs/matrix-cache" in dry
+    assert "python matrix.py configs/matrix.json --grid tiny --out somewhere --cache runs/matrix-cache" in dry
 
 
 def run_matrix(out: Path, grid: Path = GRID) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "data.matrix", str(grid), "--grid", "tiny", "--out", str(out),
+    return subprocess.run([sys.executable, "matrix.py", str(grid), "--grid", "tiny", "--out", str(out),
                            "--cache", str(out.parent / "cache")], cwd=ROOT, capture_output=True, text=True)
 
 
@@ -367,8 +368,8 @@ def test_a_damaged_plan_of_a_started_cell_is_named(tmp_path, capsys, damage):
     with fifo(plan) if damage == "fifo" else nullcontext(plan.write_text("{")):
         code = matrix.main([str(GRID), "--grid", "small", "--out", str(tmp_path / "out"), "--cache", str(tmp_path)])
     err = capsys.readouterr().err
-    assert code == 2 and f"{plan}: cannot be read as JSON" in err
-    assert ("is a FIFO" in err) == (damage == "fifo")
+    assert code == 2 and f"{plan}" in err and "remove it to redo what wrote it" in err
+    assert ("is a FIFO" in err) == (damage == "fifo") and ("invalid JSON" in err) == (damage != "fifo")
     assert sorted(p.name for p in plan.parent.iterdir()) == ["plan.json"]
 
 

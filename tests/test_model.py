@@ -18,10 +18,9 @@ from model import (
     chunked_cross_entropy,
     flops_per_token,
     init_weights,
-    load_hf_state_dict,
     num_params,
-    save_pretrained,
 )
+from model_dir import load_model, load_state_dict, save_pretrained
 
 VOCAB = 300
 LLAMA3_SCALING = {
@@ -91,7 +90,7 @@ def test_logits_match_transformers(tmp_path, tied, scaling):
     hf.save_pretrained(tmp_path, max_shard_size="60KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
 
-    model = Llama.from_pretrained(tmp_path, dtype=torch.float32)
+    model = load_model(tmp_path, dtype=torch.float32)
     assert set(model.state_dict()) == set(hf.state_dict()) - ({"lm_head.weight"} if tied else set())
     tokens = random_tokens(2, 150)  # past original_max_position_embeddings, where scaling matters
     with torch.no_grad():
@@ -115,7 +114,7 @@ def test_saved_checkpoint_loads_in_transformers(tmp_path, tied):
         assert ("lm_head.weight" in saved.keys()) is not tied
     tokens = random_tokens(2, 40)
     assert (hf_logits(tmp_path, tokens) - our_logits(model, tokens)).abs().max() < 1e-4
-    reloaded = Llama.from_pretrained(tmp_path, dtype=torch.float32)
+    reloaded = load_model(tmp_path, dtype=torch.float32)
     assert torch.equal(our_logits(reloaded, tokens), our_logits(model, tokens))
 
 
@@ -124,7 +123,7 @@ def test_tied_checkpoint_with_a_copy_of_the_head_loads(tmp_path):
     state = dict(model.state_dict(), **{"lm_head.weight": model.model.embed_tokens.weight})
     save_file({k: v.contiguous().clone() for k, v in state.items()}, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps(model.config.to_hf()))
-    reloaded = Llama.from_pretrained(tmp_path, dtype=torch.float32)
+    reloaded = load_model(tmp_path, dtype=torch.float32)
     assert reloaded.lm_head is None
     tokens = random_tokens(1, 20)
     assert torch.equal(our_logits(reloaded, tokens), our_logits(model, tokens))
@@ -135,24 +134,24 @@ def test_from_pretrained_rejects_weights_that_do_not_match_the_config(tmp_path):
     save_pretrained(tmp_path, model.config, model.state_dict())
     (tmp_path / "config.json").write_text(json.dumps({**model.config.to_hf(), "num_hidden_layers": 3}))
     with pytest.raises(ValueError, match="missing.*model.layers.2"):
-        Llama.from_pretrained(tmp_path)
+        load_model(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**model.config.to_hf(), "vocab_size": VOCAB + 1}))
     with pytest.raises(ValueError, match="embed_tokens"):
-        Llama.from_pretrained(tmp_path)
+        load_model(tmp_path)
 
 
 def test_from_pretrained_uses_the_config_dtype(tmp_path):
     model = tiny_model()
     save_pretrained(tmp_path, model.config, model.state_dict())
     (tmp_path / "config.json").write_text(json.dumps({**model.config.to_hf(), "torch_dtype": "bfloat16"}))
-    reloaded = Llama.from_pretrained(tmp_path)
+    reloaded = load_model(tmp_path)
     assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
     assert reloaded(random_tokens(1, 8)).dtype == torch.bfloat16
 
 
-def test_load_hf_state_dict_names_the_directory_when_empty(tmp_path):
+def test_load_state_dict_names_the_directory_when_empty(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
-        load_hf_state_dict(tmp_path)
+        load_state_dict(tmp_path)
 
 
 def test_config_reads_llama3_and_transformers5_layouts():

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import threading
 from collections import Counter
 from pathlib import Path
@@ -23,8 +22,7 @@ import train
 from data import batches
 from data.dataset import SCHEMA_FIELDS, load_rows
 from data.samples import IGNORE, Pieces, SampleBuilder, assemble
-from data.tokenizer import Tokenizer
-from model import Llama
+from model_dir import load_model, model_tokenizer
 from tests import tiny
 from dsu_ops import reference
 from tests.test_kernels import DSU_OFFSET, adversarial_pieces, sample_pieces
@@ -229,7 +227,7 @@ def sequences(assets, task: str, max_seq_len: int | None, *overrides: str) -> ba
         *overrides,
     ])
     cfg["data"]["max_seq_len"] = max_seq_len
-    tok = Tokenizer(assets.model / "original" / "tokenizer.model")
+    tok = model_tokenizer(assets.model, cfg["data"])  # as train.py reads it, with what the model holds filled in
     return batches.load_data(cfg["data"], Path(cfg["run_dir"]), tok)[0]
 
 
@@ -314,7 +312,7 @@ def save(state: dict):
 
 def test_loss_and_gradients_over_packed_rows_equal_the_unpacked_batches(assets):
     seqs = sequences(assets, "cpt", 128)
-    model = Llama.from_pretrained(assets.model, dtype=torch.float32)
+    model = load_model(assets.model, dtype=torch.float32)
     samples = [tiny.built(seqs, i, 0) for i in range(24)]
     pad_id = seqs.pad_id
 

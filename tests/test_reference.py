@@ -182,6 +182,7 @@ def prompts_for(checkpoint: Path, tok: Tokenizer, rows: list[dict], overrides=()
     """generate.py's prompts: settings as generate.run takes them."""
     from_yaml, _ = reference_run.generation_settings(checkpoint, list(overrides), n_dsus)
     data = generate.data_settings(checkpoint, list(overrides), n_dsus, from_yaml)
+    generate.load_tokenizer(checkpoint, data)  # fills in what the model holds (modality tokens), as run does
     return generate.build_prompts(rows, tok, data)
 
 

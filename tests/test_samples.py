@@ -9,9 +9,9 @@ import hashlib
 import numpy as np
 import pytest
 
-from data import reference_strings as ref
 from data.samples import IGNORE, Interleave, SampleBuilder, deduplicate_runs, dsu_frames
 from data.tokenizer import MODALITY_SPEECH, MODALITY_TEXT, dsu_char
+from tests import reference_strings as ref
 
 
 def interleave_settings(golden) -> Interleave:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 import config
 import train
-from model import Llama
+from model_dir import load_model
 from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,7 +170,7 @@ def test_checkpoint_loads_in_transformers_with_the_same_logits(reference):
 
     ckpt = checkpoint(reference, MAX_STEPS)
     tokens = torch.tensor([[366, 5, 40, 300, 363, 364, 365, 120, 7, 367], [366, 301, 330, 331, 9, 9, 2, 0, 621, 1]])
-    ours = Llama.from_pretrained(ckpt, dtype=torch.float32).eval()
+    ours = load_model(ckpt, dtype=torch.float32).eval()
     hf, info = LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched weights
     with torch.no_grad():
@@ -329,6 +329,16 @@ def test_refuses_a_missing_data_file(assets, tmp_path, capsys):
 def test_refuses_n_dsus_that_the_model_does_not_have(assets, tmp_path, capsys):
     refused(cpt_args(assets, tmp_path / "run", "data.n_dsus=32"), capsys, "64 DSUs", "data.n_dsus is 32")
     assert not (tmp_path / "run").exists()
+
+
+def test_n_dsus_and_modality_tokens_are_read_from_the_model(assets, tmp_path, reference):
+    args = [a for a in cpt_args(assets, tmp_path / "run", "train.max_steps=2", "train.save_steps=2")
+            if not a.startswith("data.n_dsus=")]
+    assert train.main(args) == 0
+    saved = json.loads((checkpoint(tmp_path / "run", 2) / "training_config.json").read_text())["data"]
+    assert saved["n_dsus"] == tiny.N_DSUS and saved["modality_tokens"] is True  # the tiny model has them
+    # the same losses as the reference run, which gave n_dsus
+    assert losses(tmp_path / "run", "loss") == {s: v for s, v in losses(reference, "loss").items() if s <= 2}
 
 
 def test_refuses_a_dsu_outside_the_vocabulary(assets, tmp_path, capsys):
@@ -528,7 +538,7 @@ def test_resume_refuses_another_tokenizer_file(assets, reference, tmp_path, caps
         swap_two_ranks(checkpoint(run_dir, MAX_STEPS) / "original" / "tokenizer.model")
         source = checkpoint(run_dir, MAX_STEPS) / "original"
     args = [a if not a.startswith("model.path=") else f"model.path={model}" for a in cpt_args(assets, run_dir)]
-    refused(args + ["resume=auto"], capsys, f"was trained with tokenizer.sha256 ", f"(per {source})",
+    refused(args + ["resume=auto"], capsys, "was trained with tokenizer.sha256 ", f"(per {source})",
             "this run has tokenizer.sha256 ")
 
 
@@ -640,3 +650,44 @@ def test_refuses_a_train_split_with_a_missing_shard(assets, tmp_path, capsys):
     refused(cpt_args(assets, tmp_path / "run", f"data.train={tmp_path / 'ds'}", f"data.dev={tmp_path / 'ds'}"), capsys,
             "incomplete split", "missing train-00001-of-00002.jsonl")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_loss_plot_leaves_the_previous_one_and_no_partial_file(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    metrics, png = tmp_path / train.METRICS, tmp_path / "losses.png"
+    metrics.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5, "dev_loss": 1.7}\n')
+    train.plot_losses(metrics, png)
+    previous = png.read_bytes()
+    assert previous.startswith(b"\x89PNG")
+
+    def savefig_cut_short(self, path, **kwargs):
+        Path(path).write_bytes(b"\x89PNG partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig_cut_short)
+    with pytest.raises(OSError, match="disk full"):
+        train.plot_losses(metrics, png)
+    assert png.read_bytes() == previous and sorted(p.name for p in tmp_path.iterdir()) == ["losses.png", "metrics.jsonl"]
+
+
+def test_the_resume_rewrite_of_the_metrics_is_atomic(tmp_path, monkeypatch):
+    metrics = tmp_path / train.METRICS
+    metrics.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "loss": 1.2}\n')
+    kept = train.kept_metrics(tmp_path, 2)
+    cfg = {"wandb": {"project": ""}}
+    real_write_text = Path.write_text
+
+    def write_cut_short(self, text, *args, **kwargs):
+        real_write_text(self, text[:5], *args, **kwargs)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_text", write_cut_short)
+    with pytest.raises(OSError, match="disk full"):
+        train.MetricsLog(tmp_path, kept, cfg, enabled=True)
+    monkeypatch.undo()
+    assert len(metrics.read_text().splitlines()) == 3 and os.listdir(tmp_path) == [train.METRICS]
+    log = train.MetricsLog(tmp_path, kept, cfg, enabled=True)
+    log.write({"step": 3, "loss": 1.0})
+    log.file.close()
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3]

@@ -1,4 +1,4 @@
-"""data.units: audio -> DSUs -> Parquet shards, with small random HubertModel and MimiModel
+"""speech_units: audio -> DSUs -> Parquet shards, with small random HubertModel and MimiModel
 directories saved by save_pretrained (no downloaded weights)."""
 
 import json
@@ -20,8 +20,8 @@ import soundfile
 import torch
 
 import train
-from data import corpus, features, units
-from data.units import main
+from speech_units import corpus, encoders, features, inputs, shards
+from speech_units.cli import main
 from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,33 +139,33 @@ def encoded(hubert_dir, kmeans, audio, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("n_samples", [400, 719, 720, 16000, 16321])
 def test_hubert_gives_one_unit_per_320_samples_after_the_first_400(hubert_dir, n_samples):
-    encoder = units.HubertEncoder(str(hubert_dir), LAYER, None, "cpu", 1)
+    encoder = encoders.HubertEncoder(str(hubert_dir), LAYER, None, "cpu", 1)
     encoder.centroids = np.random.default_rng(0).normal(size=(K, HIDDEN))
     assert (encoder.sampling_rate, encoder.downsampling_ratio) == (16000, 320)  # 50 Hz
-    dsus = units.encode_audios(encoder, [noise(n_samples / 16000, 16000, 0).astype(np.float32)], 30)[0]
+    dsus = encoders.encode_audios(encoder, [noise(n_samples / 16000, 16000, 0).astype(np.float32)], 30)[0]
     assert len(dsus) == 1 + (n_samples - 400) // 320
 
 
 @pytest.mark.parametrize("n_samples", [1, 1919, 1920, 1921, 24000, 24001])
 def test_mimi_gives_one_unit_per_1920_samples_begun(mimi_dir, n_samples):
-    encoder = units.MimiEncoder(str(mimi_dir), "cpu", 1)
+    encoder = encoders.MimiEncoder(str(mimi_dir), "cpu", 1)
     assert (encoder.sampling_rate, encoder.downsampling_ratio, encoder.n_dsus) == (24000, 1920, 64)  # 12.5 Hz
-    dsus = units.encode_audios(encoder, [np.random.default_rng(0).normal(0, 0.1, n_samples).astype(np.float32)], 30)[0]
+    dsus = encoders.encode_audios(encoder, [np.random.default_rng(0).normal(0, 0.1, n_samples).astype(np.float32)], 30)[0]
     assert len(dsus) == -(-n_samples // 1920)
     assert dsus.min() >= 0 and dsus.max() < 64
 
 
 def test_long_audio_is_cut_into_pieces_that_keep_every_frame_once(hubert_dir, mimi_dir):
-    hubert = units.HubertEncoder(str(hubert_dir), LAYER, None, "cpu", 4)
+    hubert = encoders.HubertEncoder(str(hubert_dir), LAYER, None, "cpu", 4)
     hubert.centroids = np.random.default_rng(0).normal(size=(K, HIDDEN))
-    mimi = units.MimiEncoder(str(mimi_dir), "cpu", 4)
+    mimi = encoders.MimiEncoder(str(mimi_dir), "cpu", 4)
     for encoder in (hubert, mimi):
         hop = encoder.downsampling_ratio
         before, after = (-(-c // hop) for c in encoder.context)
         for seconds in (2.0, 7.3, 31.7):
             n = int(seconds * encoder.sampling_rate)
             n_frames = encoder.frames(n)
-            pieces = units.chunk_pieces(n, encoder, chunk_seconds=2)
+            pieces = encoders.chunk_pieces(n, encoder, chunk_seconds=2)
             kept = [p.start // hop + p.first + j for p in pieces for j in range(p.count)]
             assert kept == list(range(n_frames))
             for p in pieces:
@@ -176,11 +176,11 @@ def test_long_audio_is_cut_into_pieces_that_keep_every_frame_once(hubert_dir, mi
                 assert encoder.frames(p.stop - p.start) - p.first - p.count >= min(after, n_frames - last)
         # A file no longer than a chunk and its context is one piece; a longer one several.
         one_window = 2 * encoder.sampling_rate + (before + after) * hop
-        assert [(p.start, p.stop) for p in units.chunk_pieces(one_window, encoder, chunk_seconds=2)] == [(0, one_window)]
+        assert [(p.start, p.stop) for p in encoders.chunk_pieces(one_window, encoder, chunk_seconds=2)] == [(0, one_window)]
         long = clip(int(31.7 * encoder.sampling_rate), encoder.sampling_rate, 3)
-        assert len(units.chunk_pieces(len(long), encoder, chunk_seconds=2)) > 1
-        chunked = units.encode_audios(encoder, [long], chunk_seconds=2)[0]
-        assert len(chunked) == encoder.frames(len(long)) == len(units.encode_audios(encoder, [long], 60)[0])
+        assert len(encoders.chunk_pieces(len(long), encoder, chunk_seconds=2)) > 1
+        chunked = encoders.encode_audios(encoder, [long], chunk_seconds=2)[0]
+        assert len(chunked) == encoder.frames(len(long)) == len(encoders.encode_audios(encoder, [long], 60)[0])
 
 
 def test_chunked_long_audio_agrees_with_a_single_pass(hubert_dir, kmeans, mimi_dir):
@@ -188,15 +188,15 @@ def test_chunked_long_audio_agrees_with_a_single_pass(hubert_dir, kmeans, mimi_d
     and attention window), so with that much context every unit agrees; HuBERT attends to all of its
     input, so a chunk's frames differ slightly wherever they are, and a frame nearly equidistant
     from two centroids may flip: under 0.05% may differ."""
-    hubert = units.HubertEncoder(str(hubert_dir), LAYER, str(kmeans), "cpu", 8)
-    mimi = units.MimiEncoder(str(mimi_dir), "cpu", 8)
+    hubert = encoders.HubertEncoder(str(hubert_dir), LAYER, str(kmeans), "cpu", 8)
+    mimi = encoders.MimiEncoder(str(mimi_dir), "cpu", 8)
     for encoder, allowed in ((hubert, 0.0005), (mimi, 0)):
         differ = total = 0
         for seed in range(3, 7):
             audio = noise(70, encoder.sampling_rate, seed).astype(np.float32)
-            assert len(units.chunk_pieces(len(audio), encoder, 30)) > 1
-            single = units.encode_audios(encoder, [audio], chunk_seconds=100)[0]
-            chunked = units.encode_audios(encoder, [audio], chunk_seconds=30)[0]
+            assert len(encoders.chunk_pieces(len(audio), encoder, 30)) > 1
+            single = encoders.encode_audios(encoder, [audio], chunk_seconds=100)[0]
+            chunked = encoders.encode_audios(encoder, [audio], chunk_seconds=30)[0]
             differ, total = differ + int((single != chunked).sum()), total + len(single)
         print(f"{encoder.name}: {differ} of {total} units differ ({100 * differ / total:.3f}%)")
         assert differ <= allowed * total if allowed else differ == 0, (encoder.name, differ, total)
@@ -205,20 +205,20 @@ def test_chunked_long_audio_agrees_with_a_single_pass(hubert_dir, kmeans, mimi_d
 # -- batching -------------------------------------------------------------------------------------
 
 
-def batch_encoders(kind: str, hubert_dir, kmeans, mimi_dir, tmp_path) -> tuple[units.Encoder, units.Encoder]:
+def batch_encoders(kind: str, hubert_dir, kmeans, mimi_dir, tmp_path) -> tuple[encoders.Encoder, encoders.Encoder]:
     """The `kind` encoder twice: one pass per utterance, and 8 utterances a pass."""
     if kind == "hubert":
-        return tuple(units.HubertEncoder(str(hubert_dir), LAYER, str(kmeans), "cpu", b) for b in (1, 8))
+        return tuple(encoders.HubertEncoder(str(hubert_dir), LAYER, str(kmeans), "cpu", b) for b in (1, 8))
     if kind == "mimi":
-        return tuple(units.MimiEncoder(str(mimi_dir), "cpu", b) for b in (1, 8))
+        return tuple(encoders.MimiEncoder(str(mimi_dir), "cpu", b) for b in (1, 8))
     if kind == "speechtokenizer":
         model = str(speechtokenizer_dir(tmp_path))
-        return tuple(units.SpeechTokenizerEncoder(model, "cpu") for _ in range(2))
+        return tuple(encoders.SpeechTokenizerEncoder(model, "cpu") for _ in range(2))
     if kind == "mfcc":
-        return tuple(units.SpectralEncoder("mfcc", str(MINI / "kmeans.npz")) for _ in range(2))
+        return tuple(encoders.SpectralEncoder("mfcc", str(MINI / "kmeans.npz")) for _ in range(2))
     x = features.logmel_features(noise(3, 16000, 0))
     np.save(tmp_path / "logmel.npy", features.fit_kmeans_torch(x, 16, seed=0))
-    return tuple(units.SpectralEncoder("logmel", str(tmp_path / "logmel.npy")) for _ in range(2))
+    return tuple(encoders.SpectralEncoder("logmel", str(tmp_path / "logmel.npy")) for _ in range(2))
 
 
 def speechtokenizer_dir(tmp_path) -> Path:
@@ -246,9 +246,9 @@ def test_units_do_not_depend_on_batch_companions(kind, hubert_dir, kmeans, mimi_
     lengths = [rate, rate + 1, 13 * hop, 13 * hop + hop // 2, 7 * hop + 5, 2 * rate + 333, rate // 2 + 77,
                3 * rate - 1, hop + 401, int(1.3 * rate)]
     audios = [clip(n, rate, seed) for seed, n in enumerate(lengths)]
-    one_by_one = [units.encode_audios(alone, [a], 30)[0].tolist() for a in audios]
+    one_by_one = [encoders.encode_audios(alone, [a], 30)[0].tolist() for a in audios]
     for group in (range(10), range(5), range(5, 10), range(0, 10, 3)):  # batches of 8 and 2, 5, 5, 4
-        assert [u.tolist() for u in units.encode_audios(batched, [audios[i] for i in group], 30)] == \
+        assert [u.tolist() for u in encoders.encode_audios(batched, [audios[i] for i in group], 30)] == \
             [one_by_one[i] for i in group], list(group)
 
 
@@ -284,7 +284,7 @@ def brute_force(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 def test_hubert_units_are_the_nearest_centroid_of_the_layer_output(hubert_dir, kmeans):
     from transformers import HubertModel
 
-    encoder = units.HubertEncoder(str(hubert_dir), LAYER, str(kmeans), "cpu", 1)
+    encoder = encoders.HubertEncoder(str(hubert_dir), LAYER, str(kmeans), "cpu", 1)
     audio = noise(1.0, 16000, 9).astype(np.float32)
     # The layer's output straight from transformers: hidden_states[LAYER] is transformer layer LAYER's output.
     model = HubertModel.from_pretrained(hubert_dir).eval()
@@ -292,14 +292,14 @@ def test_hubert_units_are_the_nearest_centroid_of_the_layer_output(hubert_dir, k
     with torch.no_grad():
         hidden = model(torch.from_numpy(normalised)[None], output_hidden_states=True).hidden_states[LAYER][0].numpy()
     centroids = np.load(kmeans)
-    assert np.array_equal(units.encode_audios(encoder, [audio], 30)[0], brute_force(hidden, centroids))
+    assert np.array_equal(encoders.encode_audios(encoder, [audio], 30)[0], brute_force(hidden, centroids))
 
 
 def test_mfcc_units_are_the_nearest_bundled_centroid():
-    centroids = features.load_kmeans(MINI / "kmeans.npz")
+    centroids = features.load_centroids(MINI / "kmeans.npz", settings=features.FEATURE_SETTINGS)
     audio = noise(1.5, 16000, 4)
-    encoder = units.SpectralEncoder("mfcc", str(MINI / "kmeans.npz"))
-    assert np.array_equal(units.encode_audios(encoder, [audio], 30)[0], brute_force(features.mfcc_features(audio), centroids))
+    encoder = encoders.SpectralEncoder("mfcc", str(MINI / "kmeans.npz"))
+    assert np.array_equal(encoders.encode_audios(encoder, [audio], 30)[0], brute_force(features.mfcc_features(audio), centroids))
 
 
 def test_learnt_centroids_are_the_means_of_their_frames_and_repeat_with_the_seed():
@@ -329,10 +329,10 @@ def test_the_same_audio_gives_the_same_units(hubert_dir, kmeans, mimi_dir, audio
     assert main(mimi[0]) == 0 and main(mimi[1]) == 0
     assert shard_bytes(tmp_path / "mimi0") == shard_bytes(tmp_path / "mimi1")
     # One utterance alone gives what it gave in a batch of others.
-    alone = units.HubertEncoder(str(hubert_dir), LAYER, str(kmeans), "cpu", 1)
+    alone = encoders.HubertEncoder(str(hubert_dir), LAYER, str(kmeans), "cpu", 1)
     first = audio.rows[0]
-    wav = units.read_audio(audio.root / first["path"], 16000)
-    assert units.encode_audios(alone, [wav], 30)[0].tolist() == shard_rows(encoded)[0]["speech_tokens"]
+    wav = inputs.read_audio(audio.root / first["path"], 16000)
+    assert encoders.encode_audios(alone, [wav], 30)[0].tolist() == shard_rows(encoded)[0]["speech_tokens"]
 
 
 def test_resume_after_a_killed_run_gives_the_same_shards(hubert_dir, kmeans, audio, encoded, tmp_path):
@@ -341,9 +341,9 @@ def test_resume_after_a_killed_run_gives_the_same_shards(hubert_dir, kmeans, aud
     out = tmp_path / "killed"
     args = hubert_args(hubert_dir, kmeans, out, audio.manifest, extra=["--shard-size", "5"])
     waiting = audio.rows[6]["path"]
-    stall = ("import sys, time\nfrom data import units\nread = units.read_audio\n"
-             f"units.read_audio = lambda path, rate: time.sleep(600) if path.name == {waiting!r} else read(path, rate)\n"
-             f"sys.exit(units.main({args!r}))\n")
+    stall = ("import sys, time\nfrom speech_units import cli, inputs\nread = inputs.read_audio\n"
+             f"inputs.read_audio = lambda path, rate: time.sleep(600) if path.name == {waiting!r} else read(path, rate)\n"
+             f"sys.exit(cli.main({args!r}))\n")
     process = subprocess.Popen([sys.executable, "-c", stall], cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=open(tmp_path / "stderr", "w"), env={**os.environ, "OMP_NUM_THREADS": "1"})
     first_shard = out / "data" / "train-00000-of-00003.parquet"
@@ -389,7 +389,7 @@ def test_units_json_records_the_encoding(encoded, kmeans):
 
 
 def train_args(model, out, run_dir, config, *extra):
-    settings = units.overrides_for(out)  # what `python -m data.units overrides OUT` prints
+    settings = shards.overrides_for(out)  # what `python -m speech_units overrides OUT` prints
     return [str(ROOT / "configs" / config), f"run_dir={run_dir}", f"model.path={model}", *settings,
             "train.max_steps=2", "train.save_steps=2", "train.eval_steps=2", "train.log_steps=1", *extra]
 
@@ -483,13 +483,13 @@ SHORT_TEXTGRID = '''"ooTextFile"
 def test_textgrid_words_and_times(tmp_path, text):
     path = tmp_path / "a.TextGrid"
     path.write_text(text)
-    assert units.read_textgrid(path) == (['say "hi"', "there"], [0.1, 0.52], [0.52, 0.9])
+    assert inputs.read_textgrid(path) == (['say "hi"', "there"], [0.1, 0.52], [0.52, 0.9])
 
 
 def test_ctm_words_sorted_by_time_and_pauses_dropped(tmp_path):
     path = tmp_path / "a.ctm"
     path.write_text(";; comment\nu1 1 0.50 0.20 there 0.9\nu1 1 0.10 0.30 hello\nu1 1 0.40 0.10 <eps>\nu2 A 0 1 x\n")
-    assert units.read_ctm(path) == {"u1": (["hello", "there"], [0.1, 0.5], [0.4, 0.7]), "u2": (["x"], [0.0], [1.0])}
+    assert inputs.read_ctm(path) == {"u1": (["hello", "there"], [0.1, 0.5], [0.4, 0.7]), "u2": (["x"], [0.0], [1.0])}
 
 
 # -- refusals: exit status 2, a message naming the file and line, nothing written ------------------
@@ -547,11 +547,11 @@ def test_bad_inputs_are_refused_by_file_and_line(hubert_dir, kmeans, audio, tmp_
 
 def test_missing_packages_are_named(monkeypatch, mimi_dir):
     monkeypatch.setitem(sys.modules, "transformers", None)
-    with pytest.raises(units.InputError, match="requirements-audio.txt"):
-        units.MimiEncoder(str(mimi_dir), "cpu", 1)
+    with pytest.raises(inputs.InputError, match="requirements-audio.txt"):
+        encoders.MimiEncoder(str(mimi_dir), "cpu", 1)
     monkeypatch.setitem(sys.modules, "speechtokenizer", None)
-    with pytest.raises(units.InputError, match="pip install speechtokenizer"):
-        units.SpeechTokenizerEncoder(str(mimi_dir), "cpu")
+    with pytest.raises(inputs.InputError, match="pip install speechtokenizer"):
+        encoders.SpeechTokenizerEncoder(str(mimi_dir), "cpu")
 
 
 def float_wav(path: Path, bad_value: float, at: int = 8000) -> Path:
@@ -586,8 +586,8 @@ def test_non_finite_features_are_refused(hubert_dir, audio, tmp_path, capsys, mo
         with pytest.raises(features.FeatureError, match="NaN or infinite values \\(1 of 100 frames\\)"):
             fit(x, 4, seed=0)
     # A model whose features hold NaN (here made to): learn-kmeans names the utterance, writes nothing.
-    real = units.HubertEncoder.features
-    monkeypatch.setattr(units.HubertEncoder, "features", lambda self, audios: [f * np.nan for f in real(self, audios)])
+    real = encoders.HubertEncoder.features
+    monkeypatch.setattr(encoders.HubertEncoder, "features", lambda self, audios: [f * np.nan for f in real(self, audios)])
     out = tmp_path / "km.npy"
     refused(["learn-kmeans", str(out), "--encoder", "hubert", "--model", str(hubert_dir), "--layer", str(LAYER),
              "--k", "4", "--device", "cpu", "--quiet", str(audio.manifest)], out, capsys,
@@ -596,13 +596,13 @@ def test_non_finite_features_are_refused(hubert_dir, audio, tmp_path, capsys, mo
 
 def test_input_refused_midway_leaves_nothing_behind(hubert_dir, kmeans, audio, tmp_path, capsys, monkeypatch):
     """Shard 0 is written before utterance 5's features turn out NaN: the new directory goes."""
-    real, calls = units.HubertEncoder.features, []
+    real, calls = encoders.HubertEncoder.features, []
 
     def nan_from_the_second_shard(self, audios):
         calls.append(len(audios))
         return [f * np.nan if len(calls) > 1 else f for f in real(self, audios)]
 
-    monkeypatch.setattr(units.HubertEncoder, "features", nan_from_the_second_shard)
+    monkeypatch.setattr(encoders.HubertEncoder, "features", nan_from_the_second_shard)
     out = tmp_path / "new" / "out"
     refused(hubert_args(hubert_dir, kmeans, out, audio.manifest, extra=["--shard-size", "5", "--batch-size", "5"]),
             out, capsys, f"{audio.manifest}:6", "NaN or infinite")
@@ -623,9 +623,9 @@ def test_a_textgrid_is_looked_up_only_inside_its_directory(tmp_path):
     grids = tmp_path / "grids"
     grids.mkdir()
     (tmp_path / "x.TextGrid").write_text(SHORT_TEXTGRID)
-    u = units.Utterance("../x", tmp_path / "a.wav", "a", "m.jsonl:1")
-    with pytest.raises(units.InputError, match="m.jsonl:1: id '../x' would name a TextGrid outside"):
-        units.attach_alignments([u], str(grids))
+    u = inputs.Utterance("../x", tmp_path / "a.wav", "a", "m.jsonl:1")
+    with pytest.raises(inputs.InputError, match="m.jsonl:1: id '../x' would name a TextGrid outside"):
+        inputs.attach_alignments([u], str(grids))
 
 
 def completed_encoding(tmp_path: Path, **changes) -> Path:
@@ -641,7 +641,7 @@ def completed_encoding(tmp_path: Path, **changes) -> Path:
 
 
 @pytest.mark.parametrize("content, expected", [
-    ("{", "malformed JSON"),
+    ("{", "invalid JSON"),
     ("[1, 2]", "expected a JSON object"),
     ({"n_dsus": True}, "field 'n_dsus'"),
     ({"n_dsus": "128"}, "field 'n_dsus'"),
@@ -655,7 +655,7 @@ def test_overrides_refuses_a_malformed_units_json(content, expected, tmp_path, c
     out = completed_encoding(tmp_path)
     capsys.readouterr()
     assert main(["overrides", str(out)]) == 0
-    assert capsys.readouterr().out.split() == units.overrides_for(out)
+    assert capsys.readouterr().out.split() == shards.overrides_for(out)
     meta = out / "units.json"
     meta.write_text(content if isinstance(content, str) else json.dumps({**json.loads(meta.read_text()), **content}))
     assert main(["overrides", str(out)]) == 2
@@ -689,11 +689,11 @@ def test_bad_model_configs_are_refused(hubert_dir, tmp_path):
     model = tmp_path / "hubert"
     shutil.copytree(hubert_dir, model)
     for preprocessor, field in (({"sampling_rate": True}, "sampling_rate"), ({"do_normalize": 1}, "do_normalize"),
-                                ("[", "malformed JSON")):
+                                ("[", "invalid JSON")):
         (model / "preprocessor_config.json").write_text(preprocessor if isinstance(preprocessor, str)
                                                         else json.dumps(preprocessor))
-        with pytest.raises(units.InputError, match=f"preprocessor_config.json: .*{field}"):
-            units.HubertEncoder(str(model), LAYER, None, "cpu", 1)
+        with pytest.raises(inputs.InputError, match=f"preprocessor_config.json(:1:2)?: .*{field}"):
+            encoders.HubertEncoder(str(model), LAYER, None, "cpu", 1)
 
 
 def returns_within(seconds: float, argv: list[str]) -> int:
@@ -749,7 +749,7 @@ def test_chunk_seconds_must_be_a_positive_number(tmp_path, capsys):
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
 def test_resynthesised_bundled_audio_gives_the_bundled_units(tmp_path):
-    """The first test utterances of data/mini, spoken again as data.corpus did, encoded by the MFCC
+    """The first test utterances of data/mini, spoken again as speech_units.corpus did, encoded by the MFCC
     encoder with the bundled k-means: the bundled rows, word times included."""
     meta = json.loads((MINI / "corpus.json").read_text())
     sizes = {split: s["utterances"] for split, s in meta["sizes"].items()}
@@ -793,14 +793,14 @@ def test_manifests_and_bare_files(tmp_path, capsys):
     (tmp_path / "a.txt").write_text("hello  there\n")
     (tmp_path / "plain.tsv").write_text("a.wav\thello there\nb.flac\tgood bye\n")
     (tmp_path / "header.tsv").write_text("transcript\tid\tpath\nhi\tx1\ta.wav\n")
-    found = units.read_inputs([str(tmp_path / "header.tsv"), str(tmp_path / "a.wav")])
+    found = inputs.read_inputs([str(tmp_path / "header.tsv"), str(tmp_path / "a.wav")])
     assert [(u.id, u.path.name, u.transcript) for u in found] == [("x1", "a.wav", "hi"), ("a", "a.wav", "hello there")]
-    assert [(u.id, u.transcript) for u in units.read_inputs([str(tmp_path / "plain.tsv")])] == [
+    assert [(u.id, u.transcript) for u in inputs.read_inputs([str(tmp_path / "plain.tsv")])] == [
         ("a", "hello there"), ("b", "good bye")]
-    with pytest.raises(units.InputError, match="a.wav: id 'a' repeats .*plain.tsv:1"):
-        units.read_inputs([str(tmp_path / "plain.tsv"), str(tmp_path / "a.wav")])
+    with pytest.raises(inputs.InputError, match="a.wav: id 'a' repeats .*plain.tsv:1"):
+        inputs.read_inputs([str(tmp_path / "plain.tsv"), str(tmp_path / "a.wav")])
     # learn-kmeans needs no transcripts, and only encoders whose units are k-means clusters.
-    assert units.read_inputs([str(tmp_path / "b.flac")], need_transcript=False)[0].transcript == ""
+    assert inputs.read_inputs([str(tmp_path / "b.flac")], need_transcript=False)[0].transcript == ""
     out = tmp_path / "km.npy"
     refused(["learn-kmeans", str(out), "--encoder", "mimi", "--k", "4", str(tmp_path / "b.flac")], out, capsys,
             "own codebook")

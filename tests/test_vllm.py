@@ -11,7 +11,6 @@ runs here. The tests skip, saying why, where no vLLM environment could be instal
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +39,7 @@ import generate
 import train
 from data.tokenizer import Tokenizer
 from generate import STOP_TOKENS, Sampling, build_prompts
-from model import Llama
+from model_dir import load_model
 from tests.test_generate import CONFIGS, N_DSUS, SYSTEM_PROMPT, read_generations, tiny_extended, utterances, \
     write_jsonl
 
@@ -68,7 +67,7 @@ def run(tmp_path_factory) -> dict:
     prompts = build_prompts(rows, tok, json.loads((checkpoint / "training_config.json").read_text())["data"])
     return {"root": root, "checkpoint": checkpoint, "test": root / "asr" / "test.jsonl", "prompts": prompts,
             "stop_ids": sorted(tok.special_ids[name] for name in STOP_TOKENS),
-            "model": Llama.from_pretrained(checkpoint).eval()}
+            "model": load_model(checkpoint).eval()}
 
 
 def in_vllm_env(args: list[str]) -> subprocess.CompletedProcess:

@@ -167,6 +167,36 @@ def test_cli_refuses_to_overwrite(tmp_path, capsys):
     assert json.loads(out.read_text())["wer"] == 1.0
 
 
+def test_scoring_again_without_flags_scores_as_the_report_was_scored(tmp_path, capsys):
+    # make demo scores with --references --by speaker --worst 5: scoring again must keep its by-voice groups
+    path = generations(tmp_path, [{"id": i, "text": h} for i, h in zip("abc", HYPS)])
+    dataset = write_jsonl(tmp_path / "test.jsonl", [
+        {"id": i, "transcript": r, "speaker": s} for i, r, s in zip("abc", REFS, ["v2", "v1", "v2"])])
+    assert run(capsys, path, "--references", dataset, "--by", "speaker", "--worst", "2")[0] == 0
+    first = (tmp_path / "wer.json").read_bytes()
+    mtime = (tmp_path / "wer.json").stat().st_mtime_ns
+
+    code, out, err = run(capsys, path)
+    assert code == 0 and "is unchanged" in out and "--by speaker" in err and "--worst 2" in err
+    assert (tmp_path / "wer.json").read_bytes() == first and (tmp_path / "wer.json").stat().st_mtime_ns == mtime
+
+    code, _, err = run(capsys, path, "--references", dataset, "--worst", "1")  # other settings: other figures
+    assert code == 2 and "--overwrite" in err and (tmp_path / "wer.json").read_bytes() == first
+    assert run(capsys, path, "--references", dataset, "--worst", "1", "--overwrite")[0] == 0
+    report = json.loads((tmp_path / "wer.json").read_text())
+    assert "groups" not in report and len(report["worst"]) == 1 and report["scored_with"]["worst"] == 1
+
+
+def test_a_report_from_before_the_record_is_replaced_only_with_overwrite(tmp_path, capsys):
+    path = generations(tmp_path, [{"id": "a", "text": "x", "reference": "y"}])
+    assert run(capsys, path)[0] == 0
+    old = json.loads((tmp_path / "wer.json").read_text())
+    del old["scored_with"]
+    (tmp_path / "wer.json").write_text(json.dumps(old))
+    code, _, err = run(capsys, path)
+    assert code == 2 and "--overwrite" in err and "scored_with" not in (tmp_path / "wer.json").read_text()
+
+
 @pytest.mark.parametrize("content, message", [
     ("", "no generations"),
     ("\n\n", "no generations"),
@@ -381,6 +411,15 @@ def test_compare_defaults_to_the_first_reports_directory_for_a_file(tmp_path, ca
         "compare.csv", "compare.md", "compare.png", "wer.json"]
 
 
+def test_compare_of_reports_in_several_folders_writes_where_they_meet(tmp_path, capsys):
+    a = write_json(tmp_path / "runs" / "a" / "wer.json", report(0.2, 0.1))
+    b = write_json(tmp_path / "runs" / "b" / "deep" / "wer.json", report(0.3, 0.1))
+    code, out, _ = run(capsys, "--compare", a, b)
+    assert code == 0 and str(tmp_path / "runs" / "compare.md") in out
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["a", "b", "compare.csv", "compare.md", "compare.png"]
+    assert sorted(p.name for p in a.parent.iterdir()) == ["wer.json"]
+
+
 def test_compare_refuses_to_overwrite(tmp_path, capsys):
     matrix = crafted_matrix(tmp_path / "matrix")
     (matrix / "compare.csv").write_text("keep me")
@@ -405,11 +444,11 @@ def test_compare_refuses_mixed_normalisers(tmp_path, capsys):
 @pytest.mark.parametrize("name, content, message", [
     ("missing", None, "no such file or directory"),
     ("empty", "dir", "no wer.json"),
-    ("wer.json", "{not json", "not valid JSON"),
-    ("wer.json", "[1, 2]", "expected a JSON object, got list"),
+    ("wer.json", "{not json", ":1:2: invalid JSON"),
+    ("wer.json", "[1, 2]", "expected a JSON object, got an array"),
     ("wer.json", json.dumps({"cer": 0.1}), "no 'wer' field"),
     ("wer.json", json.dumps({"wer": "high"}), "'wer' must be a finite number >= 0"),
-    ("cell.json", "{", "not valid JSON"),
+    ("cell.json", "{", ":1:2: invalid JSON"),
     ("cell.json", json.dumps({"training_tokens": "many"}), "'training_tokens' must be an integer >= 0"),
 ])
 def test_compare_bad_input_exits_2_naming_the_file(tmp_path, capsys, name, content, message):

@@ -1,5 +1,5 @@
 """Audio features and k-means: the small DSP a speech tokenizer needs, and the k-means every
-k-means encoder of `data.units` (MFCC, log-mel, HuBERT) shares.
+k-means encoder of `speech_units.encoders` (MFCC, log-mel, HuBERT) shares.
 
 Audio -> MFCC (or log-mel) frames -> nearest k-means centroid per frame = discrete speech units (DSUs).
 
@@ -14,7 +14,7 @@ loudness and much of the voice's spectral tilt), then stacked with the CONTEXT f
 (edges repeated): 65 values covering 100 ms. The floor makes pauses and faint noise one steady
 sound instead of a scatter of units (about 30% of all units, before it), and the stacked context
 gives steadier, less voice-specific units than deltas did. There are no dataset-wide statistics
-to save; `kmeans.npz` stores the centroids and these settings, and `load_kmeans` refuses a file
+to save; `kmeans.npz` stores the centroids and these settings, and `load_centroids` refuses a file
 whose settings differ from the code's.
 """
 
@@ -238,7 +238,7 @@ def fit_kmeans_torch(x: np.ndarray, k: int, seed: int, max_iter: int = 100, tol:
                      device: str = "cpu", chunk: int = 8192) -> np.ndarray:
     """(k, dim) float32 centroids: k-means++ then Lloyd iterations, in float32 with torch (on a GPU
     when `device` is one), until the assignments stop changing or the inertia improves by less than
-    `tol` (relative). `data.units learn-kmeans` uses it: float64 `fit_kmeans` (the corpus recipe)
+    `tol` (relative). `python -m speech_units learn-kmeans` uses it: float64 `fit_kmeans` (the corpus recipe)
     takes minutes per iteration at HuBERT sizes on a CPU. Deterministic given `seed` and device."""
     import torch
 
@@ -350,7 +350,7 @@ def load_centroids(path: str | os.PathLike, allow_pickle: bool = False, settings
         raise FeatureError(
             f"{path}: not a .npy or .npz file; a pickled k-means (scikit-learn, fairseq) can run any code when "
             f"loaded, so it is read only with --allow-pickle. Convert it once, if you trust it: "
-            f"python -m data.units convert-kmeans {path} OUT.npy --allow-pickle")
+            f"python -m speech_units convert-kmeans {path} OUT.npy --allow-pickle")
     else:
         centroids = _read_pickled_centroids(path)
     if centroids.ndim != 2 or len(centroids) == 0 or centroids.dtype.kind not in "fiu":
@@ -362,19 +362,9 @@ def load_centroids(path: str | os.PathLike, allow_pickle: bool = False, settings
     return centroids.astype(np.float64)
 
 
-def load_kmeans(path: str | os.PathLike) -> np.ndarray:
-    """MFCC centroids from a `kmeans.npz`, after checking its feature settings match this code's."""
-    return load_centroids(path, settings=FEATURE_SETTINGS, dim=FEATURE_DIM)
-
-
 def centroids_sha256(centroids: np.ndarray) -> str:
     """A hash of the centroid values (float64, little-endian) and shape: the same k-means hashes
     alike whichever file format it came in."""
     digest = hashlib.sha256(repr(tuple(centroids.shape)).encode())
     digest.update(np.ascontiguousarray(centroids, dtype="<f8").tobytes())
     return digest.hexdigest()
-
-
-def speech_tokens(audio: np.ndarray, centroids: np.ndarray) -> list[int]:
-    """DSUs of 16 kHz audio in [-1, 1]: one per frame, the nearest centroid's index."""
-    return assign(mfcc_features(audio), centroids).tolist()

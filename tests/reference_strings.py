@@ -1,8 +1,8 @@
 """The reference implementation's way of building sequences: one string per sample, tokenized whole.
 
-Kept as an executable specification: tests check that the token-level builders in
-`data/samples.py` give exactly these tokens, and `bench/construction.py` uses it as the
-throughput baseline. Training never calls it.
+Test code, kept as an executable specification: tests check that the token-level builders in
+`data/samples.py` give exactly these tokens, and `bench/construction.py` and `bench/packing.py` use
+it as the throughput baseline. Training never calls it.
 """
 
 from itertools import groupby

@@ -1,18 +1,19 @@
 """A synthetic speech-tokenized corpus: grammar sentences spoken by espeak-ng, encoded as k-means DSUs.
 
-    python -m data.corpus build OUT_DIR [--n-train 1500 --n-dev 100 --n-test 100 --k 128 --seed 0 --jobs 2]
-    python -m data.corpus encode KMEANS.npz OUT.jsonl WAV_AND_TEXT.tsv
+    python -m speech_units.corpus build OUT_DIR [--n-train 1500 --n-dev 100 --n-test 100 --k 128 --seed 0 --jobs 2]
+    python -m speech_units.corpus encode KMEANS.npz OUT.jsonl WAV_AND_TEXT.tsv
 
-`build` writes `train.jsonl`, `dev.jsonl`, `test.jsonl` in the reference's schema (DESIGN.md,
+`build` writes `train.jsonl`, `dev.jsonl`, `test.jsonl` in the reference's schema (docs/DESIGN.md,
 "Data") plus `speaker`, and `kmeans.npz`, `corpus.json`, `README.md`. How an utterance is made:
 each word is synthesised on its own (`espeak-ng -v VOICE -s SPEED -p PITCH -w FILE WORD`, 22050 Hz),
-resampled to 16 kHz (windowed sinc, `data.features.resample`), trimmed to the samples whose 5 ms
-frames reach -40 dB of the word's loudest frame, and the words are joined with seeded random
+resampled to 16 kHz (windowed sinc, `speech_units.features.resample`), trimmed to the samples whose
+5 ms frames reach -40 dB of the word's loudest frame, and the words are joined with seeded random
 pauses; the word times are the trimmed words' first and last sample. The utterance is peak
 normalised, faint seeded noise is added, and it is quantised to 16-bit, which is exactly what
-`--save-wav` writes and what `encode` would read back. DSUs: the MFCC encoder of `data.units`
-(features and k-means in `data.features`), the one encoding path of this project: `encode` here
-and `python -m data.units encode --encoder mfcc --kmeans kmeans.npz` give the same units.
+`--save-wav` writes and what `encode` would read back. DSUs: the MFCC encoder of
+`speech_units.encoders` (features and k-means in `speech_units.features`), the one encoding path of
+this project: `encode` here and `python -m speech_units encode --encoder mfcc --kmeans kmeans.npz`
+give the same units.
 
 Requires the `espeak-ng` program (Debian/Ubuntu package `espeak-ng`).
 """
@@ -32,9 +33,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data import features, units
 from data.tokenizer import MAX_DSUS
 from files import atomic_write
+from speech_units import encoders, features, inputs
+from speech_units.inputs import InputError
 
 # Speakers: an espeak-ng voice spec (language voice + variant) with its own speed (words per
 # minute) and pitch (0-99). British English is "en", not "en-gb": espeak-ng 1.51 ignores the
@@ -68,7 +70,7 @@ TEST_ONLY_SPEAKERS = {
 }
 SPEAKERS = {**TRAIN_SPEAKERS, **DEV_ONLY_SPEAKERS, **TEST_ONLY_SPEAKERS}
 SPLITS = ("train", "dev", "test")
-MFCC = units.SpectralEncoder("mfcc", None)  # features only: build fits its own centroids
+MFCC = encoders.SpectralEncoder("mfcc", None)  # features only: build fits its own centroids
 MANIFEST_FIELDS = ("id", "transcript", "tokenized", "aligned_token_start_time", "aligned_token_end_time")
 COMPACT = (",", ":")  # JSON separators of the rows: no spaces, a fifth smaller
 SPEED_JITTER = 10  # per-utterance speed is the speaker's +- this, so repeated words differ in length
@@ -289,9 +291,6 @@ def _make_utterance(task: tuple) -> dict:
 # WAV files
 
 
-InputError = units.InputError  # one error type for the corpus tool and data.units
-
-
 def read_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     """Samples in [-1, 1] (channels averaged) and the sample rate of an integer-PCM WAV file."""
     try:
@@ -376,17 +375,17 @@ def _build_into(work: Path, out_dir: Path, n_train, n_dev, n_test, k, seed, jobs
         rows = []
         for u in made:
             if u["split"] == split:
-                rows.append({**u["row"], "speech_tokens": units.assign(u["features"], centroids).tolist()})
+                rows.append({**u["row"], "speech_tokens": encoders.assign(u["features"], centroids).tolist()})
         with open(work / f"{split}.jsonl", "w") as f:
             f.writelines(json.dumps(row, separators=COMPACT) + "\n" for row in rows)
-        if save_wav:  # a manifest of the audio and word times, for python -m data.units
+        if save_wav:  # a manifest of the audio and word times, for python -m speech_units
             with open(work / "wav" / f"{split}.jsonl", "w") as f:
                 f.writelines(json.dumps({"path": f"{split}/{row['id']}.wav", **{k: row[k] for k in MANIFEST_FIELDS}},
                                         separators=COMPACT) + "\n" for row in rows)
         sizes[split] = {"utterances": len(rows), "frames": sum(len(r["speech_tokens"]) for r in rows)}
 
     command = (
-        f"python -m data.corpus build {out_dir} --n-train {n_train} --n-dev {n_dev} --n-test {n_test} --k {k} --seed {seed}"
+        f"python -m speech_units.corpus build {out_dir} --n-train {n_train} --n-dev {n_dev} --n-test {n_test} --k {k} --seed {seed}"
     )
     voices = {split: sorted({u["row"]["speaker"] for u in made if u["split"] == split}) for split in sentences}
     voices["dev_only"] = sorted(set(voices["dev"]) - set(voices["train"]))
@@ -416,7 +415,7 @@ def _readme(meta: dict) -> str:
     )
     return f"""# Synthetic speech-tokenized corpus
 
-Made by `data/corpus.py` (read its docstring for the exact recipe) with:
+Made by `speech_units/corpus.py` (read its docstring for the exact recipe) with:
 
     {meta['command']}
 
@@ -443,12 +442,12 @@ frames; mel energies floored {meta['features']['floor_db']:g} dB below the utter
 utterance, each frame stacked with the {meta['features']['context']} frames on either side ({(2 * meta['features']['context'] + 1) * meta['features']['n_mfcc']} values);
 nearest of K centroids fitted on the train split's frames (a seeded sample of at most 100,000 of
 them). `kmeans.npz` holds the centroids and feature settings;
-`python -m data.corpus encode kmeans.npz OUT.jsonl LIST.tsv` encodes other audio the same way.
+`python -m speech_units.corpus encode kmeans.npz OUT.jsonl LIST.tsv` encodes other audio the same way.
 
 Files: `train.jsonl`, `dev.jsonl`, `test.jsonl` (fields `id`, `transcript`, `tokenized`,
 `aligned_token_start_time`, `aligned_token_end_time`, `speech_tokens`, `speaker`), `kmeans.npz`,
 `corpus.json`. No audio is kept unless built with `--save-wav`, which also writes `wav/SPLIT.jsonl`,
-manifests with the word times that `python -m data.units encode` and `learn-kmeans` read: other
+manifests with the word times that `python -m speech_units encode` and `learn-kmeans` read: other
 units (features, K, frame rate) for the same utterances.
 """
 
@@ -459,23 +458,24 @@ units (features, K, frame rate) for the same utterances.
 
 def encode(kmeans_path: str | os.PathLike, out_path: str | os.PathLike, tsv_path: str | os.PathLike) -> None:
     """Encode the audio files listed in `tsv_path` (`path<TAB>transcript`) with saved k-means into
-    JSONL rows (no word times), through `data.units`' MFCC encoder: the same reading, resampling
-    and encoding as `python -m data.units encode --encoder mfcc`, which writes Parquet shards."""
+    JSONL rows (no word times), through `speech_units.encoders`' MFCC encoder: the same reading,
+    resampling and encoding as `python -m speech_units encode --encoder mfcc`, which writes Parquet
+    shards."""
     out_path = Path(out_path)
     if out_path.exists():
         raise InputError(f"{out_path}: already exists; choose a new output file")
-    encoder = units.SpectralEncoder("mfcc", str(kmeans_path))
-    entries = units.read_tsv_manifest(Path(tsv_path))
-    units.check_unique_ids(entries)
+    encoder = encoders.SpectralEncoder("mfcc", str(kmeans_path))
+    entries = inputs.read_tsv_manifest(Path(tsv_path))
+    inputs.check_unique_ids(entries)
     rows = []
     for u in tqdm(entries, desc="encoding", unit="utt"):
         try:
-            audio = units.read_audio(u.path, encoder.sampling_rate)
+            audio = inputs.read_audio(u.path, encoder.sampling_rate)
         except InputError as e:
             raise InputError(f"{u.where}: {e}") from None
         if encoder.frames(len(audio)) == 0:
             raise InputError(f"{u.where}: {u.path}: shorter than one 25 ms window")
-        dsus = units.encode_audios(encoder, [audio], chunk_seconds=0)[0]
+        dsus = encoders.encode_audios(encoder, [audio], chunk_seconds=0)[0]
         rows.append({"id": u.id, "transcript": u.transcript, "tokenized": u.transcript.split(),
                      "speech_tokens": dsus.tolist()})
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -488,7 +488,7 @@ def encode(kmeans_path: str | os.PathLike, out_path: str | os.PathLike, tsv_path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data.corpus", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m speech_units.corpus", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     b = commands.add_parser("build", help="synthesise and encode a whole corpus (needs espeak-ng)")
     b.add_argument("out_dir", help="output directory; must not exist")
@@ -499,10 +499,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--jobs", type=int, default=2, help="synthesis worker processes (output does not depend on it)")
     b.add_argument("--save-wav", action="store_true", help="also keep the audio as OUT_DIR/wav/SPLIT/ID.wav, listed "
-                   "with word times in OUT_DIR/wav/SPLIT.jsonl for python -m data.units")
+                   "with word times in OUT_DIR/wav/SPLIT.jsonl for python -m speech_units")
     e = commands.add_parser(
         "encode",
-        help="encode your own audio with a saved k-means (data.units encode --encoder mfcc does it into Parquet shards)",
+        help="encode your own audio with a saved k-means "
+        "(python -m speech_units encode --encoder mfcc does it into Parquet shards)",
         description="Encode wav or flac files (any rate: resampled to 16 kHz with soxr; channels averaged) "
         "listed as 'path<TAB>transcript' lines (relative paths are relative to the list file) into JSONL "
         "rows with id (the file stem), transcript, tokenized (the transcript split on whitespace) and "

@@ -1,6 +1,6 @@
 """The methods matrix: which speech units and which training regime integrate speech best, by test WER.
 
-    python -m data.matrix configs/matrix.json [--grid default|small|tiny] [--out DIR] [--cache DIR] [--list]
+    python matrix.py configs/matrix.json [--grid default|small|tiny] [--out DIR] [--cache DIR] [--list]
     make matrix [MATRIX=small|tiny] [MATRIX_DIR=DIR] [MATRIX_CACHE=DIR]
 
 A grid (configs/matrix.json) names unit variants, regimes, option cells and a training budget in
@@ -11,8 +11,8 @@ before anything runs. Each cell is the chain a user would type by hand, run as s
 whose commands are printed:
 
     units   the bundled data/mini, or a variant of it: the corpus re-synthesised once with its audio
-            kept (python -m data.corpus build --save-wav: the same sentences, voices, splits and
-            ids), then python -m data.units learn-kmeans and encode with the variant's features,
+            kept (python -m speech_units.corpus build --save-wav: the same sentences, voices, splits and
+            ids), then python -m speech_units learn-kmeans and encode with the variant's features,
             K and frame rate; the one encoding path of this project. Both are cached (--cache) and
             shared by every grid and output directory
     model   tiny_model.py once, then extend.py by the variant's K (with a speech BPE if the cell asks)
@@ -29,8 +29,8 @@ compare.csv and compare.png into the output directory.
 
 Why a driver rather than Makefile rules: a cell's stages depend on its settings (K, frame rate,
 steps, options), resuming needs a check per stage, and the grid is data that researchers extend.
-It sits in data/ beside the corpus and units tools whose outputs it arranges, and runs the stage
-scripts only as commands, never importing them.
+It sits at the root beside the stage scripts, and runs them and the speech_units tools whose outputs
+it arranges as commands, never importing a stage.
 """
 
 import argparse
@@ -43,14 +43,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from config import COMMENT, REQUIRED, Key, at_least, choice, nonempty, positive
-from data import dataset, units
+from data import dataset
 from data.samples import CPT_SEQUENCE_TYPES, deduplicate_runs
 from data.tokenizer import MAX_DSUS, Tokenizer
-from files import NotRegularFile, atomic_write, directory_problem, regular_file
+import files
+import model_dir
+from files import NotRegularFile, directory_problem, regular_file
+from speech_units import shards
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parent
 BUNDLED = ROOT / "data" / "mini"
-SPLIT_PREFIXES = {"train": "train", "dev": "validation", "test": "test"}  # data.units shard names
+SPLIT_PREFIXES = {"train": "train", "dev": "validation", "test": "test"}  # speech_units shard names
 
 
 class MatrixError(ValueError):
@@ -98,7 +101,7 @@ def overrides(value: list) -> bool:
 
 UNIT = {
     "bundled": Key(False, bool, "data/mini's own units (MFCC, K=128, 50 Hz); then no encoder, k or stack"),
-    "encoder": choice(None, "the features k-means clusters (python -m data.units --encoder)", "mfcc", "logmel"),
+    "encoder": choice(None, "the features k-means clusters (python -m speech_units --encoder)", "mfcc", "logmel"),
     "k": Key(None, int, "the codebook size: DSUs in the vocabulary", f"an integer in 1..{MAX_DSUS}",
              lambda v: 1 <= v <= MAX_DSUS),
     "stack": positive(int, 1, "frames joined per unit: 50/stack units per second"),
@@ -119,7 +122,7 @@ EXTRA = {
     "options": Section(OPTIONS, "the cell's options; those not given are the defaults", default=None),
 }
 CORPUS = {
-    "n_train": at_least(int, 1, REQUIRED, "training utterances (python -m data.corpus build --n-train)"),
+    "n_train": at_least(int, 1, REQUIRED, "training utterances (python -m speech_units.corpus build --n-train)"),
     "n_dev": at_least(int, 0, REQUIRED, "dev utterances"),
     "n_test": at_least(int, 1, REQUIRED, "test utterances, those scored"),
     "seed": at_least(int, 0, REQUIRED, "the seed of the corpus's sentences and voices, and of k-means"),
@@ -342,20 +345,12 @@ def python(*args) -> list:
     return [sys.executable, *args]
 
 
-def write_json(path: Path, value: dict) -> None:
-    with atomic_write(path) as temporary:
-        temporary.write_text(json.dumps(value, indent=2) + "\n")
-
-
 def read_json(path: Path) -> dict:
     """A JSON object that this driver or a stage wrote: a damaged one is named, not a traceback."""
     try:
-        value = json.loads(regular_file(path).read_bytes().decode("utf-8"))
-    except (OSError, ValueError) as error:  # NotRegularFile, not UTF-8, not JSON
-        raise MatrixError(f"{path}: cannot be read as JSON ({error}); remove it to redo what wrote it") from None
-    if not isinstance(value, dict):
-        raise MatrixError(f"{path}: not a JSON object; remove it to redo what wrote it")
-    return value
+        return files.read_json(path)
+    except files.JsonFileError as error:
+        raise MatrixError(f"{error}; remove it to redo what wrote it") from None
 
 
 def bundled_matches(corpus: dict) -> bool:
@@ -371,7 +366,7 @@ def corpus_dir(grid: dict) -> Path:
     path = grid["cache"] / f"corpus-{c['n_train']}-{c['n_dev']}-{c['n_test']}-seed{c['seed']}"
     if not (path / "corpus.json").exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        run(python("-m", "data.corpus", "build", path, "--n-train", c["n_train"], "--n-dev", c["n_dev"],
+        run(python("-m", "speech_units.corpus", "build", path, "--n-train", c["n_train"], "--n-dev", c["n_dev"],
                    "--n-test", c["n_test"], "--seed", c["seed"], "--save-wav"), "synthesising the corpus")
     return path
 
@@ -400,7 +395,7 @@ def prepare_units(grid: dict, name: str, spec: dict) -> dict:
         meta = read_json(grid["text"] / "corpus.json")
         info = {"n_dsus": meta["n_dsus"], "sampling_rate": meta["sample_rate"],
                 "downsampling_ratio": meta["downsampling_ratio"]}
-        return {"seconds": 0.0, "overrides": units.overrides(info), "n_dsus": meta["n_dsus"],
+        return {"seconds": 0.0, "overrides": shards.overrides(info), "n_dsus": meta["n_dsus"],
                 **{split: str(grid["text"] / f"{split}.jsonl") for split in SPLIT_PREFIXES}}
     corpus = corpus_dir(grid)
     where, seconds = corpus / "units" / f"{spec['encoder']}-k{spec['k']}-stack{spec.get('stack', 1)}", 0.0
@@ -408,7 +403,7 @@ def prepare_units(grid: dict, name: str, spec: dict) -> dict:
     kmeans = where / "kmeans.npy"
     if not kmeans.exists():
         where.mkdir(parents=True, exist_ok=True)
-        seconds += run(python("-m", "data.units", "learn-kmeans", *encoder, "--k", spec["k"], "--seed",
+        seconds += run(python("-m", "speech_units", "learn-kmeans", *encoder, "--k", spec["k"], "--seed",
                               grid["corpus"]["seed"], kmeans, corpus / "wav" / "train.jsonl"), f"k-means of {name}")
     data = {}
     for split, prefix in SPLIT_PREFIXES.items():
@@ -416,11 +411,11 @@ def prepare_units(grid: dict, name: str, spec: dict) -> dict:
         info_path = target / "units.json"
         if not (info_path.exists() and read_json(info_path).get("complete")):
             resume = ["--resume"] if info_path.exists() else []
-            seconds += run(python("-m", "data.units", "encode", target, *encoder, "--kmeans", kmeans, "--split", prefix,
+            seconds += run(python("-m", "speech_units", "encode", target, *encoder, "--kmeans", kmeans, "--split", prefix,
                                   *resume, corpus / "wav" / f"{split}.jsonl"), f"encoding {split} with {name}")
         data[split] = str(target / "data")
     info = read_json(where / "train" / "units.json")
-    return {"seconds": seconds, "overrides": units.overrides(info), "n_dsus": info["n_dsus"], **data}
+    return {"seconds": seconds, "overrides": shards.overrides(info), "n_dsus": info["n_dsus"], **data}
 
 
 def extended_model(grid: dict, out: Path, unit_name: str, data: dict, options: dict) -> tuple[Path, float]:
@@ -443,7 +438,7 @@ def extended_model(grid: dict, out: Path, unit_name: str, data: dict, options: d
 
 
 def last_checkpoint(run_dir: Path, steps: int) -> Path:
-    return run_dir / "checkpoints" / f"step_{steps:07d}"
+    return model_dir.step_dir(run_dir, steps)
 
 
 def train(grid: dict, config: str, run_dir: Path, model: Path, data: dict, options: dict, steps: int,
@@ -507,7 +502,7 @@ def run_cell(grid: dict, cell: dict, out: Path) -> None:
                               "choose another output directory")
     else:
         cell_dir.mkdir(parents=True, exist_ok=True)
-        write_json(started_path, plan)
+        files.write_json(started_path, plan)
     if (cell_dir / "cell.json").exists():
         print(f"   done: {cell_dir / 'wer.json'}")
         return
@@ -517,7 +512,7 @@ def run_cell(grid: dict, cell: dict, out: Path) -> None:
     def stage(key: str, spent: float) -> None:
         if spent:  # a skipped stage keeps the seconds of the attempt that finished it
             seconds[key] = round(spent, 1)
-            write_json(seconds_path, seconds)
+            files.write_json(seconds_path, seconds)
 
     data = prepare_units(grid, cell["units"], cell["unit_spec"])
     model, spent = extended_model(grid, out, cell["units"], data, cell["options"])
@@ -541,7 +536,7 @@ def run_cell(grid: dict, cell: dict, out: Path) -> None:
         stage("wer", run(python("wer.py", generations, "--references", references / "test.jsonl", "--by", "speaker",
                                 "--worst", 0, "--out", cell_dir / "wer.json"), f"scoring {name}"))
     seconds["total"] = round(sum(v for k, v in seconds.items() if k not in ("total", "preparation")), 1)
-    write_json(cell_dir / "cell.json", {
+    files.write_json(cell_dir / "cell.json", {
         "cell": name, "units": cell["units"], "regime": cell["regime"], "options": cell["options"],
         "n_dsus": data["n_dsus"], "overrides": data["overrides"],
         "steps": {"cpt": cpt_steps, "sft": steps - cpt_steps},
@@ -562,8 +557,8 @@ def output_directory(path: Path, flag: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data.matrix", description=__doc__.split("\n\n")[0],
-                                     epilog="Read data/matrix.py's docstring for the stages of a cell.")
+    parser = argparse.ArgumentParser(prog="python matrix.py", description=__doc__.split("\n\n")[0],
+                                     epilog="Read matrix.py's docstring for the stages of a cell.")
     parser.add_argument("grid_file", type=Path, help="the grids, e.g. configs/matrix.json")
     parser.add_argument("--grid", default="default", help="which grid of the file to run (default: default)")
     parser.add_argument("--out", type=Path, help="output directory, reused to resume (default: runs/matrix-GRID)")
