@@ -18,7 +18,7 @@ import files
 from config import ConfigError
 from data.reference_run import EPOCH_DIR as REFERENCE_EPOCH_DIR
 from data.reference_run import STEP_DIR as REFERENCE_STEP_DIR
-from data.tokenizer import Tokenizer
+from data.tokenizer import Tokenizer, fill_from_tokenizer
 from model import DTYPES, Llama, ModelConfig
 
 CONFIG = "config.json"
@@ -162,10 +162,7 @@ def model_tokenizer(model_dir: Path, data: dict) -> Tokenizer:
         check_weights(model_dir)
     except (ValueError, OSError) as error:  # TokenizerFileError and ModelConfig's errors are ValueErrors
         raise ConfigError(str(error)) from None
-    if data["n_dsus"] is None:
-        data["n_dsus"] = tok.n_dsus
-    if data["modality_tokens"] is None:
-        data["modality_tokens"] = tok.has_modality_tokens
+    fill_from_tokenizer(data, tok)
     problems = []
     if vocab != tok.vocab_size:
         problems.append(f"config.json vocab_size {vocab} != tokenizer's {tok.vocab_size}")

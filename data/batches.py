@@ -23,7 +23,7 @@ import dsu_ops
 from data.dataset import DataError, Source, task_fields
 from data.samples import IGNORE, SEED, Interleave, Pieces, SampleBuilder, interleave_spans
 from data.store import RowStore, open_store, store_path
-from data.tokenizer import Tokenizer
+from data.tokenizer import Tokenizer, fill_from_tokenizer
 
 PACK_OPEN_ROWS = 128  # rows a packed stream keeps open for later sequences to fill: more, less padding
 PACK_LOOKAHEAD = 64  # sequences described and measured at a time
@@ -102,6 +102,7 @@ def load_data(data_cfg: dict, run_dir: Path, tokenizer: Tokenizer) -> tuple[Sequ
     """The train and dev sequences, read through their stores (`data.store`): converted by the
     first process of each machine, memory-mapped by all. When either source is refused, what this
     call created (stores, cache and run directories) is removed: a refused run leaves nothing new."""
+    fill_from_tokenizer(data_cfg, tokenizer)  # n_dsus checks every row's units: never left unknown
     cache_dir = Path(data_cfg["cache_dir"] or run_dir / "data_cache")
     options = store_options(data_cfg)
     # a dataset directory gives train its train split and dev its validation split, never a mix

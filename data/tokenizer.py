@@ -336,3 +336,14 @@ class Tokenizer:
         """One Llama 3 chat message: header, stripped content, `<|eot_id|>` when `end`."""
         body = self.encode(content.strip()) if isinstance(content, str) else list(content)
         return self.header(role) + body + ([self.eot_id] if end else [])
+
+
+def fill_from_tokenizer(data: dict, tok: "Tokenizer") -> dict:
+    """`data` (a config's data section) with what the extended model's tokenizer holds filled in
+    where the user left it None: n_dsus, and modality tokens (on when the tokenizer has them).
+    Values given are left for the callers' checks against the tokenizer."""
+    if data["n_dsus"] is None:
+        data["n_dsus"] = tok.n_dsus
+    if data["modality_tokens"] is None:
+        data["modality_tokens"] = tok.has_modality_tokens
+    return data
