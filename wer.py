@@ -838,8 +838,8 @@ def earlier_settings(out: Path) -> dict:
     if not out.is_file():
         return {}
     try:
-        recorded = json.loads(readable(out).read_text(encoding="utf-8")).get("scored_with")
-    except (OSError, ValueError, AttributeError, RecursionError):
+        recorded = files.read_json(out).get("scored_with")
+    except files.JsonFileError:
         return {}
     if not isinstance(recorded, dict) or set(recorded) != set(SCORING_DEFAULTS):
         return {}

@@ -2,12 +2,10 @@
 
 import csv
 import json
-import os
 import shutil
 import subprocess
 import sys
-import threading
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ import pytest
 
 import matrix
 from speech_units import cli, corpus, encoders, features
+from tests.test_wer import fifo
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI = ROOT / "data" / "mini"
@@ -24,29 +23,6 @@ GRID = ROOT / "configs" / "matrix.json"
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
                                   reason="espeak-ng is not installed (sudo apt-get install espeak-ng)")
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@contextmanager
-def fifo(path: Path):
-    """A FIFO at `path` whose reader, if one opens it, gets an empty file at once: code that reads
-    it ends (and fails the test) instead of waiting forever for a writer."""
-    os.mkfifo(path)
-    done = threading.Event()
-
-    def end_readers():
-        while not done.wait(0.05):
-            try:
-                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))  # succeeds only while a reader waits
-            except OSError:
-                pass
-
-    thread = threading.Thread(target=end_readers, daemon=True)
-    thread.start()
-    try:
-        yield path
-    finally:
-        done.set()
-        thread.join()
 
 
 @pytest.mark.parametrize("kind", ["mfcc", "logmel"])
