@@ -116,7 +116,9 @@ SCHEMA: dict[str, Key] = {
     "data.n_dsus": Key(None, int, "DSUs in the model's vocabulary: null reads it from the model's tokenizer "
                        "(extend.py --n-dsus); a number given must match it", f"an integer in 1..{MAX_DSUS}",
                        lambda v: 1 <= v <= MAX_DSUS),
-    "data.deduplicate": Key(True, bool, "collapse runs of a repeated DSU into one"),
+    "data.deduplicate": Key(None, bool, "collapse runs of a repeated DSU into one: null follows the model (as its "
+                            "speech BPE was learnt; true without one, the reference's default); a value given must "
+                            "agree with a speech BPE"),
     "data.modality_tokens": Key(None, bool, "mark text and speech spans with the modality tokens: null uses them "
                                 "when the model's tokenizer has them; true needs them there"),
     "data.max_seq_len": positive(int, 768, "longest sequence in tokens (longer ones are cut)"),

@@ -1,7 +1,7 @@
 """Extend a Llama 3.x model directory (Hugging Face layout) with discrete speech unit (DSU) tokens.
 
     python extend.py --base DIR --n-dsus N [--no-modality-tokens] [--out DIR] [--seed S]
-                     [--dsu-bpe M --dsu-bpe-data DATA [--dsu-bpe-keep-repeats] [--dsu-bpe-init mean|gaussian]]
+                     [--dsu-bpe M --dsu-bpe-data DATA [--no-deduplicate] [--dsu-bpe-init mean|gaussian]]
 
 Writes the layout of docs/DESIGN.md, "Token layout": the tokenizer file gets N DSU ranks (and the text and
 speech modality tokens) after its V ranks, so the 256 special tokens move up behind them; the
@@ -19,10 +19,11 @@ statistics of the head's own rows. The samples are not bit-identical to the refe
 through torch.distributions with a global seed); their distribution is the same.
 
 Speech BPE (`--dsu-bpe M`, this project's own extension): a sentencepiece BPE of M merged-unit
-tokens is learnt from the `speech_tokens` of DATA (deduplicated unless --dsu-bpe-keep-repeats), each
+tokens is learnt from the `speech_tokens` of DATA (deduplicated unless --no-deduplicate), each
 unit one private-use character, with no normalisation and no whitespace or script splitting, so any
 unit sequence encodes losslessly. It is written to original/dsu_bpe.model with its settings in
-original/dsu_bpe.json; the merged tokens follow the modality tokens (before the special tokens), in
+original/dsu_bpe.json (`deduplicate` among them: training and generation read it from there, as
+data.deduplicate); the merged tokens follow the modality tokens (before the special tokens), in
 the BPE's piece order, each in tokenizer.model as the string of its units. Their embedding rows are
 drawn like the DSU rows (`gaussian`, the default: on the demo recipe it reached a lower dev loss at
 every evaluation than `mean`, bench/RESULTS.md "Speech BPE") or are the mean of their units' rows.
@@ -150,7 +151,7 @@ def learn_speech_bpe(data: str, n_dsus: int, merges: int, deduplicate: bool, ini
             how_many = f"at most {supported} merged tokens" if supported > 0 else "no merged token"
             raise ExtendError(f"--dsu-bpe {merges}: the speech_tokens of {data} support {how_many}") from None
         raise ExtendError(f"--dsu-bpe-data {data}: sentencepiece could not learn the BPE ({e})") from None
-    settings = {"n_dsus": n_dsus, "merges": merges, "deduplicated": deduplicate, "model_type": "bpe",
+    settings = {"n_dsus": n_dsus, "merges": merges, "deduplicate": deduplicate, "model_type": "bpe",
                 "embedding_init": init, "data": str(data), "sequences": len(texts),
                 "sentencepiece": sentencepiece.__version__}
     try:
@@ -454,7 +455,7 @@ def print_summary(plan: Plan, total_size: int, seconds: float) -> None:
           + (modality if plan.modality_tokens else "no modality tokens"))
     if plan.bpe is not None:
         first, settings = first_new + layout.n_new, plan.bpe.settings
-        learnt = f"{settings['sequences']} {'deduplicated' if settings['deduplicated'] else 'raw'} sequences"
+        learnt = f"{settings['sequences']} {'deduplicated' if settings['deduplicate'] else 'raw'} sequences"
         print(f"speech BPE: {layout.n_merged} merged tokens at {first}..{first + layout.n_merged - 1} "
               f"(learnt from {learnt}; embedding rows: {plan.bpe.init})")
     print(f"vocab_size: {layout.old_size} -> {layout.new_size}")
@@ -470,7 +471,7 @@ def print_summary(plan: Plan, total_size: int, seconds: float) -> None:
 
 
 def extend(base_dir, n_dsus: int, modality_tokens: bool = True, out_dir=None, seed: int = DEFAULT_SEED,
-           dsu_bpe: int | None = None, dsu_bpe_data=None, dsu_bpe_keep_repeats: bool = False,
+           dsu_bpe: int | None = None, dsu_bpe_data=None, deduplicate: bool = True,
            dsu_bpe_init: str = "gaussian") -> Path:
     """Write the extended copy of `base_dir` and return its path; raises ExtendError on bad input.
     With `dsu_bpe` merges, a speech BPE learnt from `dsu_bpe_data` is added (module docstring)."""
@@ -479,10 +480,13 @@ def extend(base_dir, n_dsus: int, modality_tokens: bool = True, out_dir=None, se
         raise ExtendError(f"--seed must be in 0..{MAX_SEED}, got {seed}")
     if (dsu_bpe is None) != (dsu_bpe_data is None):
         raise ExtendError("--dsu-bpe M and --dsu-bpe-data DATA go together")
+    if dsu_bpe is None and not deduplicate:
+        raise ExtendError("--no-deduplicate is how a speech BPE (--dsu-bpe) is learnt; without one, "
+                          "deduplication is a training setting (data.deduplicate)")
     if dsu_bpe_init not in BPE_INITS:
         raise ExtendError(f"--dsu-bpe-init must be one of {BPE_INITS}, got {dsu_bpe_init!r}")
     bpe_args = None if dsu_bpe is None else {
-        "data": str(dsu_bpe_data), "merges": dsu_bpe, "deduplicate": not dsu_bpe_keep_repeats, "init": dsu_bpe_init}
+        "data": str(dsu_bpe_data), "merges": dsu_bpe, "deduplicate": deduplicate, "init": dsu_bpe_init}
     plan = plan_extension(Path(base_dir), n_dsus, modality_tokens, None if out_dir is None else Path(out_dir), bpe_args)
     print(f"extending {plan.base_dir} -> {plan.out_dir}")
     # Written under a temporary sibling name and renamed at the end, so a failure leaves nothing behind.
@@ -528,8 +532,9 @@ def main(argv=None) -> int:
         help="dataset (JSONL/Parquet file, directory or glob) whose speech_tokens the speech BPE is learnt from",
     )
     parser.add_argument(
-        "--dsu-bpe-keep-repeats", action="store_true",
-        help="learn the BPE from the raw units (default: deduplicated, as training must then be too)",
+        "--no-deduplicate", dest="deduplicate", action="store_false",
+        help="learn the speech BPE from the raw units, repeats kept (default: deduplicated); the model records "
+        "it, and training and generation follow (data.deduplicate)",
     )
     parser.add_argument(
         "--dsu-bpe-init", choices=BPE_INITS, default="gaussian",
@@ -538,7 +543,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         extend(args.base, args.n_dsus, args.modality_tokens, args.out, args.seed,
-               args.dsu_bpe, args.dsu_bpe_data, args.dsu_bpe_keep_repeats, args.dsu_bpe_init)
+               args.dsu_bpe, args.dsu_bpe_data, args.deduplicate, args.dsu_bpe_init)
     except ExtendError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -540,9 +540,11 @@ def run(args: argparse.Namespace, skip_done: bool = False) -> Path | None:
     except reference_run.ReferenceError as error:
         raise GenerateError(str(error)) from None
     data = data_settings(checkpoint, args.overrides, args.n_dsus, from_yaml)
-    from_model = [key for key in ("n_dsus", "modality_tokens") if data[key] is None]
+    from_model = [key for key in ("n_dsus", "modality_tokens", "deduplicate") if data[key] is None]
     tok = load_tokenizer(checkpoint, data)  # fills in what the model holds
     sources = {**sources, **{key: "the model's tokenizer" for key in from_model}}
+    if "deduplicate" in from_model:  # the model holds it only in a speech BPE
+        sources["deduplicate"] = "the model's speech BPE" if tok.dsu_bpe is not None else "train.py default"
     for line in reference_run.describe_settings(data, sources):
         print(f"generate: {line}", file=sys.stderr)
     data_path = resolve_data_path(args.data, args.split, data, checkpoint)

@@ -432,7 +432,7 @@ def extended_model(grid: dict, out: Path, unit_name: str, data: dict, options: d
         command = python("extend.py", "--base", base, "--n-dsus", data["n_dsus"], "--out", path)
         if bpe:
             command += ["--dsu-bpe", bpe, "--dsu-bpe-data", data["train"]]
-            command += [] if options["deduplicate"] else ["--dsu-bpe-keep-repeats"]
+            command += [] if options["deduplicate"] else ["--no-deduplicate"]
         seconds += run(command, f"extending the model by {unit_name}")
     return path, seconds
 

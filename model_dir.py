@@ -18,7 +18,7 @@ import files
 from config import ConfigError
 from data.reference_run import EPOCH_DIR as REFERENCE_EPOCH_DIR
 from data.reference_run import STEP_DIR as REFERENCE_STEP_DIR
-from data.tokenizer import Tokenizer, fill_from_tokenizer
+from data.tokenizer import Tokenizer, TokenizerSettingsError, fill_from_tokenizer
 from model import DTYPES, Llama, ModelConfig
 
 CONFIG = "config.json"
@@ -148,8 +148,9 @@ def load_model(model_dir, dtype: torch.dtype | None = None, device="cpu", activa
 def model_tokenizer(model_dir: Path, data: dict) -> Tokenizer:
     """The tokenizer of model directory `model_dir`, after checking that the directory holds a
     complete model (config.json, original/tokenizer.model, intact weights) whose vocabulary
-    matches the data settings. The settings the model holds are read from it: `data`'s n_dsus and
-    modality_tokens, where None, are set to the tokenizer's; given, they must agree with it."""
+    matches the data settings. The settings the model holds are read from it: `data`'s n_dsus,
+    modality_tokens and deduplicate, where None, are set from the tokenizer (`fill_from_tokenizer`);
+    given, they must agree with it."""
     if not model_dir.is_dir():
         raise ConfigError(f"{model_dir}: no such model directory")
     for name in (CONFIG, TOKENIZER):
@@ -162,17 +163,11 @@ def model_tokenizer(model_dir: Path, data: dict) -> Tokenizer:
         check_weights(model_dir)
     except (ValueError, OSError) as error:  # TokenizerFileError and ModelConfig's errors are ValueErrors
         raise ConfigError(str(error)) from None
-    fill_from_tokenizer(data, tok)
-    problems = []
-    if vocab != tok.vocab_size:
-        problems.append(f"config.json vocab_size {vocab} != tokenizer's {tok.vocab_size}")
-    if tok.n_dsus != data["n_dsus"]:
-        problems.append(f"the tokenizer has {tok.n_dsus} DSUs but data.n_dsus is {data['n_dsus']}")
-    if data["modality_tokens"] and not tok.has_modality_tokens:
-        problems.append("data.modality_tokens is true but the tokenizer has no modality tokens")
-    bpe_mismatch = tok.dsu_bpe_mismatch(data["deduplicate"])
-    if bpe_mismatch:
-        problems.append(bpe_mismatch)
+    problems = [] if vocab == tok.vocab_size else [f"config.json vocab_size {vocab} != tokenizer's {tok.vocab_size}"]
+    try:
+        fill_from_tokenizer(data, tok)
+    except TokenizerSettingsError as error:
+        problems.append(str(error))
     if problems:
         raise ConfigError(f"{model_dir}: " + "; ".join(problems) + " (extend the model with extend.py --n-dsus N)")
     return tok

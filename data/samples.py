@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from data.tokenizer import Tokenizer
+from data.tokenizer import Tokenizer, TokenizerSettingsError, settings_problems
 from dsu_ops import IGNORE
 
 # The reference's seed: with the epoch and row index it fixes every interleaving. The config's
@@ -128,13 +128,12 @@ class SampleBuilder:
     """
 
     def __init__(self, tokenizer: Tokenizer, *, deduplicate: bool, modality_tokens: bool, max_seq_len: int | None):
-        if not isinstance(modality_tokens, bool):  # None (read it from the model) must be resolved first
-            raise TypeError(f"modality_tokens must be true or false, got {modality_tokens!r}")
-        if modality_tokens and not tokenizer.has_modality_tokens:
-            raise ValueError(f"{tokenizer.path}: modality tokens asked for, but the tokenizer has none")
-        mismatch = tokenizer.dsu_bpe_mismatch(deduplicate)
-        if mismatch:
-            raise ValueError(mismatch)
+        for name, value in (("deduplicate", deduplicate), ("modality_tokens", modality_tokens)):
+            if not isinstance(value, bool):  # None (read it from the model) must be resolved first
+                raise TypeError(f"{name} must be true or false, got {value!r}")
+        problems = settings_problems(tokenizer, tokenizer.n_dsus, modality_tokens, deduplicate)
+        if problems:
+            raise TokenizerSettingsError(f"{tokenizer.path}: " + "; ".join(problems))
         self.tok = tokenizer
         self.deduplicate = deduplicate
         self.modality_tokens = modality_tokens

@@ -67,6 +67,10 @@ class TokenizerFileError(ValueError):
     pass
 
 
+class TokenizerSettingsError(ValueError):
+    """Data settings that disagree with what the extended model's tokenizer holds."""
+
+
 def read_bpe_file(path: str | os.PathLike) -> dict[bytes, int]:
     """Parse a tiktoken BPE file, checking that ranks are unique and contiguous from 0."""
     ranks: dict[bytes, int] = {}
@@ -131,18 +135,20 @@ class DsuBpe:
 
     Piece 0 is sentencepiece's unknown piece; every other piece is a string of DSU characters:
     each of the n_dsus units alone, and `merges` merged pieces, in piece order, which become the
-    merged-unit tokens. `deduplicated`: the BPE was learnt from sequences without repeats, so the
+    merged-unit tokens. `deduplicate`: the BPE was learnt from sequences without repeats, so the
     sequences it encodes must be deduplicated too.
     """
 
     def __init__(self, model: bytes, settings: dict, where: str):
         import sentencepiece  # imported here: only models with a speech BPE need it
 
-        for key, kind in (("n_dsus", int), ("merges", int), ("deduplicated", bool)):
+        if "deduplicate" not in settings and "deduplicated" in settings:  # its name in models extended before 2026-12
+            settings = {**settings, "deduplicate": settings["deduplicated"]}
+        for key, kind in (("n_dsus", int), ("merges", int), ("deduplicate", bool)):
             if type(settings.get(key)) is not kind:
                 raise TokenizerFileError(f"{where}: {DSU_BPE_SETTINGS} field '{key}' must be {kind.__name__}, "
                                          f"got {settings.get(key)!r}")
-        self.n_dsus, self.deduplicated = settings["n_dsus"], settings["deduplicated"]
+        self.n_dsus, self.deduplicate = settings["n_dsus"], settings["deduplicate"]
         try:
             self._sp = sentencepiece.SentencePieceProcessor(model_proto=model)
         except RuntimeError as e:
@@ -255,15 +261,6 @@ class Tokenizer:
         self.dsu_bpe, self.n_merged = bpe, len(bpe.merged)
         self._bpe_tokens = bpe.token_table(self.dsu_offset, self.merged_offset)
 
-    def dsu_bpe_mismatch(self, deduplicate: bool) -> str | None:
-        """Why sequences built with `deduplicate` cannot use this tokenizer's speech BPE (None: they can)."""
-        if self.dsu_bpe is None or self.dsu_bpe.deduplicated == deduplicate:
-            return None
-        learnt = "deduplicated" if self.dsu_bpe.deduplicated else "raw (repeats kept)"
-        return (f"the speech BPE beside {self.path} was learnt from {learnt} units, but deduplication is "
-                f"{'on' if deduplicate else 'off'} (set data.deduplicate={str(self.dsu_bpe.deduplicated).lower()}, "
-                "or extend again with the matching --dsu-bpe-keep-repeats setting)")
-
     @property
     def has_modality_tokens(self) -> bool:
         return self.speech_id is not None and self.text_id is not None
@@ -281,7 +278,7 @@ class Tokenizer:
 
     def speech_ids(self, units) -> np.ndarray:
         """Token ids of a DSU sequence: merged by the speech BPE when there is one, else one per
-        unit. Deduplicate before, as the BPE was learnt (`dsu_bpe_mismatch`)."""
+        unit. Deduplicate before, as the BPE was learnt (`settings_problems`)."""
         if self.dsu_bpe is None:
             return self.dsu_ids(units)
         ids = self._bpe_tokens[self.dsu_bpe.encode(units)]
@@ -338,12 +335,32 @@ class Tokenizer:
         return self.header(role) + body + ([self.eot_id] if end else [])
 
 
+def settings_problems(tok: "Tokenizer", n_dsus: int, modality_tokens: bool, deduplicate: bool) -> list[str]:
+    """Why sequences built with these settings cannot use this tokenizer (empty: they can)."""
+    problems = []
+    if n_dsus != tok.n_dsus:
+        problems.append(f"the tokenizer has {tok.n_dsus} DSUs but data.n_dsus is {n_dsus}")
+    if modality_tokens and not tok.has_modality_tokens:
+        problems.append("data.modality_tokens is true but the tokenizer has no modality tokens")
+    if tok.dsu_bpe is not None and tok.dsu_bpe.deduplicate != deduplicate:
+        learnt = "deduplicated" if tok.dsu_bpe.deduplicate else "raw (repeats kept)"
+        problems.append(f"the speech BPE beside {tok.path} was learnt from {learnt} units, but data.deduplicate is "
+                        f"{str(deduplicate).lower()} (leave data.deduplicate unset to follow the model)")
+    return problems
+
+
 def fill_from_tokenizer(data: dict, tok: "Tokenizer") -> dict:
-    """`data` (a config's data section) with what the extended model's tokenizer holds filled in
-    where the user left it None: n_dsus, and modality tokens (on when the tokenizer has them).
-    Values given are left for the callers' checks against the tokenizer."""
+    """`data` (a config's data section) with the settings the extended model's tokenizer holds
+    filled in where the user left them None: n_dsus; modality tokens (on when the tokenizer has
+    them); deduplication (as its speech BPE was learnt, else on, the reference's default). Values
+    given are checked against the tokenizer: a ValueError lists every disagreement."""
     if data["n_dsus"] is None:
         data["n_dsus"] = tok.n_dsus
     if data["modality_tokens"] is None:
         data["modality_tokens"] = tok.has_modality_tokens
+    if data["deduplicate"] is None:
+        data["deduplicate"] = tok.dsu_bpe.deduplicate if tok.dsu_bpe is not None else True
+    problems = settings_problems(tok, data["n_dsus"], data["modality_tokens"], data["deduplicate"])
+    if problems:
+        raise TokenizerSettingsError("; ".join(problems))
     return data

@@ -13,8 +13,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import config
 import extend
 import generate
+import model_dir
 import dsu_ops
 import train
 from data.dataset import load_rows
@@ -56,7 +58,7 @@ def mini(tmp_path_factory):
         "plain": extend.extend(base, MINI_DSUS, out_dir=root / "plain", seed=0),
         "bpe": extend.extend(base, MINI_DSUS, out_dir=root / "bpe", seed=0, dsu_bpe=MINI_MERGES, dsu_bpe_data=data),
         "raw": extend.extend(base, MINI_DSUS, out_dir=root / "raw", seed=0, dsu_bpe=MINI_MERGES, dsu_bpe_data=data,
-                             dsu_bpe_keep_repeats=True, dsu_bpe_init="mean"),
+                             deduplicate=False, dsu_bpe_init="mean"),
         "rows": {split: load_rows(str(MINI / f"{split}.jsonl")) for split in ("train", "dev", "test")},
     }
 
@@ -81,7 +83,7 @@ def test_units_to_bpe_ids_to_units_is_exact_on_the_whole_bundled_corpus(mini):
 def test_layout_appends_the_merged_tokens_after_the_modality_tokens(mini):
     plain, bpe = tokenizer(mini["plain"]), tokenizer(mini["bpe"])
     settings = json.loads((mini["bpe"] / "original" / DSU_BPE_SETTINGS).read_text())
-    assert (settings["n_dsus"], settings["merges"], settings["deduplicated"]) == (MINI_DSUS, MINI_MERGES, True)
+    assert (settings["n_dsus"], settings["merges"], settings["deduplicate"]) == (MINI_DSUS, MINI_MERGES, True)
     assert bpe.dsu_offset == plain.dsu_offset and (bpe.text_id, bpe.speech_id) == (plain.text_id, plain.speech_id)
     assert bpe.merged_offset == plain.n_file_tokens and bpe.n_merged == MINI_MERGES
     assert bpe.bos_id == plain.bos_id + MINI_MERGES and bpe.vocab_size == plain.vocab_size + MINI_MERGES
@@ -283,10 +285,46 @@ def test_vllm_generates_what_the_built_in_engine_does_with_the_bpe(memorised, tm
 def test_training_without_the_deduplication_the_bpe_was_learnt_with_is_refused(tiny_bpe, tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert train.main(sft_args(tiny_bpe, run_dir, "data.deduplicate=false")) == 2
-    assert "data.deduplicate=true" in capsys.readouterr().err
+    assert "learnt from deduplicated units, but data.deduplicate is false" in capsys.readouterr().err
     assert not run_dir.exists()
     with pytest.raises(ValueError, match="learnt from deduplicated units"):
         SampleBuilder(tokenizer(tiny_bpe["model"]), deduplicate=False, modality_tokens=True, max_seq_len=None)
+
+
+@pytest.mark.parametrize("kind, deduplicate", [("plain", True), ("bpe", True), ("raw", False)])
+def test_deduplication_is_read_from_the_model(mini, kind, deduplicate):
+    data = config.defaults()["data"]
+    assert data["deduplicate"] is None
+    model_dir.model_tokenizer(mini[kind], data)
+    assert data["deduplicate"] is deduplicate
+
+
+def test_a_raw_bpe_model_trains_without_being_told_and_records_it(mini, tmp_path):
+    run_dir = tmp_path / "run"
+    assert train.main([str(ROOT / "configs" / "tiny_sft.json"), f"run_dir={run_dir}", f"model.path={mini['raw']}",
+                       f"data.train={MINI / 'train.jsonl'}", "train.max_steps=2", "train.save_steps=2",
+                       "train.eval_steps=100"]) == 0
+    recorded = json.loads(model_dir.training_config_path(model_dir.step_dir(run_dir, 2)).read_text())["data"]
+    assert (recorded["deduplicate"], recorded["n_dsus"]) == (False, MINI_DSUS)
+
+
+def test_a_model_extended_before_the_rename_keeps_its_deduplication(mini, tmp_path):
+    """dsu_bpe.json called the setting `deduplicated` until 2026-12: such models load as they were."""
+    old = tmp_path / "old"
+    shutil.copytree(mini["raw"], old)
+    settings_file = old / "original" / DSU_BPE_SETTINGS
+    settings = json.loads(settings_file.read_text())
+    settings["deduplicated"] = settings.pop("deduplicate")
+    settings_file.write_text(json.dumps(settings))
+    assert tokenizer(old).dsu_bpe.deduplicate is False
+
+
+def test_no_deduplicate_without_a_bpe_is_refused(mini, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert extend.main(["--base", str(mini["plain"].parent / "base"), "--n-dsus", "8", "--out", str(out),
+                        "--no-deduplicate"]) == 2
+    assert "--no-deduplicate is how a speech BPE (--dsu-bpe) is learnt" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_a_bpe_larger_than_the_data_supports_is_refused_and_nothing_written(tiny_bpe, tmp_path, capsys):
