@@ -24,6 +24,12 @@ from files import JsonFileError, directory_problem, read_json
 DEFAULT_SYSTEM_PROMPT = (
     "You will act as an automatic speech recognition (ASR) system. Transcribe the speech tokens into English text. "
 )
+DEFAULT_TTS_PROMPT = (
+    "You will act as a text-to-speech (TTS) system. Speak the English text as speech tokens. "
+)
+DEFAULT_CONTINUE_PROMPT = (
+    "You will act as a speech continuation system. Continue the speech tokens with the speech tokens that follow. "
+)
 REQUIRED = object()  # the default of a key every run must give
 COMMENT = "//"
 
@@ -93,8 +99,9 @@ _INTERLEAVE = Interleave()  # the interleaving defaults live with the constructi
 
 SCHEMA: dict[str, Key] = {
     "run_dir": nonempty(REQUIRED, "checkpoints, metrics.jsonl and losses.png go here (created if missing)"),
-    "seed": at_least(int, 0, SEED, "the epochs' row order and torch's RNG; the CPT interleaving draws always use "
-                     f"the reference's seed {SEED} (data.samples.SEED), whatever this is, so sequences match it"),
+    "seed": at_least(int, 0, SEED, "the epochs' row order, the SFT task draws and torch's RNG; the CPT "
+                     f"interleaving draws always use the reference's seed {SEED} (data.samples.SEED), whatever "
+                     "this is, so sequences match it"),
     "model.path": nonempty(REQUIRED, "an extended model directory (extend.py's output) or a train.py checkpoint"),
     "model.dtype": choice("bfloat16", "parameters and compute", "bfloat16", "float32"),
     "model.activation_checkpointing": Key(False, bool, "recompute layer activations in the backward pass"),
@@ -135,6 +142,15 @@ SCHEMA: dict[str, Key] = {
     "data.cpt.binom_prob": Key(_INTERLEAVE.binom_prob, float, "binomial p of the interleaved span lengths",
                                "a number in [0, 1]", lambda v: 0 <= v <= 1),
     "data.sft.system_prompt": Key(DEFAULT_SYSTEM_PROMPT, str, "the ASR prompt's system message"),
+    **{f"data.sft.tasks.{task}": at_least(float, 0, 1.0 if task == "asr" else 0.0,
+                                          f"weight of the {task} task in the SFT mixture ({meaning}); each sample's "
+                                          "task is drawn from the weights, the seed, its row and epoch")
+       for task, meaning in (("asr", "speech -> transcript"), ("tts", "transcript -> speech units"),
+                             ("continue", "first part of the units -> the rest"))},
+    "data.sft.tts_system_prompt": Key(DEFAULT_TTS_PROMPT, str, "the TTS task's system message"),
+    "data.sft.continue_system_prompt": Key(DEFAULT_CONTINUE_PROMPT, str, "the continue task's system message"),
+    "data.sft.continue_fraction": Key(0.5, float, "the continue task's prompt: this fraction of the units, then "
+                                      "up to the next change of unit", "a number in (0, 1)", lambda v: 0 < v < 1),
     "data.sft.train_on_input": Key(False, bool, "also train on the prompt's tokens, not only the transcript"),
     "optim.lr": positive(float, 2e-4, "peak learning rate (AdamW)"),
     "optim.betas": Key([0.9, 0.999], list, "AdamW betas", "two numbers in [0, 1)", _betas),
@@ -262,6 +278,8 @@ def check_combinations(config: dict) -> None:
     data = config["data"]
     if data["packed"] and data["task"] == "cpt" and data["max_seq_len"] < 2:
         raise ConfigError(f"'data.max_seq_len' must be at least 2 for packed CPT, got {data['max_seq_len']}")
+    if data["task"] == "sft" and not any(data["sft"]["tasks"].values()):
+        raise ConfigError("'data.sft.tasks': give at least one task a weight > 0 (asr, tts, continue)")
     if config["model"]["fsdp"] and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise ConfigError("'model.fsdp' is true but this is a single process: FSDP shards across processes, so "
                           "start the run with torchrun --nproc N (N >= 2), or set model.fsdp=false")

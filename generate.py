@@ -1,20 +1,28 @@
-"""Generation: transcribe a test split with a trained checkpoint, one JSON line per utterance.
+"""Generation: transcribe a test split with a trained checkpoint (or speak its transcripts, or
+continue its speech), one JSON line per utterance.
 
-    python generate.py run/checkpoints/step_0010000 [--data test.jsonl] [--backend auto] [data.key=value ...]
+    python generate.py run/checkpoints/step_0010000 [--data test.jsonl] [--task asr|tts|continue] [data.key=value ...]
     python generate.py run [...]       (every checkpoint of the run, skipping those already generated)
 
-The prompt is the SFT (ASR) chat prompt up to the assistant header, built exactly as in training
-from the checkpoint's training_config.json (n_dsus, deduplication, modality tokens, system prompt,
+The prompt is the task's SFT chat prompt up to the assistant header, built exactly as in training
+from the checkpoint's training_config.json (n_dsus, deduplication, modality tokens, system prompts,
 max_seq_len); `data.key=value` arguments override that data section. Generation is greedy unless
---temperature > 0 and stops at <|eot_id|>, <|eom_id|>, <|end_of_text|> or --max-tokens.
+--temperature > 0 and stops at <|eot_id|>, <|eom_id|>, <|end_of_text|> or --max-tokens; for the
+speech tasks also at the text modality token, which ends speech.
 
 Backends: vLLM where it imports and has its device (its CPU build on a CPU, its CUDA build with a
 GPU visible; `make vllm` installs it in .venv-vllm), else a built-in PyTorch engine (model.py with a
 KV cache); both fp32 on CPU, bf16 on GPU. `--backend auto` prints which it took and why.
 
-Output: generations.jsonl ({id, reference, text, token_ids, finish_reason, prompt_len} per
-utterance, in data order; token_ids exclude the stop token) and generation_config.json, in
-<run_dir>/generations/<step>/<dataset>/<split>/ by default. Existing outputs are never
+Output: generations.jsonl and generation_config.json, in <run_dir>/generations/<step>/<dataset>/<split>/
+by default (`<split>-tts`, `<split>-continue` for those tasks). One record per utterance, in data
+order; token_ids exclude the stop token:
+    asr:      {id, reference, text, token_ids, finish_reason, prompt_len}
+    tts:      {id, task, text (the transcript given), speech_tokens, reference_speech_tokens, ...}
+    continue: {id, task, text (the transcript, for reference), speech_tokens, reference_speech_tokens, ...}
+speech_tokens are the DSU indices of the generated speech tokens (merged-unit tokens spelt out),
+deduplicated; reference_speech_tokens are the utterance's units (tts) or those after the prompt's
+(continue), deduplicated too. `python wer.py` scores both kinds. Existing outputs are never
 overwritten without --overwrite. Bad input exits with status 2 and writes nothing.
 """
 
@@ -29,6 +37,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -36,7 +45,7 @@ import config
 from config import ConfigError
 from data import reference_run
 from data.dataset import ASR_FIELDS, DataError, Source, dataset_name, load_rows, split_files
-from data.samples import SampleBuilder
+from data.samples import SFT_TASKS, SampleBuilder, continuation_split, deduplicate_runs
 from data.tokenizer import Tokenizer
 import files
 from files import atomic_write
@@ -200,12 +209,14 @@ def resolve_data_path(data_arg: str | None, split: str, data: dict, checkpoint: 
     return str(checked_file(path))
 
 
-def default_out_dir(checkpoint: Path, data_path: str, split: str) -> Path:
+def default_out_dir(checkpoint: Path, data_path: str, split: str, task: str = "asr") -> Path:
     """`<run_dir>/generations/<step>/<dataset>/<split>` for `<run_dir>/checkpoints/step_N`, the
     reference's `<run>/generations/epoch_E/global_step_N/<dataset>/<split>` for its
     `<run>/checkpoints/epoch_E/global_step_N`, else `<checkpoint>/generations/<dataset>/<split>`;
-    the dataset is named by the data's directory (data.dataset.dataset_name)."""
+    the dataset is named by the data's directory (data.dataset.dataset_name). Tasks other than ASR
+    write to `<split>-<task>`."""
     dataset = dataset_name(data_path)
+    split = split if task == "asr" else f"{split}-{task}"
     in_run = model_dir.generations_dir(checkpoint)
     if in_run is not None:
         return in_run / dataset / split
@@ -216,8 +227,8 @@ def default_out_dir(checkpoint: Path, data_path: str, split: str) -> Path:
 
 
 def build_prompts(rows: list[dict], tok: Tokenizer, data: dict, limit: int | None = None,
-                  limit_name: str = "") -> list[list[int]]:
-    """The SFT inference prompt (system, user = the DSUs, assistant header) of every row.
+                  limit_name: str = "", task: str = "asr") -> list[list[int]]:
+    """The SFT inference prompt of `task` (system, user = the DSUs for ASR, assistant header) of every row.
 
     Prompts are never shortened: one longer than `limit` (described by `limit_name`) is an error.
     """
@@ -225,7 +236,7 @@ def build_prompts(rows: list[dict], tok: Tokenizer, data: dict, limit: int | Non
                             max_seq_len=None)
     prompts = []
     for row in rows:
-        tokens, _ = builder.sft_asr(row, data["sft"]["system_prompt"], train_on_input=False, inference=True)
+        tokens, _ = builder.assemble(builder.sft_pieces(task, row, data["sft"], inference=True))
         if limit is not None and len(tokens) > limit:
             raise GenerateError(
                 f"utterance {row['id']!r}: its prompt has {len(tokens)} tokens, more than {limit_name or limit}"
@@ -548,7 +559,7 @@ def run(args: argparse.Namespace, skip_done: bool = False) -> Path | None:
     for line in reference_run.describe_settings(data, sources):
         print(f"generate: {line}", file=sys.stderr)
     data_path = resolve_data_path(args.data, args.split, data, checkpoint)
-    out_dir = Path(args.out) if args.out else default_out_dir(checkpoint, data_path, args.split)
+    out_dir = Path(args.out) if args.out else default_out_dir(checkpoint, data_path, args.split, args.task)
     if skip_done and (out_dir / GENERATIONS).exists():
         print(f"generate: {checkpoint.name}: done already ({out_dir / GENERATIONS})", file=sys.stderr)
         return None
@@ -561,15 +572,21 @@ def run(args: argparse.Namespace, skip_done: bool = False) -> Path | None:
     if not rows:
         raise DataError(f"{data_path}: no rows")
     try:
-        prompts = build_prompts(rows, tok, data, *prompt_limit(checkpoint, data, args.overrides, args.max_tokens))
+        prompts = build_prompts(rows, tok, data, *prompt_limit(checkpoint, data, args.overrides, args.max_tokens),
+                                task=args.task)
     except GenerateError as error:
         raise GenerateError(f"{data_path}: {error}") from None
     if data["task"] != "sft" and training_config(checkpoint) is not None:
         print(f"generate.py: warning: the checkpoint was trained with data.task={data['task']!r}; "
-              "prompts use the SFT (ASR) chat format", file=sys.stderr)
+              "prompts use the SFT chat format", file=sys.stderr)
+    if args.task != "asr" and not data["sft"]["tasks"][args.task]:
+        print(f"generate.py: warning: the checkpoint was not trained on the {args.task} task "
+              f"(data.sft.tasks.{args.task} is 0)", file=sys.stderr)
 
     backend, why = choose_backend(args.backend, args.device)
     stop_ids = {tok.special_ids[name] for name in STOP_TOKENS} | set(sampling.stop_token_ids)
+    if args.task != "asr" and data["modality_tokens"]:
+        stop_ids.add(tok.text_id)  # the end of speech
     started, startup = time.perf_counter(), None
     print(f"generate: backend {backend} ({why})", file=sys.stderr)
     print(f"generate: {len(rows)} utterances from {data_path} with {backend}, {checkpoint}", file=sys.stderr)
@@ -585,13 +602,17 @@ def run(args: argparse.Namespace, skip_done: bool = False) -> Path | None:
     elapsed = time.perf_counter() - started
 
     def fields(result: Generation) -> dict:
-        return {"text": tok.decode(result.token_ids, keep_special=False).strip(), "token_ids": result.token_ids,
-                "finish_reason": result.finish_reason}
+        if args.task == "asr":
+            out = {"text": tok.decode(result.token_ids, keep_special=False).strip()}
+        else:
+            out = {"speech_tokens": deduplicate_runs(np.array(tok.units(result.token_ids), dtype=np.int64)).tolist()}
+        return {**out, "token_ids": result.token_ids, "finish_reason": result.finish_reason}
 
     records = []
     for index, (row, prompt) in enumerate(zip(rows, prompts)):
         mine = generations[index * sampling.n : (index + 1) * sampling.n]
-        record = {"id": row["id"], "reference": row["transcript"], **fields(mine[0]), "prompt_len": len(prompt)}
+        given = {"reference": row["transcript"]} if args.task == "asr" else speech_reference(row, args.task, data)
+        record = {"id": row["id"], **given, **fields(mine[0]), "prompt_len": len(prompt)}
         if sampling.n > 1:  # all n samples; the first is also the record's text
             record["candidates"] = [fields(result) for result in mine]
         records.append(record)
@@ -599,6 +620,7 @@ def run(args: argparse.Namespace, skip_done: bool = False) -> Path | None:
         "checkpoint": str(checkpoint.resolve()),
         "data_path": str(Path(data_path).resolve()),
         "split": args.split,
+        "task": args.task,
         "backend": backend,
         "device": str(device),
         "batch_size": args.batch_size if backend == "torch" else None,
@@ -615,6 +637,15 @@ def run(args: argparse.Namespace, skip_done: bool = False) -> Path | None:
     print(f"generate: wrote {out_dir / GENERATIONS} ({settings['generated_tokens']} tokens in {elapsed:.1f} s"
           + ("" if startup is None else f", of which {startup:.1f} s engine start-up") + ")", file=sys.stderr)
     return out_dir
+
+
+def speech_reference(row: dict, task: str, data: dict) -> dict:
+    """What a speech task's record holds of its row: the task, the transcript, and the units it
+    should produce (deduplicated): the utterance's (tts), or those after the prompt's (continue)."""
+    units = np.asarray(row["speech_tokens"], dtype=np.int64)
+    if task == "continue":
+        units = units[continuation_split(units, data["sft"]["continue_fraction"]):]
+    return {"task": task, "text": row["transcript"], "reference_speech_tokens": deduplicate_runs(units).tolist()}
 
 
 def run_all(args: argparse.Namespace) -> None:
@@ -666,9 +697,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="data.key=value overrides of the training config's data section")
     parser.add_argument("--data",
                         help="test data (JSONL or Parquet file, directory or glob); see below for the default")
+    parser.add_argument("--task", choices=SFT_TASKS, default="asr",
+                        help="asr: transcribe the speech; tts: speak the transcript as units; continue: the units "
+                        "after the first data.sft.continue_fraction of them (default: asr)")
     parser.add_argument("--split", default="test",
                         help="split name, for the default data file and output directory (default: test)")
-    parser.add_argument("--out", help="output directory (default: <run_dir>/generations/<step>/<dataset>/<split>)")
+    parser.add_argument("--out", help="output directory (default: <run_dir>/generations/<step>/<dataset>/<split>, "
+                        "<split>-<task> for tts and continue)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="auto: vLLM where it imports and has its device (CPU build, or CUDA build and a GPU), "
                         "else the built-in engine (default: auto)")

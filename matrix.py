@@ -20,7 +20,10 @@ whose commands are printed:
     sft     train.py on the SFT config for the rest, from the CPT run's last checkpoint
     test    generate.py on the test split, then wer.py --by speaker into CELL/wer.json
 
-CELL/cell.json records the cell's settings, the speech tokens per test utterance as the model
+With `seeds: N`, every cell trains N times, seed s = 1..N-1 in CELL+seedS beside seed 0's CELL
+(train.py seed=s, extend.py --seed s); the comparison shows each cell's mean and spread over them.
+
+CELL/cell.json records the cell's settings and seed, the speech tokens per test utterance as the model
 reads them, the training tokens and the wall-clock of each stage. Finished stages are skipped, so
 an interrupted matrix resumes where it stopped (an interrupted training run from its last
 checkpoint; a stage's seconds are those of the attempt that finished it). A cell started with
@@ -139,6 +142,9 @@ SETTINGS = {  # at the top of the file for every grid, or in a grid for itself a
     "base_model": Key(REQUIRED, list, "tiny_model.py's arguments for the base model", "a list of strings", strings),
     "generate": Key([], list, "generate.py's further arguments", "a list of strings", strings),
     "train_overrides": Key([], list, "train.py overrides of every stage", "a list of key=value strings", overrides),
+    "seeds": positive(int, 1, "trainings of every cell, each with its own seed s = 0..N-1: s = 0 is train.py's and "
+                      "extend.py's default seed, s > 0 gives train.py seed=s (data order, SFT task draws) and "
+                      "extend.py --seed s (the new embedding rows)"),
 }
 GRID = {
     **SETTINGS,
@@ -288,11 +294,11 @@ def grid_cells(grid: dict, units: dict, regimes: dict, where: str) -> list[dict]
         if regime_name not in regimes:
             raise MatrixError(f"{where}: unknown regime {regime_name!r}; declared: {', '.join(regimes)}")
         cell = {"units": unit_name, "unit_spec": units[unit_name], "regime": regime_name,
-                "regime_spec": regimes[regime_name], "options": {**OPTION_DEFAULTS, **options}}
+                "regime_spec": regimes[regime_name], "options": {**OPTION_DEFAULTS, **options}, "seed": 0}
         if cell_name(cell) in names:  # one directory, two settings
             raise MatrixError(f"{where}: the cell {cell_name(cell)} is listed twice")
         names.add(cell_name(cell))
-        cells.append(cell)
+        cells += [{**cell, "seed": seed} for seed in range(grid["seeds"])]
     if not cells:
         raise MatrixError(f"{where} has no cells: give it units and regimes, or extra cells")
     return cells
@@ -319,9 +325,16 @@ def check_grid(grid: dict, where: str) -> None:
 
 
 def cell_name(cell: dict) -> str:
+    """The cell's settings as a name (and its directory under cells/), without its seed."""
     tags = (["no-dedup"] if not cell["options"]["deduplicate"] else []) + (
         [f"bpe{cell['options']['dsu_bpe']}"] if cell["options"]["dsu_bpe"] else [])
     return f"{cell['units']}/{cell['regime']}" + "".join(f"+{t}" for t in tags)
+
+
+def cell_dir_name(cell: dict) -> str:
+    """The training's directory under cells/: the cell's name, then +seedS for seeds other than 0
+    (seed 0's directory is what a single-seed grid writes, so adding seeds reuses it)."""
+    return cell_name(cell) + (f"+seed{cell['seed']}" if cell["seed"] else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,18 +431,22 @@ def prepare_units(grid: dict, name: str, spec: dict) -> dict:
     return {"seconds": seconds, "overrides": shards.overrides(info), "n_dsus": info["n_dsus"], **data}
 
 
-def extended_model(grid: dict, out: Path, unit_name: str, data: dict, options: dict) -> tuple[Path, float]:
-    """The base model (once) extended by the variant's DSUs, and the seconds spent making them."""
+def extended_model(grid: dict, out: Path, unit_name: str, data: dict, options: dict,
+                   seed: int) -> tuple[Path, float]:
+    """The base model (once) extended by the variant's DSUs with new rows drawn by `seed` (0:
+    extend.py's default), and the seconds spent making them."""
     seconds = 0.0
     base = out / "base"
     if not base.exists():
         transcripts = grid["text"] / "train.jsonl"
         seconds += run(python("tiny_model.py", base, "--transcripts", transcripts, *grid["base_model"]), "the base model")
     bpe = options["dsu_bpe"]
-    path = out / "extended" / (unit_name + (f"-bpe{bpe}" if bpe else "") + ("-raw" if bpe and not options["deduplicate"] else ""))
+    path = out / "extended" / (unit_name + (f"-bpe{bpe}" if bpe else "") + ("-raw" if bpe and not options["deduplicate"] else "")
+                               + (f"-seed{seed}" if seed else ""))
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         command = python("extend.py", "--base", base, "--n-dsus", data["n_dsus"], "--out", path)
+        command += ["--seed", seed] if seed else []
         if bpe:
             command += ["--dsu-bpe", bpe, "--dsu-bpe-data", data["train"]]
             command += [] if options["deduplicate"] else ["--no-deduplicate"]
@@ -442,7 +459,7 @@ def last_checkpoint(run_dir: Path, steps: int) -> Path:
 
 
 def train(grid: dict, config: str, run_dir: Path, model: Path, data: dict, options: dict, steps: int,
-          extra: list, out: Path) -> float:
+          extra: list, out: Path, seed: int) -> float:
     """One training stage, resumed from its last checkpoint if it was interrupted; 0 s if finished."""
     if last_checkpoint(run_dir, steps).exists():
         return 0.0
@@ -451,6 +468,7 @@ def train(grid: dict, config: str, run_dir: Path, model: Path, data: dict, optio
         *data["overrides"], f"data.deduplicate={str(options['deduplicate']).lower()}",
         f"data.cache_dir={out / 'data_cache'}", f"train.max_steps={steps}", f"train.eval_steps={steps}",
         f"train.save_steps={grid['save_steps'] or steps}", "resume=auto", *extra, *grid["train_overrides"],
+        *([f"seed={seed}"] if seed else []),
     ]
     if cuda_available():
         overrides.append("train.device=cuda")
@@ -488,15 +506,15 @@ def speech_tokens_per_utterance(test: str, model: Path, deduplicate: bool) -> fl
 
 def run_cell(grid: dict, cell: dict, out: Path) -> None:
     name = cell_name(cell)
-    cell_dir = out / "cells" / name
-    plan = {"cell": name, "units": cell["units"], "unit_spec": cell["unit_spec"], "regime": cell["regime"],
+    cell_dir = out / "cells" / cell_dir_name(cell)
+    plan = {"cell": name, "seed": cell["seed"], "units": cell["units"], "unit_spec": cell["unit_spec"], "regime": cell["regime"],
             "regime_spec": cell["regime_spec"], "options": cell["options"], "steps": grid["steps"],
             "corpus": grid["corpus"], "configs": grid["configs"], "base_model": grid["base_model"],
             "train_overrides": grid["train_overrides"], "generate": grid["generate"]}
     started_path = cell_dir / "plan.json"
     if started_path.exists():
         before = read_json(started_path)
-        differ = sorted(k for k in plan if before.get(k) != plan[k])
+        differ = sorted(k for k in plan if before.get(k, 0 if k == "seed" else None) != plan[k])  # seed 0 before seeds
         if differ:
             raise MatrixError(f"{cell_dir} was started with other settings ({', '.join(differ)}): remove it, or "
                               "choose another output directory")
@@ -515,17 +533,18 @@ def run_cell(grid: dict, cell: dict, out: Path) -> None:
             files.write_json(seconds_path, seconds)
 
     data = prepare_units(grid, cell["units"], cell["unit_spec"])
-    model, spent = extended_model(grid, out, cell["units"], data, cell["options"])
+    model, spent = extended_model(grid, out, cell["units"], data, cell["options"], cell["seed"])
     stage("preparation", data["seconds"] + spent)  # shared: paid by the first cell that needs it
     regime, steps, runs = cell["regime_spec"], grid["steps"], []
     cpt_steps = round(steps * regime.get("cpt_share", 0)) if regime.get("cpt") else 0
     if cpt_steps:
         cpt = cell_dir / "cpt"
         stage("cpt", train(grid, grid["configs"]["cpt"], cpt, model, data, cell["options"], cpt_steps,
-                           [f"data.cpt.sequence_type={regime['cpt']}"], out))
+                           [f"data.cpt.sequence_type={regime['cpt']}"], out, cell["seed"]))
         model, runs = last_checkpoint(cpt, cpt_steps), [cpt]
     sft = cell_dir / "sft"
-    stage("sft", train(grid, grid["configs"]["sft"], sft, model, data, cell["options"], steps - cpt_steps, [], out))
+    stage("sft", train(grid, grid["configs"]["sft"], sft, model, data, cell["options"], steps - cpt_steps, [], out,
+                       cell["seed"]))
     runs.append(sft)
     generations = cell_dir / "test" / "generations.jsonl"
     if not generations.exists():
@@ -537,8 +556,8 @@ def run_cell(grid: dict, cell: dict, out: Path) -> None:
                                 "--worst", 0, "--out", cell_dir / "wer.json"), f"scoring {name}"))
     seconds["total"] = round(sum(v for k, v in seconds.items() if k not in ("total", "preparation")), 1)
     files.write_json(cell_dir / "cell.json", {
-        "cell": name, "units": cell["units"], "regime": cell["regime"], "options": cell["options"],
-        "n_dsus": data["n_dsus"], "overrides": data["overrides"],
+        "cell": name, "seed": cell["seed"], "units": cell["units"], "regime": cell["regime"],
+        "options": cell["options"], "n_dsus": data["n_dsus"], "overrides": data["overrides"],
         "steps": {"cpt": cpt_steps, "sft": steps - cpt_steps},
         "speech_tokens_per_utterance": speech_tokens_per_utterance(data["test"], model, cell["options"]["deduplicate"]),
         "training_tokens": sum(training_tokens(r) for r in runs),
@@ -571,16 +590,16 @@ def main(argv: list[str] | None = None) -> int:
         grid = load_grid(args.grid_file, args.grid)
         if args.list:
             for cell in grid["cells"]:
-                done = (out / "cells" / cell_name(cell) / "cell.json").exists()
-                print(f"{'done   ' if done else 'pending'}  {cell_name(cell)}")
+                done = (out / "cells" / cell_dir_name(cell) / "cell.json").exists()
+                print(f"{'done   ' if done else 'pending'}  {cell_dir_name(cell)}")
             return 0
         out, grid["cache"] = output_directory(out, "--out"), output_directory(args.cache, "--cache")
         grid["text"] = text_corpus(grid)
         started = time.time()
         for i, cell in enumerate(grid["cells"], 1):
-            print(f"\n== matrix {grid['name']}: cell {i}/{len(grid['cells'])}: {cell_name(cell)}", flush=True)
+            print(f"\n== matrix {grid['name']}: cell {i}/{len(grid['cells'])}: {cell_dir_name(cell)}", flush=True)
             run_cell(grid, cell, out)
-        cells = [out / "cells" / cell_name(cell) for cell in grid["cells"]]  # the table in the grid's order
+        cells = [out / "cells" / cell_dir_name(cell) for cell in grid["cells"]]  # the table in the grid's order
         run(python("wer.py", "--compare", *cells, "--out", out, "--overwrite"), "comparing the cells")
     except MatrixError as error:
         print(f"error: {error}", file=sys.stderr)

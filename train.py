@@ -39,13 +39,13 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from config import ConfigError, describe, load_config
+from config import SCHEMA, ConfigError, describe, load_config
 from config import get as config_get
 from data import reference_run
 from data.batches import (PackedStream, Sequences, StepBatches, collate, load_data, packed_micro_batches, prefetched,
                           step_micro_batches, token_kinds)
 from data.dataset import DataError
-from data.samples import IGNORE
+from data.samples import IGNORE, SFT_TASKS
 from data.tokenizer import DSU_BPE_MODEL, DSU_BPE_SETTINGS, dsu_bpe_files
 from files import (NotRegularFile, atomic_write, directory_problem, file_sha256, read_json, regular_file,
                    regular_files_only, write_json)
@@ -128,7 +128,7 @@ def train(cfg: dict) -> None:
         check_same_settings(resume_from, saved, cfg, settings, announce=rank == 0)
         check_resumable(saved, cfg, world)
     earlier_metrics = kept_metrics(run_dir, saved["step"] if saved is not None else 0)
-    train_seqs, dev_seqs = load_data(data_cfg, run_dir, tok)
+    train_seqs, dev_seqs = load_data(data_cfg, run_dir, tok, cfg["seed"])
     stream = PackedStream(train_seqs, data_cfg["max_seq_len"], cfg["seed"], data_cfg["shuffle"]) if data_cfg["packed"] else None
 
     torch.manual_seed(cfg["seed"])
@@ -421,7 +421,9 @@ def resolve_resume(cfg: dict, run_dir: Path) -> tuple[Path | None, dict | None]:
 # Settings that change the token ids of a row or what its loss trains on: a run resumes only with
 # the checkpoint's. The task's own ones are compared for the run's task; all are recorded.
 ID_SETTINGS = ("data.task", "data.n_dsus", "data.deduplicate", "data.modality_tokens", "data.max_seq_len")
-SFT_SETTINGS = ("data.sft.system_prompt", "data.sft.train_on_input")
+SFT_TASK_SETTINGS = (*(f"data.sft.tasks.{task}" for task in SFT_TASKS), "data.sft.tts_system_prompt",
+                     "data.sft.continue_system_prompt", "data.sft.continue_fraction")
+SFT_SETTINGS = ("data.sft.system_prompt", "data.sft.train_on_input", *SFT_TASK_SETTINGS)
 CPT_SETTINGS = ("data.cpt.sequence_type",)
 INTERLEAVE_SETTINGS = ("data.cpt.sampling_rate", "data.cpt.downsampling_ratio", "data.cpt.mean_seq_len_tokens",
                        "data.cpt.binom_prob")
@@ -458,10 +460,11 @@ def compared_keys(cfg: dict) -> tuple[str, ...]:
 
 
 def recorded(tree: dict, dotted: str):
-    """A dotted key's value in a nested dict read from a checkpoint, or NOT_RECORDED."""
+    """A dotted key's value in a nested dict read from a checkpoint, or NOT_RECORDED. The SFT task
+    settings, added in 2026-12, read as their defaults (ASR alone) where an earlier run lacks them."""
     for key in dotted.split("."):
         if not isinstance(tree, dict) or key not in tree:
-            return NOT_RECORDED
+            return SCHEMA[dotted].default if dotted in SFT_TASK_SETTINGS else NOT_RECORDED
         tree = tree[key]
     return tree
 

@@ -21,7 +21,7 @@ import torch
 
 import dsu_ops
 from data.dataset import DataError, Source, task_fields
-from data.samples import IGNORE, SEED, Interleave, Pieces, SampleBuilder, interleave_spans
+from data.samples import IGNORE, SEED, Interleave, Pieces, SampleBuilder, interleave_spans, sft_task
 from data.store import RowStore, open_store, store_path
 from data.tokenizer import Tokenizer, fill_from_tokenizer
 
@@ -33,13 +33,14 @@ class Sequences:
     """Training or dev sequences: row `i` of epoch `e` always becomes the same tokens and labels."""
 
     def __init__(self, rows: RowStore | list[dict], builder: SampleBuilder, task: str, *, sequence_type: str,
-                 interleave: Interleave, system_prompt: str, train_on_input: bool, name: str = "data"):
+                 interleave: Interleave, sft: dict, seed: int = SEED, name: str = "data"):
         self.rows, self.builder, self.task, self.name = rows, builder, task, name
         self.sequence_type, self.interleave = sequence_type, interleave
-        self.system_prompt, self.train_on_input = system_prompt, train_on_input
+        self.sft, self.seed = sft, seed  # the data.sft section; the run's seed draws each sample's SFT task
 
     @classmethod
-    def from_config(cls, rows: RowStore | list[dict], data_cfg: dict, tokenizer: Tokenizer, name: str = "data"):
+    def from_config(cls, rows: RowStore | list[dict], data_cfg: dict, tokenizer: Tokenizer, name: str = "data",
+                    seed: int = SEED):
         """The sequences that the config's `data` section describes."""
         cpt, sft = data_cfg["cpt"], data_cfg["sft"]
         builder = SampleBuilder(tokenizer, deduplicate=data_cfg["deduplicate"],
@@ -47,7 +48,7 @@ class Sequences:
         interleave = Interleave(cpt["sampling_rate"], cpt["downsampling_ratio"], cpt["mean_seq_len_tokens"],
                                 cpt["binom_prob"])
         return cls(rows, builder, data_cfg["task"], sequence_type=cpt["sequence_type"], interleave=interleave,
-                   system_prompt=sft["system_prompt"], train_on_input=sft["train_on_input"], name=name)
+                   sft=sft, seed=seed, name=name)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -62,7 +63,9 @@ class Sequences:
         indices = [int(i) for i in indices]
         rows = [self.rows[i] for i in indices]
         if self.task == "sft":
-            return [self.builder.sft_asr_pieces(row, self.system_prompt, self.train_on_input) for row in rows]
+            weights = self.sft["tasks"]
+            return [self.builder.sft_pieces(sft_task(i, epoch, weights, self.seed), row, self.sft)
+                    for i, row in zip(indices, rows)]
         if self.sequence_type == "interleaved":
             spans = interleave_spans_many(indices, [len(row["tokenized"]) for row in rows], epoch, self.interleave)
             return [self.builder.cpt_interleaved_pieces(row, i, epoch, self.interleave, spans=s)
@@ -98,7 +101,8 @@ def store_options(data_cfg: dict) -> dict:
     return options
 
 
-def load_data(data_cfg: dict, run_dir: Path, tokenizer: Tokenizer) -> tuple[Sequences, Sequences | None]:
+def load_data(data_cfg: dict, run_dir: Path, tokenizer: Tokenizer,
+              seed: int = SEED) -> tuple[Sequences, Sequences | None]:
     """The train and dev sequences, read through their stores (`data.store`): converted by the
     first process of each machine, memory-mapped by all. When either source is refused, what this
     call created (stores, cache and run directories) is removed: a refused run leaves nothing new."""
@@ -124,7 +128,7 @@ def load_data(data_cfg: dict, run_dir: Path, tokenizer: Tokenizer) -> tuple[Sequ
             for path in created:
                 shutil.rmtree(path, ignore_errors=True)
         raise
-    train_seqs, *dev = (Sequences.from_config(rows, data_cfg, tokenizer, name=str(source))
+    train_seqs, *dev = (Sequences.from_config(rows, data_cfg, tokenizer, name=str(source), seed=seed)
                         for rows, source in zip(stores, sources))
     return train_seqs, (dev[0] if dev else None)
 

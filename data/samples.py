@@ -115,6 +115,34 @@ def interleave_spans(index: int, epoch: int, n_words: int, settings: Interleave 
     return start_with_text, [0, *cuts[cuts < n_words].tolist(), n_words]
 
 
+SFT_TASKS = ("asr", "tts", "continue")  # speech -> text, text -> speech, speech -> more speech
+_TASK_STREAM = 1  # keeps the task draws apart from the interleaving draws of the same row
+
+
+def sft_task(index: int, epoch: int, weights: dict[str, float], seed: int) -> str:
+    """The SFT task of row `index` in `epoch`, drawn from `weights` ({task: weight}, weights >= 0):
+    a function of its arguments alone, so a resumed run draws what the first run drew. A single
+    task with weight is taken without a draw."""
+    tasks = [task for task in SFT_TASKS if weights.get(task, 0) > 0]
+    if len(tasks) == 1:
+        return tasks[0]
+    u = np.random.default_rng((seed, epoch, index, _TASK_STREAM)).random() * sum(weights[t] for t in tasks)
+    for task in tasks:
+        u -= weights[task]
+        if u < 0:
+            return task
+    return tasks[-1]  # u rounded to the total
+
+
+def continuation_split(units: np.ndarray, fraction: float) -> int:
+    """Where a `continue` sample cuts an utterance's units into prompt and continuation: the first
+    change of unit at or after `fraction` of them (never inside a run, so deduplication cannot
+    leave half a run on each side); len(units) when no change follows."""
+    start = max(1, math.ceil(fraction * len(units)))
+    changes = np.flatnonzero(units[start:] != units[start - 1 : -1]) if start < len(units) else []
+    return start + int(changes[0]) if len(changes) else len(units)
+
+
 def dsu_frames(start: float, end: float, sampling_rate: int, downsampling_ratio: int) -> tuple[int, int]:
     """Frame range [lo, hi) covering the time span; same float expression as the reference
     (math.ceil equals its np.ceil on every float, at a fraction of the cost)."""
@@ -259,18 +287,60 @@ class SampleBuilder:
         Truncation (torchtune's rule) keeps max_seq_len tokens and, when the sequence carries
         end tokens, makes the last one end-of-text.
         """
-        tok = self.tok
-        out = Pieces(limit=self.max_seq_len, force_last=None if inference else tok.eos_id)
+        user = [(self._speech, False), (ids(row["speech_tokens"]), True), (self._text, False)]
+        answer = [] if inference else [(ids(self.tok.encode(row["transcript"].strip())), False)]
+        return self._sft_pieces(system_prompt, train_on_input, inference, user, answer)
+
+    def _sft_pieces(self, system_prompt: str, train_on_input: bool, inference: bool,
+                    user: list[tuple[bytes, bool]], answer: list[tuple[bytes, bool]]) -> Pieces:
+        """A Llama 3 chat sample around the user and assistant contents, each a list of (`ids`,
+        is_dsu) runs, masked and cut as `sft_asr_pieces` describes."""
+        out = Pieces(limit=self.max_seq_len, force_last=None if inference else self.tok.eos_id)
         out.add(self._sft_prefix(system_prompt), masked=True)
-        out.add(self._user_header + self._speech, masked=not train_on_input)
-        self._units(out, ids(row["speech_tokens"]), masked=not train_on_input)
-        out.add(self._text + self._eot, masked=not train_on_input)
-        if inference:
-            out.add(self._assistant_header)
-        else:
-            out.add(self._assistant_header + ids(tok.encode(row["transcript"].strip())) + self._eot)
+        self._runs(out, [(self._user_header, False), *user, (self._eot, False)], masked=not train_on_input)
+        out.add(self._assistant_header)
+        if not inference:
+            self._runs(out, [*answer, (self._eot, False)], masked=False)
             out.add(self._eos, masked=True)
         return out
+
+    def _runs(self, out: Pieces, runs: list[tuple[bytes, bool]], masked: bool) -> None:
+        for run, is_dsu in runs:
+            if is_dsu:
+                self._units(out, run, masked=masked)
+            elif run:  # an absent modality token is an empty run
+                out.add(run, masked=masked)
+
+    def sft_tts_pieces(self, row: dict, system_prompt: str, train_on_input: bool, inference: bool = False) -> Pieces:
+        """Text to speech: user = the transcript, assistant = the utterance's units. With modality
+        tokens the user message is `<text> words <speech>` and the units end with `<text>`, the
+        end of speech; without them the units end at `<|eot_id|>`."""
+        words = ids(self.tok.encode(row["transcript"].strip()))
+        user = [(self._text + words + self._speech, False)]
+        answer = [(ids(row["speech_tokens"]), True), (self._text, False)]
+        return self._sft_pieces(system_prompt, train_on_input, inference, user, answer)
+
+    def sft_continue_pieces(self, row: dict, system_prompt: str, train_on_input: bool, fraction: float,
+                            inference: bool = False) -> Pieces:
+        """Speech continuation: user = the first `fraction` of the units (`continuation_split`),
+        assistant = the rest, ended as in `sft_tts_pieces`."""
+        units = np.asarray(row["speech_tokens"], dtype=np.int64)
+        cut = continuation_split(units, fraction)
+        user = [(self._speech, False), (ids(units[:cut]), True)]
+        answer = [(ids(units[cut:]), True), (self._text, False)]
+        return self._sft_pieces(system_prompt, train_on_input, inference, user, answer)
+
+    def sft_pieces(self, task: str, row: dict, sft: dict, inference: bool = False) -> Pieces:
+        """The `task` sample of a row (one of SFT_TASKS), with the prompts and options of `sft` (a
+        config's data.sft section)."""
+        if task == "asr":
+            return self.sft_asr_pieces(row, sft["system_prompt"], sft["train_on_input"], inference)
+        if task == "tts":
+            return self.sft_tts_pieces(row, sft["tts_system_prompt"], sft["train_on_input"], inference)
+        if task == "continue":
+            return self.sft_continue_pieces(row, sft["continue_system_prompt"], sft["train_on_input"],
+                                            sft["continue_fraction"], inference)
+        raise ValueError(f"unknown SFT task {task!r} (one of {', '.join(SFT_TASKS)})")
 
     def cpt_concatenated(self, row: dict, text_first: bool) -> tuple[np.ndarray, np.ndarray]:
         return self.assemble(self.cpt_concatenated_pieces(row, text_first))

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+import config
 import matrix
 from speech_units import cli, corpus, encoders, features
 from tests.test_wer import fifo
@@ -189,6 +190,32 @@ def test_a_cell_started_with_other_settings_is_refused(tiny_matrix, tmp_path):
     result = run_matrix(out, changed)
     assert result.returncode == 2
     assert "was started with other settings (steps)" in result.stderr and not commands(result, "train.py")
+
+
+@needs_espeak
+def test_seeds_train_each_cell_again_beside_the_first_seed(tiny_matrix, tmp_path):
+    out, _ = tiny_matrix
+    copy = out.parent / "seeds"  # beside it: the same cache
+    shutil.copytree(out, copy)
+    spec = json.loads(GRID.read_text())
+    spec["grids"]["tiny"]["seeds"] = 2
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps(spec))
+    result = run_matrix(copy, grid)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("   done: ") == 2  # seed 0: the single-seed grid's cells
+    trained = commands(result, "train.py")
+    assert len(trained) == 3 and all(" seed=1" in c for c in trained)
+    assert [c for c in commands(result, "extend.py") if "--seed 1" in c]
+    for regime in ("sft", "cpt-interleaved+sft"):
+        cell = json.loads((copy / "cells" / "mfcc-k16-25hz" / f"{regime}+seed1" / "cell.json").read_text())
+        assert (cell["cell"], cell["seed"]) == (f"mfcc-k16-25hz/{regime}", 1)
+    first = json.loads((copy / "cells" / "mfcc-k16-25hz" / "sft" / "sft" / "checkpoints" / "step_0000006"
+                        / "training_config.json").read_text())
+    second = json.loads((copy / "cells" / "mfcc-k16-25hz" / "sft+seed1" / "sft" / "checkpoints" / "step_0000006"
+                         / "training_config.json").read_text())
+    assert (first["seed"], second["seed"]) == (config.SEED, 1)
+    assert second["model"]["path"].endswith("-seed1")
 
 
 def write_grid(tmp_path: Path, change) -> Path:

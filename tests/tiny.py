@@ -43,13 +43,14 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def extended_model(root: Path, n_dsus: int = N_DSUS) -> Path:
-    """A 2-layer, 64-wide random Llama with a 300-rank BPE vocabulary, extended with `n_dsus` DSUs."""
+def extended_model(root: Path, n_dsus: int = N_DSUS, heads: int = 4) -> Path:
+    """A 2-layer, 64-wide random Llama with a 300-rank BPE vocabulary, extended with `n_dsus` DSUs.
+    vLLM's CPU attention takes head sizes from 32 up: `heads=2` for a model that vLLM runs."""
     import extend
     from tiny_model import make_tiny_model
 
     text = " ".join(" ".join(r["tokenized"]) for r in rows(400, seed=1, prefix="text"))
-    base = make_tiny_model(root / "base", text, vocab_size=300, hidden=64, layers=2, heads=4, kv_heads=2,
+    base = make_tiny_model(root / "base", text, vocab_size=300, hidden=64, layers=2, heads=heads, kv_heads=heads // 2,
                            intermediate=128, seed=0)
     return extend.extend(base, n_dsus, modality_tokens=True, out_dir=root / f"extended-{n_dsus}", seed=0)
 
