@@ -1,6 +1,7 @@
 """Score generations against reference transcripts: corpus WER and CER, a bootstrap interval, the worst utterances.
 
     python wer.py run/.../generations.jsonl [--references DATASET [--by FIELD]] [--normalizer whisper|none]
+    python wer.py run/.../test-tts/generations.jsonl [--asr CHECKPOINT] [--references DATASET --by FIELD]
     python wer.py RUN_DIR                  (every checkpoint's generations: a table and a plot of WER by step)
     python wer.py --compare WER_JSON_OR_DIR [...] [--out DIR] [--overwrite]   (cells side by side)
 
@@ -21,13 +22,31 @@ rates. An utterance whose normalised reference is empty (e.g. a transcript of on
 no words to align against: each of its hypothesis words counts as an insertion, and it adds
 nothing to the reference word count.
 
+Speech units (the records of `generate.py --task tts|continue`: `speech_tokens`, the generated
+units, and `reference_speech_tokens`, those they should match) are scored by their unit edit rate
+(unit_scores.py): total Levenshtein edits between the unit sequences over total reference units,
+both sides deduplicated again first (consecutive repeats collapsed, so a model trained without
+deduplication is scored on the same footing), with the same bootstrap interval, worst utterances and
+`--references DATASET --by FIELD` groups (the dataset only names the groups; ids are joined). No
+vocoder is needed. With `--asr CHECKPOINT` (tts records only), the round-trip WER too: the generated
+units are written as a dataset {id, speech_tokens, transcript: the record's text[, the --by field]}
+to `round_trip/units.jsonl` beside the report, transcribed greedily by `generate.py CHECKPOINT --data
+round_trip/units.jsonl --out round_trip/ --backend torch` (`--backend` to change), and the transcripts
+scored against the texts as above (WER, CER, by group). A record without generated units is not
+transcribed: its transcript is empty (all deletions), and the report counts them. An earlier round
+trip of the same units by the same checkpoint in `round_trip/` is reused; another is replaced only
+with `--overwrite`. Such a report's `metric` is `unit_edit_rate` (a transcript report has no `metric`:
+WER), and its `round_trip` holds the round trip's WER report and the checkpoint (null without --asr).
+
 Output: a printed report and `wer.json` beside the input (`--out` to change; never overwritten
 without `--overwrite`). Bad input exits with status 2 and writes nothing.
 
 A run directory (as `generate.py RUN_DIR` fills it: <run>/generations/<step>/<dataset>/<split>/, or the
 reference's generations/epoch_E/global_step_N/<dataset>/<split>/) is scored checkpoint by checkpoint:
 `wer_by_step.tsv` (step, dataset/split, utterances, WER, CER, interval) and `wer_by_step.png`
-(WER against step, one line per dataset/split) in the run directory, or in `--out DIR`.
+(WER against step, one line per dataset/split) in the run directory, or in `--out DIR`. A speech
+task's generations (`<split>-tts`, `<split>-continue`) get their unit edit rate in the WER column
+and no CER; the table then has a last column, `metric`, naming each row's.
 
 Comparing cells (`--compare`, e.g. `python wer.py --compare runs/matrix`): each PATH is a `wer.json`
 or a directory searched recursively for them (in path order); each report is one row, named and
@@ -44,7 +63,8 @@ of the first wer.json), never overwritten without `--overwrite`, all three or no
 with different normalisers are refused: their WERs are not comparable. So is a report or cell.json
 whose figures are not finite numbers >= 0 (counts: integers, never booleans), or whose interval is
 not {low <= high, confidence in (0, 1)}. Cells of the same name are told apart by their reports'
-directories.
+directories. A speech task's report is a row whose WER column holds its unit edit rate (and seen /
+unseen voices theirs; no CER); the tables then get a `metric` column naming each row's.
 
 Every file read must be a regular file: a FIFO, a device or a symlink loop is refused, never waited on.
 """
@@ -55,6 +75,7 @@ import io
 import json
 import math
 import os
+import subprocess
 import sys
 from collections import Counter
 from contextlib import ExitStack
@@ -68,6 +89,7 @@ from data import reference_run
 from data.dataset import DataError, Source, load_rows
 import files
 import model_dir
+import unit_scores
 from files import NotRegularFile, atomic_write, directory_problem, regular_file
 
 NORMALIZERS = ("whisper", "none")
@@ -235,14 +257,13 @@ def score(hyps: list[str], refs: list[str], normalizer: str = "whisper", *, ids:
             for i in ranked[:worst]
         ],
     }
-    if bootstrap > 0:
-        low, high = bootstrap_interval(errors, ref_words, bootstrap, seed)
-        result["wer_interval"] = {"low": low, "high": high, "confidence": CONFIDENCE, "resamples": bootstrap, "seed": seed}
+    result["wer_interval"] = interval_of(errors, ref_words, bootstrap, seed)
     return result
 
 
 def read_generations(path: Path, need_reference: bool) -> list[dict]:
-    """The generations file's records as {id, text[, reference], line}, checked field by field."""
+    """The generations file's records as {id, text[, reference], line}, checked field by field; or,
+    for a speech task's generations, as unit_scores.unit_record gives them (all of one task)."""
     required = ("id", "text", "reference") if need_reference else ("id", "text")
     records, first_line_of, kinds = [], {}, set()
     try:
@@ -259,6 +280,21 @@ def read_generations(path: Path, need_reference: bool) -> list[dict]:
                     raise InputError(f"{where}: not valid JSON ({error.msg})") from None
                 if not isinstance(obj, dict):
                     raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+                if unit_scores.is_unit_record(obj):  # generate.py --task tts|continue
+                    try:
+                        record = unit_scores.unit_record(obj, where)
+                    except unit_scores.RecordError as error:
+                        raise InputError(str(error)) from None
+                    if records and "task" in records[0] and record["task"] != records[0]["task"]:
+                        raise InputError(f"{where}: a {record['task']} record among {records[0]['task']} records; "
+                                         "score each task's generations on their own")
+                    if record["id"] in first_line_of:
+                        raise InputError(f"{where}: duplicate id {record['id']!r} (first on line "
+                                         f"{first_line_of[record['id']]})")
+                    first_line_of[record["id"]] = line_number
+                    records.append(record)
+                    kinds.add("units")
+                    continue
                 if "outputs" in obj and "text" not in obj:  # a vLLM record, from the reference's generate.py
                     try:
                         records.append({"id": None, "text": reference_run.vllm_text(obj, where)})
@@ -280,6 +316,9 @@ def read_generations(path: Path, need_reference: bool) -> list[dict]:
         raise InputError(f"{path}: cannot read ({error.strerror})") from None
     if not records:
         raise InputError(f"{path}: no generations (the file is empty)")
+    if "units" in kinds and len(kinds) > 1:
+        raise InputError(f"{path}: mixes speech unit records ({{id, task, speech_tokens, reference_speech_tokens}}) "
+                         "with transcript records")
     if len(kinds) > 1:
         raise InputError(f"{path}: mixes vLLM records (no ids) with {{id, text}} records")
     if kinds == {"vLLM"} and need_reference:
@@ -395,11 +434,7 @@ def percent(fraction: float) -> str:
 
 
 def format_report(result: dict) -> str:
-    interval = result["wer_interval"]
-    ci = ""
-    if interval:
-        ci = (f"   {interval['confidence']:.0%} CI [{percent(interval['low'])}, {percent(interval['high'])}]"
-              f"  ({interval['resamples']} resamples, seed {interval['seed']})")
+    ci = interval_text(result["wer_interval"])
     rows = [
         ("input", result["input"]),
         ("references", result["references"] or "from the generations file"),
@@ -431,9 +466,203 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
+# -- speech units: unit edit rate and round-trip WER -------------------------------------------------
+
+ROUND_TRIP_DIR, ROUND_TRIP_DATA = "round_trip", "units.jsonl"
+ROUND_TRIP_FIELDS = ("id", "speech_tokens", "transcript")
+# what generate.py writes into its --out (it is a stage script: run as a command, never imported)
+GENERATE_SCRIPT = Path(__file__).resolve().with_name("generate.py")
+GENERATED, GENERATION_SETTINGS = "generations.jsonl", "generation_config.json"
+
+
+def interval_of(errors: np.ndarray, lengths: np.ndarray, bootstrap: int, seed: int) -> dict | None:
+    """The report's bootstrap interval of total errors over total lengths, None when `bootstrap` is 0."""
+    if bootstrap <= 0:
+        return None
+    low, high = bootstrap_interval(errors, lengths, bootstrap, seed)
+    return {"low": low, "high": high, "confidence": CONFIDENCE, "resamples": bootstrap, "seed": seed}
+
+
+def score_unit_generations(args, records: list[dict], references: Source | None, out: Path,
+                           scored_with: dict) -> dict:
+    """The report of a speech task's generations: the unit edit rate (unit_scores.py), by --by group,
+    and with --asr the round-trip WER of the generated units transcribed by that checkpoint."""
+    task = records[0]["task"]
+    if args.asr is not None and task != "tts":
+        raise InputError(f"--asr scores generated speech against the text it was spoken from, which only tts "
+                         f"records have; {args.generations} holds {task} records")
+    groups = None
+    if references is not None:  # only for --by: the reference units are the records'
+        _, groups = join_references(records, args.generations, references, args.by)
+    hyps = [record["speech_tokens"] for record in records]
+    refs = [record["reference_speech_tokens"] for record in records]
+    try:
+        result = unit_scores.score_units(
+            hyps, refs, [record["id"] for record in records], worst=args.worst,
+            interval=lambda errors, lengths: interval_of(errors, lengths, args.bootstrap, args.seed))
+    except ValueError as error:
+        raise InputError(f"{args.generations}: {error}") from None
+    if groups is not None:
+        result = {**result, "by": args.by, "groups": unit_scores.score_unit_groups(hyps, refs, groups)}
+    round_trip = None
+    if args.asr is not None:
+        if os.path.lexists(out) and not args.overwrite and earlier_settings(out) != scored_with:
+            # refused before transcribing anything, rather than after
+            raise InputError(f"{out} already exists, scored with other settings; pass --overwrite to replace it")
+        round_trip = round_trip_wer(args, records, groups, out.parent / ROUND_TRIP_DIR)
+    return {"input": str(args.generations), "references": references_name(references), "task": task, **result,
+            "round_trip": round_trip, "scored_with": scored_with}
+
+
+def round_trip_rows(args, records: list[dict], groups: list[str] | None) -> list[dict]:
+    """The dataset generate.py transcribes: each record's generated units as speech, its text as the
+    transcript (and its --by field, unless that names one of these); records without units are left
+    out (no speech to transcribe)."""
+    untexted = [record["id"] for record in records if record["text"] is None]
+    if untexted:
+        raise InputError(f"{args.generations}: {len(untexted)} record(s) have no 'text' to score the round trip "
+                         f"against: {id_list(untexted)}")
+    return [{"id": record["id"], "speech_tokens": record["speech_tokens"], "transcript": record["text"],
+             **({args.by: groups[i]} if groups is not None and args.by not in ROUND_TRIP_FIELDS else {})}
+            for i, record in enumerate(records) if record["speech_tokens"]]
+
+
+def read_transcripts(folder: Path, ids: list[str]) -> dict[str, str]:
+    """{id: transcript} of generate.py's output in `folder`, which must hold exactly `ids`."""
+    records = read_generations(folder / GENERATED, need_reference=False)
+    got = [record["id"] for record in records]
+    if sorted(got) != sorted(ids):
+        raise InputError(f"{folder / GENERATED}: its ids are not those of {folder / ROUND_TRIP_DATA}")
+    return {record["id"]: record["text"] for record in records}
+
+
+def earlier_round_trip(folder: Path, data: bytes, checkpoint: Path, backend: str, ids: list[str]) -> dict | None:
+    """The transcripts of an earlier round trip in `folder` of the same units by the same checkpoint
+    (greedy, by the same backend unless `auto`), or None when there is none such."""
+    paths = [folder / name for name in (ROUND_TRIP_DATA, GENERATION_SETTINGS, GENERATED)]
+    if not all(path.is_file() for path in paths) or paths[0].read_bytes() != data:
+        return None
+    try:
+        settings = files.read_json(paths[1])
+        if (settings.get("checkpoint") != str(checkpoint.resolve()) or settings.get("task", "asr") != "asr"
+                or settings.get("temperature") != 0 or backend not in ("auto", settings.get("backend"))):
+            return None
+        return read_transcripts(folder, ids)
+    except (files.JsonFileError, InputError):
+        return None
+
+
+def round_trip_wer(args, records: list[dict], groups: list[str] | None, folder: Path) -> dict:
+    """WER and CER of the tts records' generated units transcribed by the --asr checkpoint
+    (`generate.py CHECKPOINT --data FOLDER/units.jsonl --out FOLDER`), against the text each was
+    spoken from; a record without units is an empty transcript (all deletions). An earlier round
+    trip in FOLDER of the same units by the same checkpoint is reused; another is replaced only
+    with --overwrite."""
+    checkpoint = args.asr
+    if not (checkpoint / model_dir.CONFIG).is_file():
+        raise InputError(f"--asr {checkpoint}: not a checkpoint directory (no {model_dir.CONFIG}); a run's "
+                         "checkpoints are its checkpoints/step_N")
+    problem = directory_problem(folder)
+    if problem:
+        raise InputError(f"round trip: {problem}")
+    rows = round_trip_rows(args, records, groups)
+    data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode()
+    ids = [row["id"] for row in rows]
+    transcripts = {}
+    if rows:
+        transcripts = earlier_round_trip(folder, data, checkpoint, args.backend, ids)
+        if transcripts is None:
+            taken = [str(folder / name) for name in (ROUND_TRIP_DATA, GENERATED) if os.path.lexists(folder / name)]
+            if taken and not args.overwrite:
+                raise InputError(f"{', '.join(taken)} already exist(s), from other units, another checkpoint or "
+                                 "backend; pass --overwrite to transcribe again")
+            transcripts = transcribe(folder, data, checkpoint, args.backend, ids)
+        else:
+            print(f"round trip: reusing the transcripts in {folder / GENERATED}", file=sys.stderr)
+    hyps = [transcripts.get(record["id"], "") for record in records]
+    try:
+        result = score(hyps, [record["text"] for record in records], args.normalizer,
+                       ids=[record["id"] for record in records], bootstrap=args.bootstrap, seed=args.seed,
+                       worst=args.worst)
+    except ValueError as error:
+        raise InputError(f"{args.generations}: round trip: {error}") from None
+    if groups is not None:
+        result = {**result, "by": args.by, "groups": score_groups(hyps, [r["text"] for r in records], groups,
+                                                                   args.normalizer)}
+    return {"asr_checkpoint": str(checkpoint.resolve()), "backend": args.backend,
+            "transcripts": str(folder / GENERATED) if rows else None,
+            "n_empty_hypotheses": len(records) - len(rows), **result}
+
+
+def transcribe(folder: Path, data: bytes, checkpoint: Path, backend: str, ids: list[str]) -> dict[str, str]:
+    """Writes `data` to FOLDER/units.jsonl and transcribes it greedily with generate.py."""
+    write_into(folder, {folder / ROUND_TRIP_DATA: data})
+    command = [sys.executable, str(GENERATE_SCRIPT), str(checkpoint), "--data", str(folder / ROUND_TRIP_DATA),
+               "--out", str(folder), "--backend", backend, "--overwrite"]
+    print(f"round trip: {' '.join(command)}", file=sys.stderr, flush=True)
+    try:  # its messages to stderr, beside ours: stdout is the report's
+        messages = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a stderr without a file (captured)
+        messages = None
+    status = subprocess.run(command, stdout=messages).returncode
+    if status != 0:
+        raise InputError(f"round trip: generate.py exited with status {status} transcribing "
+                         f"{folder / ROUND_TRIP_DATA} with {checkpoint} (its messages are above)")
+    return read_transcripts(folder, ids)
+
+
+def interval_text(interval: dict | None) -> str:
+    if not interval:
+        return ""
+    return (f"   {interval['confidence']:.0%} CI [{percent(interval['low'])}, {percent(interval['high'])}]"
+            f"  ({interval['resamples']} resamples, seed {interval['seed']})")
+
+
+def format_unit_report(result: dict) -> str:
+    """The unit edit rate's report, then the round trip's (as format_report's) when there is one."""
+    rows = [
+        ("input", result["input"]),
+        ("references", "units from the generations file" + (f"; groups from {result['references']}"
+                                                           if result["references"] else "")),
+        ("task", result["task"]),
+        ("utterances", f"{result['n_utterances']}  ({result['n_empty_hypotheses']} with no generated units, "
+                       f"{result['n_empty_references']} with no reference units)"),
+        ("reference units", f"{result['n_ref_units']}  (both sides deduplicated: consecutive repeats collapsed)"),
+        ("generated units", result["n_hyp_units"]),
+        ("unit edit rate", percent(result["unit_edit_rate"]) + interval_text(result["unit_edit_rate_interval"])),
+        *((kind, result[kind]) for kind in unit_scores.KINDS),
+    ]
+    lines = [f"  {name:<16} {value}" for name, value in rows]
+    if result["worst"]:
+        lines.append(f"\n{len(result['worst'])} worst utterance(s) by unit edits:")
+        id_width = max(len(entry["id"]) for entry in result["worst"])
+        for entry in result["worst"]:
+            rate = percent(entry["unit_edit_rate"]) if entry["unit_edit_rate"] is not None else "n/a"
+            lines.append(f"  {entry['id']:<{id_width}}   errors {entry['errors']:>4}   unit edit rate {rate:>7}   "
+                         f"({entry['ref_units']} reference units, {entry['hyp_units']} generated)")
+    if result.get("groups"):
+        lines.append(f"\nby {result['by']}:")
+        width = max(len(value) for value in result["groups"])
+        for value, g in result["groups"].items():
+            rate = percent(g["unit_edit_rate"]) if g["unit_edit_rate"] is not None else "n/a"
+            lines.append(f"  {value:<{width}}   unit edit rate {rate:>7}   ({g['n_utterances']} utterances, "
+                         f"{g['n_ref_units']} units)")
+    trip = result["round_trip"]
+    if trip is not None:
+        lines.append(f"\nround-trip WER: the generated units transcribed by {trip['asr_checkpoint']} "
+                     f"({trip['backend']} backend, greedy), scored against the text they were spoken from")
+        if trip["n_empty_hypotheses"]:
+            lines.append(f"  {trip['n_empty_hypotheses']} utterance(s) with no generated units: empty transcripts "
+                         "(all deletions)")
+        lines.append(format_report({**trip, "input": trip["transcripts"] or "(no units to transcribe)",
+                                    "references": "the tts records' text"}))
+    return "\n".join(lines)
+
+
 # -- a whole run -----------------------------------------------------------------------------------
 
 RUN_TABLE, RUN_PLOT = "wer_by_step.tsv", "wer_by_step.png"
+GENERATIONS_ONLY = ("references", "dataset", "by", "asr", "backend")  # flags for one generations file
 
 
 def run_generations(run_dir: Path) -> list[tuple[int, str, Path]]:
@@ -449,7 +678,9 @@ def run_generations(run_dir: Path) -> list[tuple[int, str, Path]]:
 
 
 def score_run(run_dir: Path, normalizer: str, bootstrap: int, seed: int) -> list[dict]:
-    """WER and CER of each checkpoint's generations, one row per (step, dataset/split)."""
+    """WER and CER of each checkpoint's generations, one row per (step, dataset/split); for a speech
+    task's generations (`<split>-tts`, `<split>-continue`), the unit edit rate in the WER column,
+    no CER, and the row's `metric` says so."""
     found = run_generations(run_dir)
     if not found:
         raise InputError(f"{run_dir}: no generations/<step>/<dataset>/<split>/generations.jsonl "
@@ -457,6 +688,18 @@ def score_run(run_dir: Path, normalizer: str, bootstrap: int, seed: int) -> list
     rows = []
     for step, name, path in found:
         records = read_generations(path, need_reference=True)
+        if "speech_tokens" in records[0]:
+            try:
+                result = unit_scores.score_units(
+                    [r["speech_tokens"] for r in records], [r["reference_speech_tokens"] for r in records], worst=0,
+                    interval=lambda errors, lengths: interval_of(errors, lengths, bootstrap, seed))
+            except ValueError as error:
+                raise InputError(f"{path}: {error}") from None
+            interval = result["unit_edit_rate_interval"] or {"low": None, "high": None}
+            rows.append({"step": step, "set": name, "n_utterances": result["n_utterances"],
+                         "wer": result["unit_edit_rate"], "cer": None, "wer_low": interval["low"],
+                         "wer_high": interval["high"], "metric": unit_scores.LABEL})
+            continue
         try:
             result = score([r["text"] for r in records], [r["reference"] for r in records], normalizer,
                            bootstrap=bootstrap, seed=seed, worst=0)
@@ -464,22 +707,33 @@ def score_run(run_dir: Path, normalizer: str, bootstrap: int, seed: int) -> list
             raise InputError(f"{path}: {error}") from None
         interval = result["wer_interval"] or {"low": None, "high": None}
         rows.append({"step": step, "set": name, "n_utterances": result["n_utterances"], "wer": result["wer"],
-                     "cer": result["cer"], "wer_low": interval["low"], "wer_high": interval["high"]})
+                     "cer": result["cer"], "wer_low": interval["low"], "wer_high": interval["high"],
+                     "metric": "WER"})
     return rows
 
 
 def format_run_table(rows: list[dict], sep: str | None = None) -> str:
-    """The rows as TSV (`sep="\\t"`, full precision) or as aligned text for people (WER in %)."""
-    columns = ["step", "set", "n_utterances", "wer", "cer", "wer_low", "wer_high"]
+    """The rows as TSV (`sep="\\t"`, full precision) or as aligned text for people (WER in %). A run
+    with speech task generations gets a `metric` column (TSV: the last): WER, or unit edit rate (then
+    in the WER column)."""
+    labelled = any(r["metric"] != "WER" for r in rows)
+    columns = ["step", "set", "n_utterances", "wer", "cer", "wer_low", "wer_high"] + (["metric"] if labelled else [])
     if sep is not None:
         return "\n".join([sep.join(columns)] + [sep.join("" if r[c] is None else str(r[c]) for c in columns)
                                                   for r in rows]) + "\n"
     width = max(len(r["set"]) for r in rows)
-    lines = [f"{'step':>8}  {'set':<{width}}  {'utts':>5}  {'WER':>7}  {'CER':>7}  95% CI of WER"]
+    metric_width = max(len(r["metric"]) for r in rows)
+
+    def metric(text):  # a column only where some row is not WER
+        return f"{text:<{metric_width}}  " if labelled else ""
+
+    lines = [f"{'step':>8}  {'set':<{width}}  {metric('metric')}{'utts':>5}  {'WER':>7}  {'CER':>7}  95% CI of WER"
+             + (" (or of the row's metric)" if labelled else "")]
     for r in rows:
         ci = f"[{percent(r['wer_low'])}, {percent(r['wer_high'])}]" if r["wer_low"] is not None else ""
-        lines.append(f"{r['step']:>8}  {r['set']:<{width}}  {r['n_utterances']:>5}  {percent(r['wer']):>7}  "
-                     f"{percent(r['cer']):>7}  {ci}")
+        cer = "" if r["cer"] is None else percent(r["cer"])
+        lines.append(f"{r['step']:>8}  {r['set']:<{width}}  {metric(r['metric'])}{r['n_utterances']:>5}  "
+                     f"{percent(r['wer']):>7}  {cer:>7}  {ci}")
     return "\n".join(lines)
 
 
@@ -494,10 +748,11 @@ def plot_run(rows: list[dict], title: str) -> bytes:
     for name in sorted({r["set"] for r in rows}):
         mine = [r for r in rows if r["set"] == name]
         steps = [r["step"] for r in mine]
-        ax.plot(steps, [100 * r["wer"] for r in mine], "o-", markersize=4, label=f"{name} WER")
+        ax.plot(steps, [100 * r["wer"] for r in mine], "o-", markersize=4, label=f"{name} {mine[0]['metric']}")
         if all(r["wer_low"] is not None for r in mine):
             ax.fill_between(steps, [100 * r["wer_low"] for r in mine], [100 * r["wer_high"] for r in mine], alpha=0.2)
-    ax.set(xlabel="checkpoint (optimizer step)", ylabel="WER (%)", title=title)
+    metrics = " / ".join(dict.fromkeys(r["metric"] for r in sorted(rows, key=lambda r: r["metric"] != "WER")))
+    ax.set(xlabel="checkpoint (optimizer step)", ylabel=f"{metrics} (%)", title=title)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -513,8 +768,9 @@ def main_run(args) -> int:
     out_dir = args.out or args.generations
     table, png = out_dir / RUN_TABLE, out_dir / RUN_PLOT
     try:
-        if args.references is not None or args.dataset is not None or args.by is not None:
-            raise InputError("--references, --dataset and --by score one generations file, not a run directory")
+        if any(getattr(args, key) is not None for key in GENERATIONS_ONLY):
+            raise InputError("--references, --dataset, --by, --asr and --backend score one generations file, "
+                             "not a run directory")
         check_output(out_dir, directory=True)
         check_overwrite([table, png], args.overwrite)
         rows = score_run(args.generations, args.normalizer, args.bootstrap, args.seed)
@@ -595,37 +851,39 @@ def text(value, path: Path, key: str) -> str | None:
     return value
 
 
-def wer_interval(report: dict, path: Path) -> dict:
-    """The report's WER interval {low, high, confidence}; {} when it was scored without one (null)."""
-    interval = report.get("wer_interval")
+def wer_interval(report: dict, path: Path, name: str = "wer_interval") -> dict:
+    """The report's WER interval {low, high, confidence} (or another, `name`d, as the unit edit rate's);
+    {} when it was scored without one (null)."""
+    interval = report.get(name)
     if interval is None:
         return {}
     if not isinstance(interval, dict):
-        raise InputError(f"{path}: 'wer_interval' must be an object or null, got {shown(interval)}")
-    low, high = (number(interval.get(key), path, f"wer_interval.{key}") for key in ("low", "high"))
+        raise InputError(f"{path}: '{name}' must be an object or null, got {shown(interval)}")
+    low, high = (number(interval.get(key), path, f"{name}.{key}") for key in ("low", "high"))
     if low is None or high is None or low > high:
-        raise InputError(f"{path}: 'wer_interval' needs numbers low <= high, as wer.py writes it, got {shown(interval)}")
+        raise InputError(f"{path}: '{name}' needs numbers low <= high, as wer.py writes it, got {shown(interval)}")
     confidence = interval.get("confidence")
     if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
-        raise InputError(f"{path}: 'wer_interval.confidence' must be a number between 0 and 1 (0.95 for 95%), "
+        raise InputError(f"{path}: '{name}.confidence' must be a number between 0 and 1 (0.95 for 95%), "
                          f"got {shown(confidence)}")
     return {"low": low, "high": high, "confidence": confidence}
 
 
-def speaker_counts(groups, path: Path) -> dict[str, tuple[int, int]]:
-    """{speaker: (errors, reference words)} of a report scored `--by speaker`. A speaker whose
-    references are all empty has no words, and no error count (null) in wer.json."""
+def speaker_counts(groups, path: Path, length: str = "n_ref_words") -> dict[str, tuple[int, int]]:
+    """{speaker: (errors, reference words)} of a report scored `--by speaker` (reference units:
+    `length` n_ref_units). A speaker whose references are all empty has no words, and no error
+    count (null) in wer.json."""
     if not isinstance(groups, dict):
-        raise InputError(f"{path}: 'groups' is not {{speaker: {{errors, n_ref_words, ...}}}} as wer.py --by "
+        raise InputError(f"{path}: 'groups' is not {{speaker: {{errors, {length}, ...}}}} as wer.py --by "
                          f"writes it, got {shown(groups)}")
     counts = {}
     for speaker, group in groups.items():
         if not isinstance(group, dict):
             raise InputError(f"{path}: 'groups.{speaker}' must be an object, got {shown(group)}")
-        words = count(group.get("n_ref_words"), path, f"groups.{speaker}.n_ref_words")
+        words = count(group.get(length), path, f"groups.{speaker}.{length}")
         errors = count(group.get("errors"), path, f"groups.{speaker}.errors")
         if words is None or (words and errors is None):
-            raise InputError(f"{path}: 'groups.{speaker}' needs n_ref_words and, when it is not 0, errors")
+            raise InputError(f"{path}: 'groups.{speaker}' needs {length} and, when it is not 0, errors")
         counts[speaker] = (errors if words else 0, words)  # no words: nothing to pool
     return counts
 
@@ -636,13 +894,15 @@ def pooled_wer(counts: list[tuple[int, int]]) -> float | None:
     return sum(e for e, _ in counts) / words if words else None
 
 
-def seen_unseen_wer(report: dict, unseen, report_path: Path, cell_path: Path) -> tuple[float | None, float | None]:
-    """WER on the speakers not in `unseen` and on those in it, from a report scored `--by speaker`."""
+def seen_unseen_wer(report: dict, unseen, report_path: Path, cell_path: Path,
+                    length: str = "n_ref_words") -> tuple[float | None, float | None]:
+    """WER (or unit edit rate: `length` n_ref_units) on the speakers not in `unseen` and on those
+    in it, from a report scored `--by speaker`."""
     if unseen is not None and (not isinstance(unseen, list) or not all(isinstance(s, str) for s in unseen)):
         raise InputError(f"{cell_path}: 'unseen_speakers' must be a list of speaker names, got {shown(unseen)}")
     if unseen is None or report.get("by") != "speaker":
         return None, None
-    counts = speaker_counts(report.get("groups"), report_path)
+    counts = speaker_counts(report.get("groups"), report_path, length)
     return (pooled_wer([c for speaker, c in counts.items() if speaker not in unseen]),
             pooled_wer([c for speaker, c in counts.items() if speaker in unseen]))
 
@@ -665,19 +925,25 @@ def format_options(options, cell_path: Path) -> str:
 def compare_row(report_path: Path, fallback_name: str) -> dict:
     """One table row from a wer.json and the cell.json beside it (every cell.json field optional)."""
     report = read_json_object(report_path)
-    if report.get("wer") is None:
-        raise InputError(f"{report_path}: no 'wer' field; not a report written by wer.py")
-    wer = number(report["wer"], report_path, "wer")
-    if report.get("normalizer") not in NORMALIZERS:
+    # a speech task's report (metric unit_edit_rate) is a row too: its rate in the WER column, labelled
+    units = report.get("metric") == unit_scores.METRIC
+    if report.get("metric") not in (None, "wer", unit_scores.METRIC):
+        raise InputError(f"{report_path}: 'metric' must be wer or {unit_scores.METRIC}, got "
+                         f"{shown(report['metric'])}")
+    rate, length = ("unit_edit_rate", "n_ref_units") if units else ("wer", "n_ref_words")
+    if report.get(rate) is None:
+        raise InputError(f"{report_path}: no '{rate}' field; not a report written by wer.py")
+    wer = number(report[rate], report_path, rate)
+    if not units and report.get("normalizer") not in NORMALIZERS:
         raise InputError(f"{report_path}: 'normalizer' must be {' or '.join(NORMALIZERS)}, got "
                          f"{shown(report.get('normalizer'))}")
     cell_path = report_path.with_name("cell.json")
     cell = read_json_object(cell_path) if os.path.lexists(cell_path) else {}
-    interval = wer_interval(report, report_path)
+    interval = wer_interval(report, report_path, f"{rate}_interval")
     seconds = {} if cell.get("seconds") is None else cell["seconds"]
     if not isinstance(seconds, dict):
         raise InputError(f"{cell_path}: 'seconds' must be an object of seconds per stage, got {shown(seconds)}")
-    seen, unseen = seen_unseen_wer(report, cell.get("unseen_speakers"), report_path, cell_path)
+    seen, unseen = seen_unseen_wer(report, cell.get("unseen_speakers"), report_path, cell_path, length)
     return {
         "cell": text(cell.get("cell"), cell_path, "cell") or fallback_name,
         "units": text(cell.get("units"), cell_path, "units") or "",
@@ -686,13 +952,14 @@ def compare_row(report_path: Path, fallback_name: str) -> dict:
         "wer": wer,
         "wer_low": interval.get("low"), "wer_high": interval.get("high"),
         "wer_seen": seen, "wer_unseen": unseen,
-        "cer": number(report.get("cer"), report_path, "cer"),
+        "cer": None if units else number(report.get("cer"), report_path, "cer"),
         "speech_tokens_per_utterance": number(cell.get("speech_tokens_per_utterance"), cell_path,
                                               "speech_tokens_per_utterance"),
         "training_tokens": count(cell.get("training_tokens"), cell_path, "training_tokens"),
         "seconds": number(seconds.get("total"), cell_path, "seconds.total"),
         # not columns: what the header line and the normaliser check need
-        "normalizer": report["normalizer"], "confidence": interval.get("confidence"), "source": report_path,
+        "normalizer": None if units else report["normalizer"], "confidence": interval.get("confidence"),
+        "source": report_path, "metric": unit_scores.LABEL if units else "WER",
     }
 
 
@@ -700,9 +967,10 @@ def compare_rows(paths: list[Path]) -> list[dict]:
     """Every report's row; reports scored with different normalisers are refused (their WERs differ
     in kind), and cells of the same name are told apart by where their reports are."""
     rows = [compare_row(path, name) for path, name in find_reports(paths)]
-    for row in rows[1:]:
-        if row["normalizer"] != rows[0]["normalizer"]:
-            raise InputError(f"{rows[0]['source']} was scored with the {rows[0]['normalizer']} normaliser but "
+    scored = [row for row in rows if row["normalizer"] is not None]  # unit edit rates have none
+    for row in scored[1:]:
+        if row["normalizer"] != scored[0]["normalizer"]:
+            raise InputError(f"{scored[0]['source']} was scored with the {scored[0]['normalizer']} normaliser but "
                              f"{row['source']} with {row['normalizer']}: their WERs are not comparable")
     named = Counter(row["cell"] for row in rows)
     for row in rows:
@@ -712,12 +980,18 @@ def compare_rows(paths: list[Path]) -> list[dict]:
     return rows
 
 
+def labelled(rows: list[dict]) -> bool:
+    """Whether some row is not a WER (a unit edit rate): then the tables get a `metric` column."""
+    return any(row["metric"] != "WER" for row in rows)
+
+
 def format_compare_csv(rows: list[dict]) -> str:
     """Fractions and plain numbers at full precision, empty where unknown."""
+    columns = CSV_COLUMNS + (["metric"] if labelled(rows) else [])
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    writer.writerows(["" if row[column] is None else row[column] for column in CSV_COLUMNS] for row in rows)
+    writer.writerow(columns)
+    writer.writerows(["" if row[column] is None else row[column] for column in columns] for row in rows)
     return buffer.getvalue()
 
 
@@ -738,17 +1012,23 @@ def format_compare_markdown(rows: list[dict]) -> str:
         return "" if value is None else format(value, spec)
 
     confidence = confidence_label(rows)
-    header = (f"WER and CER (%) after the {rows[0]['normalizer']} normaliser; WER interval: "
+    normalizer = next((row["normalizer"] for row in rows if row["normalizer"] is not None), None)
+    header = (("WER and CER (%)" + (f" after the {normalizer} normaliser" if normalizer else ""))
+              + ("; a row whose metric is 'unit edit rate' holds that in the WER columns (generated speech units "
+                 "against the reference units, both deduplicated), and no CER" if labelled(rows) else "")
+              + "; WER interval: "
               + (f"{confidence} bootstrap over utterances" if confidence else "none (scored with --bootstrap 0)")
               + "; seen/unseen: WER on the voices trained on and on those held out (cell.json's unseen_speakers).")
-    columns = [("cell", "---"), ("units", "---"), ("regime", "---"), ("options", "---"), ("WER %", "---:"),
+    columns = [("cell", "---"), ("units", "---"), ("regime", "---"), ("options", "---"),
+               *([("metric", "---")] if labelled(rows) else []), ("WER %", "---:"),
                (f"{confidence or 'no'} interval", "---"), ("seen %", "---:"), ("unseen %", "---:"), ("CER %", "---:"),
                ("speech tokens/utt", "---:"), ("training tokens", "---:"), ("wall-clock min", "---:")]
     lines = [header, "", "| " + " | ".join(name for name, _ in columns) + " |",
              "|" + "|".join(align for _, align in columns) + "|"]
     for row in rows:
         minutes = None if row["seconds"] is None else row["seconds"] / 60
-        cells = [row["cell"], row["units"], row["regime"], row["options"], pct(row["wer"]), interval(row),
+        cells = [row["cell"], row["units"], row["regime"], row["options"],
+                 *([row["metric"]] if labelled(rows) else []), pct(row["wer"]), interval(row),
                  pct(row["wer_seen"]), pct(row["wer_unseen"]), pct(row["cer"]),
                  optional(row["speech_tokens_per_utterance"], ".1f"), optional(row["training_tokens"], ",.0f"),
                  optional(minutes, ".1f")]
@@ -781,11 +1061,14 @@ def plot_compare(rows: list[dict]) -> bytes:
         marked = [(100 * row[key], y) for y, row in enumerate(rows) if row[key] is not None]
         if marked:
             ax.scatter(*zip(*marked), marker=marker, color="black", zorder=3, label=label)
-    ax.set_yticks(range(len(rows)), [row["cell"] for row in rows])
+    ax.set_yticks(range(len(rows)), [row["cell"] + ("" if row["metric"] == "WER" else f" ({row['metric']})")
+                                     for row in rows])
     ax.invert_yaxis()  # first cell on top, as in the table
     confidence = confidence_label(rows)
-    ax.set(xlabel="WER (%)" + (f", {confidence} bootstrap interval" if confidence else ""),
-           title=f"WER by cell ({rows[0]['normalizer']} normaliser)")
+    normalizer = next((row["normalizer"] for row in rows if row["normalizer"] is not None), None)
+    metric = "WER or unit edit rate" if labelled(rows) else "WER"
+    ax.set(xlabel=f"{metric} (%)" + (f", {confidence} bootstrap interval" if confidence else ""),
+           title=f"{metric} by cell" + (f" ({normalizer} normaliser)" if normalizer else ""))
     ax.set_xlim(left=0)
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: bars fill the axes
@@ -808,8 +1091,9 @@ def compare_out_dir(paths: list[Path]) -> Path:
 def main_compare(args) -> int:
     """wer.py --compare: the table (markdown, CSV) and the chart, or exit status 2 and nothing written."""
     try:
-        if args.references is not None or args.dataset is not None or args.by is not None:
-            raise InputError("--references, --dataset and --by score generations; --compare reads wer.json reports")
+        if any(getattr(args, key) is not None for key in GENERATIONS_ONLY):
+            raise InputError("--references, --dataset, --by, --asr and --backend score generations; --compare reads "
+                             "wer.json reports")
         rows = compare_rows(args.compare)
         out_dir = args.out or compare_out_dir(args.compare)
         check_output(out_dir, directory=True)
@@ -830,6 +1114,11 @@ def main_compare(args) -> int:
 # (`scored_with`), so that scoring the same generations again without flags scores them the same way.
 SCORING_DEFAULTS = {"references": None, "dataset": None, "split": None, "gt_transcript_colname": None, "by": None,
                     "normalizer": "whisper", "bootstrap": 1000, "seed": 0, "worst": 10}
+# Recorded by reports of speech units only, so a transcripts report is what it always was. The
+# round trip's backend is recorded as run (ROUND_TRIP_BACKEND unless --backend), None without --asr.
+ROUND_TRIP_DEFAULTS = {"asr": None, "backend": None}
+ROUND_TRIP_BACKEND = "torch"
+ALL_SCORING_DEFAULTS = {**SCORING_DEFAULTS, **ROUND_TRIP_DEFAULTS}
 
 
 def earlier_settings(out: Path) -> dict:
@@ -841,22 +1130,23 @@ def earlier_settings(out: Path) -> dict:
         recorded = files.read_json(out).get("scored_with")
     except files.JsonFileError:
         return {}
-    if not isinstance(recorded, dict) or set(recorded) != set(SCORING_DEFAULTS):
+    if not isinstance(recorded, dict) or set(recorded) not in (set(SCORING_DEFAULTS), set(ALL_SCORING_DEFAULTS)):
         return {}
     return recorded
 
 
 def resolve_scoring(args, out: Path) -> dict:
     """The scoring flags: those given, else (when none is given) the existing report's, else the defaults."""
-    given = {key: getattr(args, key) for key in SCORING_DEFAULTS if getattr(args, key) is not None}
+    given = {key: getattr(args, key) for key in ALL_SCORING_DEFAULTS if getattr(args, key) is not None}
     earlier = {} if given else earlier_settings(out)
-    settings = {**SCORING_DEFAULTS, **earlier, **given}
-    if earlier and earlier != SCORING_DEFAULTS:
-        flags = " ".join(f"--{key} {value}" for key, value in earlier.items() if value != SCORING_DEFAULTS[key])
+    settings = {**ALL_SCORING_DEFAULTS, **earlier, **given}
+    flags = " ".join(f"--{key} {value}" for key, value in earlier.items() if value != ALL_SCORING_DEFAULTS[key])
+    if flags:
         print(f"scoring as {out} was scored: {flags}", file=sys.stderr)
+    paths = ("references", "asr")
     for key, value in settings.items():
-        setattr(args, key, Path(value) if key == "references" and value is not None else value)
-    return {key: None if value is None else str(value) if key == "references" else value
+        setattr(args, key, Path(value) if key in paths and value is not None else value)
+    return {key: None if value is None else str(value) if key in paths else value
             for key, value in settings.items()}
 
 
@@ -876,24 +1166,18 @@ def main(argv=None) -> int:
         if args.by is not None and references is None:
             raise InputError("--by needs --references (the dataset whose field it names)")
         records = read_generations(args.generations, need_reference=references is None)
-        ids = [record["id"] for record in records]
-        if references is None:
-            refs, groups = [record["reference"] for record in records], None
-        elif ids[0] is None:
-            refs, groups, ids = references_by_row(records, args.generations, references, args.by)
+        if "speech_tokens" in records[0]:  # a speech task's generations: unit edit rate (unit_scores.py)
+            if args.backend is not None and args.asr is None:
+                raise InputError("--backend chooses the round trip's engine; it needs --asr CHECKPOINT")
+            if args.asr is not None:
+                args.backend = scored_with["backend"] = args.backend or ROUND_TRIP_BACKEND
+            result = score_unit_generations(args, records, references, out, scored_with)
         else:
-            refs, groups = join_references(records, args.generations, references, args.by)
-        try:
-            result = score([record["text"] for record in records], refs, args.normalizer, ids=ids,
-                           bootstrap=args.bootstrap, seed=args.seed, worst=args.worst)
-        except ValueError as error:
-            raise InputError(f"{references or args.generations}: {error}") from None
-        if groups is not None:
-            hyps = [record["text"] for record in records]
-            result = {**result, "by": args.by, "groups": score_groups(hyps, refs, groups, args.normalizer)}
-        if references is not None:
-            references = str(references) + (f" (split {references.split})" if references.split else "")
-        result = {"input": str(args.generations), "references": references, **result, "scored_with": scored_with}
+            if args.asr is not None or args.backend is not None:
+                raise InputError(f"--asr and --backend transcribe generated speech (tts records); "
+                                 f"{args.generations} holds transcripts")
+            scored_with = {key: scored_with[key] for key in SCORING_DEFAULTS}
+            result = score_transcripts(args, records, references, scored_with)
         report = (json.dumps(result, indent=2, ensure_ascii=False) + "\n").encode()
         unchanged = out.is_file() and readable(out).read_bytes() == report
         if os.path.lexists(out) and not unchanged and not args.overwrite:
@@ -903,9 +1187,37 @@ def main(argv=None) -> int:
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(format_report(result))
+    print(format_unit_report(result) if "unit_edit_rate" in result else format_report(result))
     print(f"\n{out} is unchanged" if unchanged else f"\nwrote {out}")
     return 0
+
+
+def references_name(references: Source | None) -> str | None:
+    """How a report names the references' dataset."""
+    if references is None:
+        return None
+    return str(references) + (f" (split {references.split})" if references.split else "")
+
+
+def score_transcripts(args, records: list[dict], references: Source | None, scored_with: dict) -> dict:
+    """The report of transcripts: WER, CER (by --by group) against the records' references or the dataset's."""
+    ids = [record["id"] for record in records]
+    if references is None:
+        refs, groups = [record["reference"] for record in records], None
+    elif ids[0] is None:
+        refs, groups, ids = references_by_row(records, args.generations, references, args.by)
+    else:
+        refs, groups = join_references(records, args.generations, references, args.by)
+    try:
+        result = score([record["text"] for record in records], refs, args.normalizer, ids=ids,
+                       bootstrap=args.bootstrap, seed=args.seed, worst=args.worst)
+    except ValueError as error:
+        raise InputError(f"{references or args.generations}: {error}") from None
+    if groups is not None:
+        hyps = [record["text"] for record in records]
+        result = {**result, "by": args.by, "groups": score_groups(hyps, refs, groups, args.normalizer)}
+    return {"input": str(args.generations), "references": references_name(references), **result,
+            "scored_with": scored_with}
 
 
 def non_negative_int(text: str) -> int:
@@ -934,6 +1246,12 @@ def parse_args(argv):
                         help="also score each value of this --references field on its own, e.g. speaker")
     parser.add_argument("--normalizer", "--normaliser", choices=NORMALIZERS,
                         help="text normaliser applied to hypotheses and references (default: whisper)")
+    parser.add_argument("--asr", type=Path, metavar="CHECKPOINT",
+                        help="tts generations: also transcribe the generated units with this ASR checkpoint "
+                        "(generate.py, greedy; into round_trip/ beside the report) and score that round-trip WER "
+                        "against the text they were spoken from")
+    parser.add_argument("--backend", choices=("auto", "vllm", "torch"),
+                        help=f"the round trip's generate.py --backend (default: {ROUND_TRIP_BACKEND})")
     parser.add_argument("--out", type=Path, help="report JSON path (default: wer.json beside the input); for a run "
                         "directory, the directory of wer_by_step.tsv and .png (default: the run directory); with "
                         "--compare, the directory of compare.* (default: the deepest directory holding every "
@@ -943,8 +1261,8 @@ def parse_args(argv):
     parser.add_argument("--bootstrap", type=non_negative_int, help="bootstrap resamples, 0 to skip (default: 1000)")
     parser.add_argument("--seed", type=non_negative_int, help="bootstrap seed (default: 0)")
     parser.add_argument("--worst", type=non_negative_int, help="worst utterances to list (default: 10)")
-    parser.epilog = ("Scoring generations whose wer.json exists, with none of the flags from --references to --worst, "
-                     "scores them with the flags that report was made with (it records them).")
+    parser.epilog = ("Scoring generations whose wer.json exists, with none of the flags from --references to "
+                     "--worst (nor --asr, --backend), scores them with the flags that report was made with (it records them).")
     return parser.parse_args(argv)
 
 
