@@ -4,6 +4,9 @@ BIN := $(VENV)/bin
 DEMO ?= runs/demo
 MINI := data/mini
 STEPS ?= 5000
+TASKS ?= asr
+comma := ,
+TASK_LIST := $(subst $(comma), ,$(TASKS))
 DSU_BPE ?=
 MATRIX ?= default
 MATRIX_DIR ?= runs/matrix-$(MATRIX)
@@ -136,8 +139,12 @@ lock:
 # fine-tuned for ASR, then the test split transcribed and scored before and after training (by voice too:
 # half of the test utterances have a voice training never heard). The model is 96 wide with RoPE base
 # 10000: on 2 CPU cores, 5000 steps of it take about 8 minutes and learn far more than wider models do
-# in that time (bench/RESULTS.md, "make demo").
+# in that time (bench/RESULTS.md, "make demo"). TASKS=asr,tts trains one model on both directions
+# (data.sft.tasks) and also speaks the test transcripts, scored by unit edit rate and by round-trip WER
+# (the same model transcribing what it spoke); TASKS may name asr, tts and continue.
+UNKNOWN_TASKS := $(filter-out asr tts continue,$(TASK_LIST))
 demo: $(VENV)/.deps
+	@if [ -n "$(UNKNOWN_TASKS)" ] || [ -z "$(TASK_LIST)" ]; then echo "TASKS: a comma-separated list of asr, tts and continue, got '$(TASKS)'"; exit 2; fi
 	@if [ -e $(DEMO) ]; then echo "$(DEMO) already exists: remove it, or run 'make demo DEMO=another/dir'"; exit 2; fi
 	@echo "== 1/5 a small Llama 3-layout base model, BPE learnt from the training transcripts"
 	$(BIN)/python tiny_model.py $(DEMO)/base --transcripts $(MINI)/train.jsonl \
@@ -149,19 +156,31 @@ demo: $(VENV)/.deps
 	$(BIN)/python generate.py $(DEMO)/extended --data $(MINI)/test.jsonl --max-tokens 32 \
 		--out $(DEMO)/untrained data.sft.system_prompt="Transcribe the speech."
 	$(BIN)/python wer.py $(DEMO)/untrained/generations.jsonl --worst 0
-	@echo "== 4/5 ASR fine-tuning ($(STEPS) steps)"
+	@echo "== 4/5 fine-tuning on $(TASKS) ($(STEPS) steps)"
 	$(BIN)/python train.py configs/demo_sft.json run_dir=$(DEMO)/sft model.path=$(DEMO)/extended \
-		data.train=$(MINI)/train.jsonl data.dev=$(MINI)/dev.jsonl train.max_steps=$(STEPS)
-	@echo "== 5/5 the trained model transcribes the test split"
-	$(BIN)/python generate.py $(DEMO)/sft/checkpoints/step_$$(printf %07d $(STEPS)) --data $(MINI)/test.jsonl \
-		--max-tokens 32 --out $(DEMO)/trained
-	$(BIN)/python wer.py $(DEMO)/trained/generations.jsonl --references $(MINI)/test.jsonl --by speaker --worst 5
-	@$(BIN)/python -c 'import json; u, t = (json.load(open("$(DEMO)/" + d + "/wer.json")) for d in ("untrained", "trained")); \
-		unseen = json.load(open("$(MINI)/corpus.json"))["voices"]["test_only"]; \
-		rate = lambda heard: 100 * sum(g["errors"] for v, g in t["groups"].items() if (v not in unseen) == heard) \
-			/ sum(g["n_ref_words"] for v, g in t["groups"].items() if (v not in unseen) == heard); \
-		print("\ntest WER: untrained %.1f%%, trained %.1f%%  (CER %.1f%% -> %.1f%%)" % (100 * u["wer"], 100 * t["wer"], 100 * u["cer"], 100 * t["cer"])); \
-		print("trained, by voice: %.1f%% on the voices heard in training, %.1f%% on those never heard (%s)" % (rate(True), rate(False), ", ".join(unseen))); \
+		data.train=$(MINI)/train.jsonl data.dev=$(MINI)/dev.jsonl train.max_steps=$(STEPS) \
+		$(foreach t,asr tts continue,data.sft.tasks.$(t)=$(if $(filter $(t),$(TASK_LIST)),1,0))
+	@echo "== 5/5 the trained model $(TASKS) on the test split"
+	$(foreach t,$(filter tts continue,$(TASK_LIST)),$(BIN)/python generate.py $(DEMO)/sft/checkpoints/step_$$(printf %07d $(STEPS)) \
+		--data $(MINI)/test.jsonl --task $(t) --max-tokens 128 --out $(DEMO)/trained-$(t) && \
+	$(BIN)/python wer.py $(DEMO)/trained-$(t)/generations.jsonl --references $(MINI)/test.jsonl --by speaker --worst 0 \
+		$(if $(and $(filter tts,$(t)),$(filter asr,$(TASK_LIST))),--asr $(DEMO)/sft/checkpoints/step_$$(printf %07d $(STEPS))) && ) true
+	$(if $(filter asr,$(TASK_LIST)),$(BIN)/python generate.py $(DEMO)/sft/checkpoints/step_$$(printf %07d $(STEPS)) \
+		--data $(MINI)/test.jsonl --max-tokens 32 --out $(DEMO)/trained && \
+	$(BIN)/python wer.py $(DEMO)/trained/generations.jsonl --references $(MINI)/test.jsonl --by speaker --worst 5)
+	@$(BIN)/python -c 'import json, os; unseen = json.load(open("$(MINI)/corpus.json"))["voices"]["test_only"]; \
+		rate = lambda groups, errors, total, heard: 100 * sum(g[errors] for v, g in groups.items() if (v not in unseen) == heard) \
+			/ sum(g[total] for v, g in groups.items() if (v not in unseen) == heard); \
+		voices = lambda groups, errors="errors", total="n_ref_words": "%.1f%% on the voices heard in training, %.1f%% on those never heard" \
+			% (rate(groups, errors, total, True), rate(groups, errors, total, False)); \
+		report = lambda d: json.load(open("$(DEMO)/" + d + "/wer.json")) if os.path.exists("$(DEMO)/" + d + "/wer.json") else None; \
+		u, t = report("untrained"), report("trained"); \
+		print("\ntest WER: untrained %.1f%%" % (100 * u["wer"]) + (", trained %.1f%%  (CER %.1f%% -> %.1f%%)" % (100 * t["wer"], 100 * u["cer"], 100 * t["cer"]) if t else "")); \
+		t and print("trained, by voice: %s (%s)" % (voices(t["groups"]), ", ".join(unseen))); \
+		[print("%s: unit edit rate %.1f%% (%s)" % (task, 100 * r["unit_edit_rate"], voices(r["groups"], "errors", "n_ref_units"))) \
+			for task, r in ((task, report("trained-" + task)) for task in ("tts", "continue")) if r]; \
+		rt = (report("trained-tts") or {}).get("round_trip"); \
+		rt and print("tts: round-trip WER %.1f%%, the same model transcribing what it spoke (%s)" % (100 * rt["wer"], voices(rt["groups"]))); \
 		print("loss curves: $(DEMO)/sft/losses.png, metrics: $(DEMO)/sft/metrics.jsonl")'
 
 # The methods matrix (configs/matrix.json, matrix.py): unit variants x training regimes (+ option

@@ -113,6 +113,8 @@ REGIME = {  # {} is SFT alone
     "cpt": choice(None, "CPT's sequence type, before SFT", *CPT_SEQUENCE_TYPES),
     "cpt_share": Key(None, float, "the share of the steps spent on CPT", "a number between 0 and 1",
                      lambda v: 0 < v < 1),
+    "sft_overrides": Key([], list, "train.py overrides of the SFT stage, e.g. [\"data.sft.tasks.tts=1\"] for a "
+                         "multi-task SFT", "a list of key=value strings", overrides),
 }
 OPTION_DEFAULTS = {"deduplicate": True, "dsu_bpe": 0}
 OPTIONS = {
@@ -543,8 +545,8 @@ def run_cell(grid: dict, cell: dict, out: Path) -> None:
                            [f"data.cpt.sequence_type={regime['cpt']}"], out, cell["seed"]))
         model, runs = last_checkpoint(cpt, cpt_steps), [cpt]
     sft = cell_dir / "sft"
-    stage("sft", train(grid, grid["configs"]["sft"], sft, model, data, cell["options"], steps - cpt_steps, [], out,
-                       cell["seed"]))
+    stage("sft", train(grid, grid["configs"]["sft"], sft, model, data, cell["options"], steps - cpt_steps,
+                       regime.get("sft_overrides", []), out, cell["seed"]))
     runs.append(sft)
     generations = cell_dir / "test" / "generations.jsonl"
     if not generations.exists():

@@ -155,7 +155,10 @@ def train(cfg: dict) -> None:
     if rank == 0:
         where = f"resuming from {resume_from}" if resume_from else f"from {model_path}"
         packing = f", packed into rows of {data_cfg['max_seq_len']}" if stream is not None else ""
-        print(f"train: {data_cfg['task']} on {len(train_seqs)} rows{packing}, {max_steps} steps, {where}; "
+        task, weights = data_cfg["task"], data_cfg["sft"]["tasks"]
+        if task == "sft" and (weights["tts"] or weights["continue"]):  # a mixture: say so
+            task += " (" + ", ".join(f"{name} {weight:g}" for name, weight in weights.items() if weight) + ")"
+        print(f"train: {task} on {len(train_seqs)} rows{packing}, {max_steps} steps, {where}; "
               f"world size {world}, device {device}, run dir {run_dir}", flush=True)
 
     shape = {"batch_size": cfg["train"]["batch_size"], "grad_accum": cfg["train"]["grad_accum"], "rank": rank,

@@ -957,6 +957,7 @@ def compare_row(report_path: Path, fallback_name: str) -> dict:
                                               "speech_tokens_per_utterance"),
         "training_tokens": count(cell.get("training_tokens"), cell_path, "training_tokens"),
         "seconds": number(seconds.get("total"), cell_path, "seconds.total"),
+        "seed": count(cell.get("seed"), cell_path, "seed"),
         # not columns: what the header line and the normaliser check need
         "normalizer": None if units else report["normalizer"], "confidence": interval.get("confidence"),
         "source": report_path, "metric": unit_scores.LABEL if units else "WER",
@@ -973,11 +974,57 @@ def compare_rows(paths: list[Path]) -> list[dict]:
             raise InputError(f"{scored[0]['source']} was scored with the {scored[0]['normalizer']} normaliser but "
                              f"{row['source']} with {row['normalizer']}: their WERs are not comparable")
     named = Counter(row["cell"] for row in rows)
+    seeds = {name: {row["seed"] for row in rows if row["cell"] == name} for name in named}
     for row in rows:
-        if named[row["cell"]] > 1:
+        if named[row["cell"]] > 1 and None not in seeds[row["cell"]] and len(seeds[row["cell"]]) == named[row["cell"]]:
+            row["cell"] += f" (seed {row['seed']})"  # one training of a cell trained with several seeds
+        elif named[row["cell"]] > 1:
             source = row["source"]
             row["cell"] += f" ({source.parent if source.name == 'wer.json' else source})"
     return rows
+
+
+def seed_groups(rows: list[dict]) -> list[dict]:
+    """The cells trained with several seeds (WER rows whose cell.json names the cell and a seed), in
+    table order: {cell, seeds, wers, mean, sd (sample), low, high (the lowest and highest seed's WER),
+    half_width (the mean half-width of the seeds' bootstrap intervals, or None)}."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["seed"] is not None and row["metric"] == "WER" and row["cell"].endswith(f" (seed {row['seed']})"):
+            groups.setdefault(row["cell"].removesuffix(f" (seed {row['seed']})"), []).append(row)
+    out = []
+    for cell, members in groups.items():
+        wers = [row["wer"] for row in members]
+        widths = [(row["wer_high"] - row["wer_low"]) / 2 for row in members if row["wer_low"] is not None]
+        out.append({"cell": cell, "seeds": [row["seed"] for row in members], "wers": wers,
+                    "mean": float(np.mean(wers)), "sd": float(np.std(wers, ddof=1)), "low": min(wers), "high": max(wers),
+                    "half_width": float(np.mean(widths)) if len(widths) == len(members) else None})
+    return out
+
+
+def differences_across_seeds(groups: list[dict]) -> list[tuple[dict, dict]]:
+    """(better, worse) pairs of cells where every seed of one has a lower WER than every seed of the
+    other: the only differences the table calls, however far apart the bootstrap intervals are."""
+    return [(a, b) for a in groups for b in groups if a is not b and a["high"] < b["low"]]
+
+
+def format_seed_summary(groups: list[dict]) -> str:
+    """The across-seeds table and the differences that hold across seeds, in markdown."""
+    def pct(value):
+        return f"{100 * value:.1f}"
+
+    lines = ["", "Across training seeds (each cell's rows above): the mean WER, the sample standard deviation and "
+             "the range over seeds, beside the mean half-width of one seed's bootstrap interval.", "",
+             "| cell | seeds | mean WER % | sd | lowest-highest % | bootstrap ± |", "|---|---:|---:|---:|---|---:|"]
+    for g in groups:
+        width = "" if g["half_width"] is None else pct(g["half_width"])
+        lines.append(f"| {g['cell']} | {len(g['seeds'])} | {pct(g['mean'])} | {pct(g['sd'])} | "
+                     f"{pct(g['low'])}-{pct(g['high'])} | {width} |")
+    called = differences_across_seeds(groups)
+    lines += ["", "Differences that hold across seeds (every seed of the first below every seed of the second):"]
+    lines += [f"- {a['cell']} < {b['cell']} ({pct(a['high'])}% at worst against {pct(b['low'])}% at best)"
+              for a, b in called] or ["- none: every pair's seed ranges overlap"]
+    return "\n".join(lines) + "\n"
 
 
 def labelled(rows: list[dict]) -> bool:
@@ -987,7 +1034,8 @@ def labelled(rows: list[dict]) -> bool:
 
 def format_compare_csv(rows: list[dict]) -> str:
     """Fractions and plain numbers at full precision, empty where unknown."""
-    columns = CSV_COLUMNS + (["metric"] if labelled(rows) else [])
+    columns = CSV_COLUMNS + (["metric"] if labelled(rows) else []) + (
+        ["seed"] if any(row["seed"] is not None for row in rows) else [])
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(columns)
@@ -1033,7 +1081,8 @@ def format_compare_markdown(rows: list[dict]) -> str:
                  optional(row["speech_tokens_per_utterance"], ".1f"), optional(row["training_tokens"], ",.0f"),
                  optional(minutes, ".1f")]
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
-    return "\n".join(lines) + "\n"
+    groups = seed_groups(rows)
+    return "\n".join(lines) + "\n" + (format_seed_summary(groups) if groups else "")
 
 
 def plot_compare(rows: list[dict]) -> bytes:

@@ -199,13 +199,19 @@ def test_seeds_train_each_cell_again_beside_the_first_seed(tiny_matrix, tmp_path
     shutil.copytree(out, copy)
     spec = json.loads(GRID.read_text())
     spec["grids"]["tiny"]["seeds"] = 2
+    spec["regimes"]["sft-asr+tts"] = {"sft_overrides": ["data.sft.tasks.tts=1"]}  # a multi-task regime
+    spec["grids"]["tiny"]["extra"] = [{"units": "mfcc-k16-25hz", "regime": "sft-asr+tts"}]
     grid = tmp_path / "grid.json"
     grid.write_text(json.dumps(spec))
     result = run_matrix(copy, grid)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("   done: ") == 2  # seed 0: the single-seed grid's cells
     trained = commands(result, "train.py")
-    assert len(trained) == 3 and all(" seed=1" in c for c in trained)
+    assert len(trained) == 5 and sum(" seed=1" in c for c in trained) == 4
+    multi = json.loads((copy / "cells" / "mfcc-k16-25hz" / "sft-asr+tts+seed1" / "sft" / "checkpoints"
+                        / "step_0000006" / "training_config.json").read_text())
+    assert multi["data"]["sft"]["tasks"] == {"asr": 1.0, "tts": 1, "continue": 0.0}
+    assert "Across training seeds" in (copy / "compare.md").read_text()
     assert [c for c in commands(result, "extend.py") if "--seed 1" in c]
     for regime in ("sft", "cpt-interleaved+sft"):
         cell = json.loads((copy / "cells" / "mfcc-k16-25hz" / f"{regime}+seed1" / "cell.json").read_text())

@@ -389,6 +389,28 @@ def test_compare_writes_the_expected_table_csv_and_chart(tmp_path, capsys):
     assert (matrix / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_compare_calls_a_difference_only_where_it_holds_across_seeds(tmp_path, capsys):
+    """Three seeds of three cells, as matrix.py lays them out (seed 0's directory without a tag): A
+    beats C on every seed; B and C overlap; A and B differ by more than their bootstrap intervals on seed 0, but
+    their seed ranges overlap, so that difference is not called."""
+    root = tmp_path / "matrix"
+    wers = {"A": (0.30, 0.34, 0.36), "B": (0.40, 0.33, 0.42), "C": (0.50, 0.41, 0.55)}
+    for cell, values in wers.items():
+        for seed, wer in enumerate(values):
+            folder = root / "u" / (cell + (f"+seed{seed}" if seed else ""))
+            write_json(folder / "wer.json", report(wer, wer / 2, (wer - 0.02, wer + 0.02)))
+            write_json(folder / "cell.json", {"cell": f"u/{cell}", "seed": seed, "units": "u", "regime": cell})
+    code, _, _ = run(capsys, "--compare", root)
+    assert code == 0
+    markdown = (root / "compare.md").read_text()
+    assert "| u/A (seed 0) | u | A |  | 30.0 | [28.0, 32.0] |" in markdown
+    assert "| u/A | 3 | 33.3 | 3.1 | 30.0-36.0 | 2.0 |" in markdown  # mean, sample sd, range, bootstrap ±
+    called = markdown.split("Differences that hold across seeds")[1]
+    assert "- u/A < u/C (36.0% at worst against 41.0% at best)" in called
+    assert "- u/B < u/C" not in called and "u/A < u/B" not in called  # B's 0.33 lies inside A's range
+    assert (root / "compare.csv").read_text().splitlines()[0].endswith(",seconds,seed")
+
+
 def test_compare_without_cell_json_names_cells_by_directory_and_leaves_columns_blank(tmp_path, capsys):
     root = tmp_path / "runs"
     write_json(root / "a" / "deep" / "cell1" / "wer.json", report(0.5, 0.25, groups={"v1": (1, 2)}))
