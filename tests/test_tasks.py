@@ -197,6 +197,19 @@ def test_a_two_task_model_speaks_and_transcribes_what_it_learnt(memorised, tmp_p
     assert sum(r["text"] == row["transcript"] for r, row in zip(generations(tmp_path / "asr"), rows)) >= 6
 
 
+def test_continue_records_hold_the_units_after_the_prompt(memorised, tmp_path, capsys):
+    checkpoint, data, rows = memorised
+    assert generate.main([str(checkpoint), "--data", str(data), "--backend", "torch", "--max-tokens", "8",
+                          "--task", "continue", "--out", str(tmp_path / "continue")]) == 0
+    assert "not trained on the continue task" in capsys.readouterr().err
+    records = generations(tmp_path / "continue")
+    for record, row in zip(records, rows):
+        units = np.array(row["speech_tokens"])
+        rest = units[continuation_split(units, SFT["continue_fraction"]):]
+        assert (record["task"], record["reference_speech_tokens"]) == ("continue", deduplicate_runs(rest).tolist())
+        assert all(0 <= u < tiny.N_DSUS for u in record["speech_tokens"])
+
+
 def test_speech_task_outputs_go_beside_the_asr_ones(memorised):
     checkpoint, data, _ = memorised
     asr = generate.default_out_dir(checkpoint, str(data), "test")
