@@ -332,13 +332,14 @@ class SampleBuilder:
 
     def sft_pieces(self, task: str, row: dict, sft: dict, inference: bool = False) -> Pieces:
         """The `task` sample of a row (one of SFT_TASKS), with the prompts and options of `sft` (a
-        config's data.sft section)."""
+        config's data.sft section; a prompt for inference needs only the task's own keys)."""
+        train_on_input = False if inference else sft["train_on_input"]  # labels mean nothing at inference
         if task == "asr":
-            return self.sft_asr_pieces(row, sft["system_prompt"], sft["train_on_input"], inference)
+            return self.sft_asr_pieces(row, sft["system_prompt"], train_on_input, inference)
         if task == "tts":
-            return self.sft_tts_pieces(row, sft["tts_system_prompt"], sft["train_on_input"], inference)
+            return self.sft_tts_pieces(row, sft["tts_system_prompt"], train_on_input, inference)
         if task == "continue":
-            return self.sft_continue_pieces(row, sft["continue_system_prompt"], sft["train_on_input"],
+            return self.sft_continue_pieces(row, sft["continue_system_prompt"], train_on_input,
                                             sft["continue_fraction"], inference)
         raise ValueError(f"unknown SFT task {task!r} (one of {', '.join(SFT_TASKS)})")
 
