@@ -1,25 +1,29 @@
 """The table of cells side by side: `python wer.py --compare WER_JSON_OR_DIR [...] [--out DIR] [--overwrite]`.
 
-Each PATH is a `wer.json`
-or a directory searched recursively for them (in path order); each report is one row, named and
-described by the `cell.json` beside it when the matrix driver wrote one (`cell`, `units`, `regime`,
-`options`, `speech_tokens_per_utterance`, `training_tokens`, `unseen_speakers`, `seconds.total`;
-every field optional), else by its directory relative to PATH. Columns: WER and its bootstrap
-interval, WER on seen and on unseen voices (errors over reference words pooled over the speakers
-of `unseen_speakers` and over the rest, from a report scored `--by speaker`), CER, speech tokens
-per utterance, training tokens and wall-clock. Options show when not default (deduplication on,
-no speech BPE): "no dedup", "bpe 512"; "-" when all are default. `compare.md` (percent),
-`compare.csv` (fractions and seconds, empty where unknown) and `compare.png` (WER bars by cell,
-colored by regime) go into `--out DIR` (default: the first PATH if a directory, else the directory
-of the first wer.json), never overwritten without `--overwrite`, all three or none. Reports scored
-with different normalisers are refused: their WERs are not comparable. So is a report or cell.json
-whose figures are not finite numbers >= 0 (counts: integers, never booleans), or whose interval is
-not {low <= high, confidence in (0, 1)}. Cells of the same name are told apart by their reports'
-directories. A speech task's report is a row whose WER column holds its unit edit rate (and seen /
-unseen voices theirs; no CER); the tables then get a `metric` column naming each row's. A cell trained with several seeds (cell.json's `seed`, as
-`matrix.py` writes it) has a row per seed, named `CELL (seed S)`, and below the table its mean WER,
-standard deviation and range over seeds beside its bootstrap interval's half-width; a difference
-between two such cells is called only where every seed of one beats every seed of the other.
+Each PATH is a `wer.json` or a directory searched recursively for them (in path order). Each report
+is one row, named and described by the `cell.json` beside it when the matrix driver wrote one
+(`cell`, `seed`, `units`, `regime`, `options`, `speech_tokens_per_utterance`, `training_tokens`,
+`unseen_speakers`, `seconds.total`; every field optional), else by its directory relative to PATH.
+
+Columns: WER and its bootstrap interval, WER on seen and on unseen voices (errors over reference
+words pooled over the speakers of `unseen_speakers` and over the rest, from a report scored `--by
+speaker`), CER, speech tokens per utterance, training tokens and wall-clock. Options show when not
+default (deduplication on, no speech BPE): "no dedup", "bpe 512"; "-" when all are default. A speech
+task's report is a row whose WER columns hold its unit edit rate (no CER); the tables then get a
+`metric` column naming each row's. Cells of the same name are told apart by their seeds, else by
+their reports' directories.
+
+Seeds: a cell trained with several seeds (cell.json's `seed`, as matrix.py writes it) has a row per
+seed, named `CELL (seed S)`, and below the table its mean WER, standard deviation and range over
+seeds beside its bootstrap interval's half-width. A difference between two such cells is called only
+where every seed of one beats every seed of the other.
+
+Outputs: `compare.md` (percent), `compare.csv` (fractions and seconds, empty where unknown) and
+`compare.png` (WER bars by cell, colored by regime), into `--out DIR` (default: the deepest directory
+holding every PATH), all three or none, never over existing ones without `--overwrite`. Refused:
+reports scored with different normalisers (their WERs are not comparable), and a report or
+cell.json whose figures are not finite numbers >= 0 (counts: integers, never booleans) or whose
+interval is not {low <= high, confidence in (0, 1)}.
 """
 
 import csv
