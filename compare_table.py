@@ -216,7 +216,8 @@ def compare_row(report_path: Path, fallback_name: str) -> dict:
 
 def compare_rows(paths: list[Path]) -> list[dict]:
     """Every report's row; reports scored with different normalisers are refused (their WERs differ
-    in kind), and cells of the same name are told apart by where their reports are."""
+    in kind). Cells of the same name are told apart by their seeds when each has its own (the row's
+    `seeds_of` then names the cell), else by where their reports are."""
     rows = [compare_row(path, name) for path, name in find_reports(paths)]
     scored = [row for row in rows if row["normalizer"] is not None]  # unit edit rates have none
     for row in scored[1:]:
@@ -227,7 +228,8 @@ def compare_rows(paths: list[Path]) -> list[dict]:
     seeds = {name: {row["seed"] for row in rows if row["cell"] == name} for name in named}
     for row in rows:
         if named[row["cell"]] > 1 and None not in seeds[row["cell"]] and len(seeds[row["cell"]]) == named[row["cell"]]:
-            row["cell"] += f" (seed {row['seed']})"  # one training of a cell trained with several seeds
+            row["seeds_of"] = row["cell"]  # one training of a cell trained with several seeds
+            row["cell"] += f" (seed {row['seed']})"
         elif named[row["cell"]] > 1:
             source = row["source"]
             row["cell"] += f" ({source.parent if source.name == 'wer.json' else source})"
@@ -236,17 +238,17 @@ def compare_rows(paths: list[Path]) -> list[dict]:
 
 def seed_groups(rows: list[dict]) -> list[dict]:
     """The cells trained with several seeds (WER rows whose cell.json names the cell and a seed), in
-    table order: {cell, seeds, wers, mean, sd (sample), low, high (the lowest and highest seed's WER),
+    table order: {cell, seeds, mean, sd (sample), low, high (the lowest and highest seed's WER),
     half_width (the mean half-width of the seeds' bootstrap intervals, or None)}."""
     groups: dict[str, list[dict]] = {}
     for row in rows:
-        if row["seed"] is not None and row["metric"] == "WER" and row["cell"].endswith(f" (seed {row['seed']})"):
-            groups.setdefault(row["cell"].removesuffix(f" (seed {row['seed']})"), []).append(row)
+        if row.get("seeds_of") is not None and row["metric"] == "WER":
+            groups.setdefault(row["seeds_of"], []).append(row)
     out = []
     for cell, members in groups.items():
         wers = [row["wer"] for row in members]
         widths = [(row["wer_high"] - row["wer_low"]) / 2 for row in members if row["wer_low"] is not None]
-        out.append({"cell": cell, "seeds": [row["seed"] for row in members], "wers": wers,
+        out.append({"cell": cell, "seeds": [row["seed"] for row in members],
                     "mean": float(np.mean(wers)), "sd": float(np.std(wers, ddof=1)), "low": min(wers), "high": max(wers),
                     "half_width": float(np.mean(widths)) if len(widths) == len(members) else None})
     return out

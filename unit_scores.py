@@ -85,17 +85,17 @@ def _words(units: list[int]) -> str:
     return " ".join(f"u{unit}" for unit in units)
 
 
-def edit_counts(refs: list[list[int]], hyps: list[list[int]]) -> dict[str, np.ndarray]:
-    """Substitutions, deletions, insertions and hits of each (reference, hypothesis) pair of unit
-    sequences, as given (no deduplication here), aligned by jiwer."""
+def word_edit_counts(refs: list[str], hyps: list[str]) -> dict[str, np.ndarray]:
+    """Substitutions, deletions, insertions and hits of each (reference, hypothesis) pair of
+    space-separated words, aligned by jiwer: wer.py's word counts, and the units' spelt as words.
+    jiwer before 4.0 refuses empty references, so those are counted here: all insertions."""
     counts = {kind: np.zeros(len(refs), dtype=np.int64) for kind in KINDS}
     scored = [i for i, ref in enumerate(refs) if ref]
-    for i in range(len(refs)):
-        if not refs[i]:  # jiwer before 4.0 refuses empty references: all insertions (module docstring)
-            counts["insertions"][i] = len(hyps[i])
+    for i in set(range(len(refs))) - set(scored):
+        counts["insertions"][i] = len(hyps[i].split())
     if scored:
-        out = jiwer.process_words([_words(refs[i]) for i in scored], [_words(hyps[i]) for i in scored])
-        for i, chunks in zip(scored, out.alignments):
+        words = jiwer.process_words([refs[i] for i in scored], [hyps[i] for i in scored])
+        for i, chunks in zip(scored, words.alignments):
             for chunk in chunks:
                 ref_span = chunk.ref_end_idx - chunk.ref_start_idx
                 if chunk.type == "equal":
@@ -107,6 +107,12 @@ def edit_counts(refs: list[list[int]], hyps: list[list[int]]) -> dict[str, np.nd
                 else:
                     counts["insertions"][i] += chunk.hyp_end_idx - chunk.hyp_start_idx
     return counts
+
+
+def edit_counts(refs: list[list[int]], hyps: list[list[int]]) -> dict[str, np.ndarray]:
+    """Substitutions, deletions, insertions and hits of each (reference, hypothesis) pair of unit
+    sequences, as given (no deduplication here)."""
+    return word_edit_counts([_words(ref) for ref in refs], [_words(hyp) for hyp in hyps])
 
 
 def score_units(hyps: list[list[int]], refs: list[list[int]], ids: list[str] | None = None, *,

@@ -94,29 +94,6 @@ def make_normalizer(name: str):
     raise ValueError(f"unknown normaliser {name!r}; expected one of {', '.join(NORMALIZERS)}")
 
 
-def per_utterance_counts(refs: list[str], hyps: list[str]) -> dict[str, np.ndarray]:
-    """Substitutions, deletions, insertions and hits of each normalised (ref, hyp) pair, via jiwer."""
-    counts = {kind: np.zeros(len(refs), dtype=np.int64) for kind in ("substitutions", "deletions", "insertions", "hits")}
-    # jiwer before 4.0 refuses empty references, so they are scored here: all insertions (module docstring).
-    scored = [i for i, ref in enumerate(refs) if ref]
-    for i in set(range(len(refs))) - set(scored):
-        counts["insertions"][i] = len(hyps[i].split())
-    if scored:
-        words = jiwer.process_words([refs[i] for i in scored], [hyps[i] for i in scored])
-        for i, chunks in zip(scored, words.alignments):
-            for chunk in chunks:
-                ref_span = chunk.ref_end_idx - chunk.ref_start_idx
-                if chunk.type == "equal":
-                    counts["hits"][i] += ref_span
-                elif chunk.type == "substitute":
-                    counts["substitutions"][i] += ref_span
-                elif chunk.type == "delete":
-                    counts["deletions"][i] += ref_span
-                else:
-                    counts["insertions"][i] += chunk.hyp_end_idx - chunk.hyp_start_idx
-    return counts
-
-
 def character_errors(refs: list[str], hyps: list[str]) -> int:
     """Total character edits over all pairs, empty references counting every hypothesis character."""
     scored = [i for i, ref in enumerate(refs) if ref]
@@ -159,7 +136,7 @@ def score(hyps: list[str], refs: list[str], normalizer: str = "whisper", *, ids:
     hyps = [normalize(text) for text in hyps]
     refs = [normalize(text) for text in refs]
 
-    counts = per_utterance_counts(refs, hyps)
+    counts = unit_scores.word_edit_counts(refs, hyps)
     errors = counts["substitutions"] + counts["deletions"] + counts["insertions"]
     ref_words = counts["substitutions"] + counts["deletions"] + counts["hits"]
     n_ref_words = int(ref_words.sum())
