@@ -11,7 +11,7 @@ trained with it. The unit edit rate is corpus-level, as WER is: the total Levens
 (substitutions, deletions, insertions of single units) over the total number of reference units,
 not a mean of per-utterance rates. An utterance whose reference has no units counts each generated
 unit as an insertion and adds nothing to the reference length. The alignment is jiwer's (the one
-WER uses), on the units spelt as words `u0 u17 ...`.
+WER uses, word_edit_counts), on the units spelt as words `u0 u17 ...`.
 
 Nothing here reads files or prints: this module checks one record (`unit_record`) and scores lists
 of unit sequences (`score_units`, `score_unit_groups`); `wer.py` does the rest.
